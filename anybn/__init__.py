@@ -1,0 +1,20 @@
+"""anybn: one batch-normalization core for every array library.
+
+Forward, backward and running statistics written once against the Python
+array API standard, dispatched through array-api-compat to NumPy, CuPy,
+PyTorch, array-api-strict and any other conforming library.
+"""
+
+from ._functional import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
+from ._stats import chan_merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormGrads",
+    "BatchNormOutput",
+    "__version__",
+    "batch_norm",
+    "batch_norm_backward",
+    "chan_merge",
+]

@@ -1,0 +1,358 @@
+"""The functional core: batch-normalization forward and backward.
+
+Pure functions written once against the Python array API standard. They never
+mutate an input and return new arrays in the input's namespace and on its
+device. Notation, per channel ``c`` over the ``n`` values ``x_i`` of that channel:
+
+    mean   = (1/n) sum_i x_i
+    var    = (1/n) sum_i (x_i - mean)^2                 (biased)
+    invstd = 1 / sqrt(var + eps)
+    xhat_i = (x_i - mean) * invstd
+    y_i    = weight * xhat_i + bias
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple
+
+from ._stats import centered_moments, channel_dot, channel_sum
+from ._validation import (
+    check_channel_vector,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_training,
+)
+from ._xp import (
+    Array,
+    channel_shape,
+    check_floating,
+    compute_dtype,
+    normalize_axis,
+    reduction_axes,
+    resolve_namespace,
+    values_per_channel,
+    writeable,
+)
+
+__all__ = ["BatchNormGrads", "BatchNormOutput", "batch_norm", "batch_norm_backward"]
+
+
+class BatchNormOutput(NamedTuple):
+    """What :func:`batch_norm` returns.
+
+    Attributes
+    ----------
+    y : array
+        The normalized output, with x's shape and dtype.
+    mean : array
+        The per-channel mean used (the batch mean in training, the running mean
+        in eval), shape ``(C,)``, float32 for half-precision input.
+    invstd : array
+        The per-channel ``1 / sqrt(var + eps)`` used, shape ``(C,)``.
+    new_running_mean : array or None
+        The updated running mean (training), the given one (eval), or None.
+    new_running_var : array or None
+        The updated running variance (training), the given one (eval), or None.
+    """
+
+    y: Array
+    mean: Array
+    invstd: Array
+    new_running_mean: Array | None
+    new_running_var: Array | None
+
+
+class BatchNormGrads(NamedTuple):
+    """What :func:`batch_norm_backward` returns.
+
+    Attributes
+    ----------
+    dx : array
+        The gradient with respect to x, with x's shape and dtype.
+    dweight : array
+        ``sum(dy * xhat)`` per channel, shape ``(C,)``.
+    dbias : array
+        ``sum(dy)`` per channel, shape ``(C,)``.
+    """
+
+    dx: Array
+    dweight: Array
+    dbias: Array
+
+
+def _as(xp: ModuleType, a: Array, dtype: object) -> Array:
+    """``a`` in ``dtype``, without a copy when it already is."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
+def _affine(xp: ModuleType, centered: Array, scale: Array, shift: Array | None) -> Array:
+    """``centered * scale + shift``, updating the temporary in place where allowed."""
+    if writeable(xp, centered):
+        centered *= scale
+        if shift is not None:
+            centered += shift
+        return centered
+    out = centered * scale
+    return out if shift is None else out + shift
+
+
+def batch_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput:
+    r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
+
+    With ``training=True`` the batch statistics are used and, if running
+    statistics are given, updated copies are returned::
+
+        y                = (x - mean) / sqrt(var + eps) * weight + bias
+        new_running_mean = (1 - momentum) * running_mean + momentum * mean
+        new_running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    where ``var`` is the biased batch variance and ``n`` the number of values
+    per channel. With ``training=False`` the running statistics are used in
+    place of ``mean`` and ``var`` and are returned unchanged. This matches
+    :func:`torch.nn.functional.batch_norm`.
+
+    Parameters
+    ----------
+    x : array
+        Input of shape ``(N, C, ...)`` (or with the channels on ``axis``), any
+        real floating dtype. float16 and bfloat16 accumulate in float32.
+    running_mean, running_var : array or None, optional
+        Running statistics of shape ``(C,)``. Required when ``training=False``;
+        give both or neither. Never modified: updated copies are returned.
+    weight, bias : array or None, optional
+        Affine parameters of shape ``(C,)``; ``None`` means 1 and 0.
+    training : bool, optional
+        Normalize with batch statistics (True) or running statistics (False).
+    momentum : float, optional
+        Weight of the batch statistic in the running update, in [0, 1].
+    eps : float, optional
+        Added to the variance for stability; must be > 0.
+    axis : int, optional
+        The channel axis; negative values count from the end (-1 for channels-last).
+    xp : module, optional
+        The array namespace; resolved from ``x`` when omitted.
+
+    Returns
+    -------
+    BatchNormOutput
+        ``(y, mean, invstd, new_running_mean, new_running_var)``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating dtypes, arrays from different libraries, wrong argument types.
+    ValueError
+        Bad shapes or axis, ``eps <= 0``, ``momentum`` outside [0, 1], arrays on
+        different devices, one value per channel in training, eval without
+        running statistics, or only one of them given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> out = anybn.batch_norm(x, training=True)
+    >>> out.y
+    array([[-0.99999...,  -0.99999...],
+           [ 0.99999...,  0.99999...]])
+    >>> out.mean
+    array([ 2., 20.])
+    """
+    xp = resolve_namespace(
+        x,
+        {
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "weight": weight,
+            "bias": bias,
+        },
+        xp=xp,
+    )
+    check_input(xp, x)
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    for name, a in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        check_channel_vector(xp, a, name, channels, x.dtype)
+    training = check_training(training)
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together, got only "
+            + ("running_mean" if running_var is None else "running_var")
+        )
+    count = values_per_channel(tuple(x.shape), axis)
+    if training and count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    if not training and running_mean is None:
+        raise ValueError(
+            "running_mean and running_var are required when training=False "
+            "(or pass training=True to normalize with batch statistics)"
+        )
+
+    cdt = compute_dtype(xp, x.dtype)
+    axes = reduction_axes(x.ndim, axis)
+    bshape = channel_shape(x.ndim, axis, channels)
+    xc = _as(xp, x, cdt)
+
+    if training:
+        moments = centered_moments(xp, xc, axes, count)
+        var = moments.m2 / count
+        invstd_b = 1.0 / xp.sqrt(var + eps)
+        centered, corr = moments.centered, moments.correction
+        mean = xp.reshape(moments.mean, (channels,))
+        invstd = xp.reshape(invstd_b, (channels,))
+    else:
+        assert running_mean is not None and running_var is not None
+        mean = _as(xp, running_mean, cdt)
+        invstd = 1.0 / xp.sqrt(_as(xp, running_var, cdt) + eps)
+        invstd_b = xp.reshape(invstd, bshape)
+        centered = xc - xp.reshape(mean, bshape)
+        corr = None
+
+    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
+    shift = None if bias is None else xp.reshape(_as(xp, bias, cdt), bshape)
+    if corr is not None:
+        # y = (centered - corr) * scale + bias, with the correction folded into the shift
+        shift = -corr * scale if shift is None else shift - corr * scale
+    y = _as(xp, _affine(xp, centered, scale, shift), x.dtype)
+
+    new_running_mean, new_running_var = running_mean, running_var
+    if training and running_mean is not None and running_var is not None:
+        unbiased = xp.reshape(moments.m2 / (count - 1), (channels,))
+        new_running_mean = _as(
+            xp, (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean, running_mean.dtype
+        )
+        new_running_var = _as(
+            xp,
+            (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
+            running_var.dtype,
+        )
+    return BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var)
+
+
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    xp: ModuleType | None = None,
+) -> BatchNormGrads:
+    r"""Gradients of :func:`batch_norm` with respect to x, weight and bias.
+
+    With ``xhat = (x - mean) * invstd`` and per-channel sums over the ``n``
+    values of each channel::
+
+        sum_dy      = sum(dy)
+        sum_dy_xhat = sum(dy * xhat)
+        dbias       = sum_dy
+        dweight     = sum_dy_xhat
+        dx          = weight * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n)   (training)
+        dx          = weight * invstd * dy                                           (eval)
+
+    In training the batch statistics depend on x and the gradient flows through
+    them; in eval ``mean`` and ``invstd`` are constants.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to ``y``; same shape as ``x``.
+    x : array
+        The forward input.
+    weight : array or None
+        The forward weight, shape ``(C,)``; ``None`` means 1.
+    mean, invstd : array
+        The ``mean`` and ``invstd`` returned by the forward call, shape ``(C,)``.
+    training : bool, optional
+        Whether the forward call normalized with batch statistics.
+    axis : int, optional
+        The channel axis used in the forward call.
+    xp : module, optional
+        The array namespace; resolved from ``x`` when omitted.
+
+    Returns
+    -------
+    BatchNormGrads
+        ``(dx, dweight, dbias)``; dx in x's dtype, the others in the
+        accumulation dtype (float32 for half-precision x).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`batch_norm`, and ValueError when ``dy.shape != x.shape``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    >>> out = anybn.batch_norm(x, training=True)
+    >>> g = anybn.batch_norm_backward(np.ones_like(x), x, None, out.mean, out.invstd)
+    >>> g.dbias
+    array([3., 3.])
+    >>> bool(np.allclose(g.dx, 0.0))
+    True
+    """
+    xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
+    check_input(xp, x)
+    check_floating(xp, dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(
+            f"dy must have the shape of x {tuple(x.shape)}, got shape {tuple(dy.shape)}"
+        )
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
+        check_channel_vector(xp, a, name, channels, x.dtype)
+    training = check_training(training)
+    count = values_per_channel(tuple(x.shape), axis)
+
+    cdt = compute_dtype(xp, x.dtype)
+    axes = reduction_axes(x.ndim, axis)
+    bshape = channel_shape(x.ndim, axis, channels)
+    dyc = _as(xp, dy, cdt)
+    invstd = _as(xp, invstd, cdt)
+    invstd_b = xp.reshape(invstd, bshape)
+    centered = _as(xp, x, cdt) - xp.reshape(_as(xp, mean, cdt), bshape)
+
+    sum_dy = channel_sum(xp, dyc, axes)
+    sum_dy_centered = channel_dot(xp, dyc, centered, axes)
+    sum_dy_xhat = invstd_b * sum_dy_centered
+    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
+
+    if training:
+        # dx = scale * (dy - sum_dy/n - xhat * sum_dy_xhat/n), with xhat = centered * invstd
+        dx = _affine(xp, centered, -(scale * invstd_b * sum_dy_xhat / count), None)
+        dx = dx + scale * (dyc - sum_dy / count)
+    else:
+        dx = dyc * scale
+    return BatchNormGrads(
+        _as(xp, dx, x.dtype),
+        xp.reshape(sum_dy_xhat, (channels,)),
+        xp.reshape(sum_dy, (channels,)),
+    )

@@ -1,0 +1,142 @@
+"""Per-channel statistics: sums, centred moments and the Chan merge.
+
+The batch variance is never computed as ``E[x^2] - E[x]^2``, which cancels
+catastrophically when the mean is large compared with the spread
+(pytorch/pytorch#5410, google/flax#1491). Instead :func:`centered_moments`
+uses the two-pass algorithm with a mean correction (Chan, Golub & LeVeque,
+1983): centre on the first-pass mean ``m1``, then
+
+    corr = mean(x - m1)            # the first pass's rounding error
+    M2   = sum((x - m1)^2) - n * corr^2
+    mean = m1 + corr
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple
+
+import array_api_compat as compat
+
+from ._xp import Array
+
+__all__ = ["CenteredMoments", "centered_moments", "chan_merge", "channel_dot", "channel_sum"]
+
+
+def channel_sum(xp: ModuleType, a: Array, axes: tuple[int, ...]) -> Array:
+    """Sum over ``axes``, keeping them as length-1 dimensions."""
+    return xp.sum(a, axis=axes, keepdims=True)
+
+
+def _einsum_subscripts(ndim: int, axes: tuple[int, ...]) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    kept = "".join(c for i, c in enumerate(letters) if i not in axes)
+    return f"{letters},{letters}->{kept}"
+
+
+def channel_dot(xp: ModuleType, a: Array, b: Array, axes: tuple[int, ...]) -> Array:
+    """``sum(a * b)`` over ``axes``, keeping them as length-1 dimensions.
+
+    On NumPy this is a fused multiply-reduce (``einsum``) that never
+    materialises ``a * b``; elsewhere it is the plain array-API expression.
+    """
+    if compat.is_numpy_array(a) and a.ndim <= 26:
+        import numpy as np
+
+        out = np.einsum(_einsum_subscripts(a.ndim, axes), a, b)
+        return np.expand_dims(out, axes)
+    return xp.sum(a * b, axis=axes, keepdims=True)
+
+
+class CenteredMoments(NamedTuple):
+    """Per-channel moments of ``x``, kept broadcastable against ``x``.
+
+    Attributes
+    ----------
+    mean : array
+        The batch mean, ``m1 + corr``.
+    m2 : array
+        The sum of squared deviations from ``mean``.
+    centered : array
+        ``x - m1``, a fresh array of x's shape that callers may reuse.
+    correction : array
+        ``mean(x - m1)``: subtract it from ``centered`` to centre exactly on ``mean``.
+    """
+
+    mean: Array
+    m2: Array
+    centered: Array
+    correction: Array
+
+
+def centered_moments(
+    xp: ModuleType, x: Array, axes: tuple[int, ...], count: int
+) -> CenteredMoments:
+    """Mean and M2 of ``x`` over ``axes`` by the corrected two-pass algorithm.
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace of ``x``.
+    x : array
+        The data, in the dtype to accumulate in.
+    axes : tuple of int
+        The axes to reduce over.
+    count : int
+        The number of values reduced per channel (the product of ``axes`` extents).
+
+    Returns
+    -------
+    CenteredMoments
+    """
+    m1 = channel_sum(xp, x, axes) / count
+    centered = x - m1
+    correction = channel_sum(xp, centered, axes) / count
+    m2 = channel_dot(xp, centered, centered, axes) - count * correction * correction
+    return CenteredMoments(m1 + correction, m2, centered, correction)
+
+
+def chan_merge(
+    count_a: Array | float,
+    mean_a: Array,
+    m2_a: Array,
+    count_b: Array | float,
+    mean_b: Array,
+    m2_b: Array,
+) -> tuple[Array | float, Array, Array]:
+    """Merge the (count, mean, M2) statistics of two disjoint batches.
+
+    The pairwise update of Chan, Golub & LeVeque::
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = mean_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+    Parameters
+    ----------
+    count_a, mean_a, m2_a : scalar or array
+        Count, mean and sum of squared deviations of the first batch.
+    count_b, mean_b, m2_b : scalar or array
+        The same for the second batch.
+
+    Returns
+    -------
+    tuple
+        ``(count, mean, m2)`` of the union of both batches.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a, b = np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0])
+    >>> n, mean, m2 = chan_merge(3, a.mean(), ((a - a.mean())**2).sum(),
+    ...                          2, b.mean(), ((b - b.mean())**2).sum())
+    >>> both = np.concatenate([a, b])
+    >>> bool(np.isclose(mean, both.mean()) and np.isclose(m2 / n, both.var()))
+    True
+    """
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / count)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
+    return count, mean, m2

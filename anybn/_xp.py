@@ -1,0 +1,172 @@
+"""Namespace, device and dtype helpers shared by every layer of anybn.
+
+Everything backend-specific that the core needs lives here, one small helper
+per concern, so that the numerical code reads like its formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as compat
+
+__all__ = [
+    "Array",
+    "channel_shape",
+    "check_floating",
+    "compute_dtype",
+    "dtype_name",
+    "is_half",
+    "normalize_axis",
+    "reduction_axes",
+    "resolve_namespace",
+    "values_per_channel",
+    "writeable",
+]
+
+#: Any array-API array (NumPy, CuPy, PyTorch, array-api-strict, ...).
+Array = Any
+
+
+def _describe(a: object) -> str:
+    """Return ``module.Type`` for an object, for error messages."""
+    t = type(a)
+    return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
+def resolve_namespace(
+    x: Array,
+    others: dict[str, Array | None],
+    *,
+    x_name: str = "x",
+    xp: ModuleType | None = None,
+) -> ModuleType:
+    """Resolve the array namespace of ``x`` and check every other array against it.
+
+    Parameters
+    ----------
+    x : array
+        The array that decides the namespace and the device.
+    others : dict of str to array or None
+        The other array arguments, by argument name; ``None`` values are skipped.
+    x_name : str, optional
+        The name of ``x`` in error messages.
+    xp : module, optional
+        A namespace to use instead of resolving one from ``x``.
+
+    Returns
+    -------
+    module
+        The array-API-compatible namespace of ``x``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not an array, or another argument is not an array of the
+        same library as ``x``.
+    ValueError
+        If another argument lives on a different device than ``x``.
+    """
+    if not compat.is_array_api_obj(x):
+        raise TypeError(
+            f"{x_name} must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(x)}"
+        )
+    if xp is None:
+        xp = compat.array_namespace(x)
+    x_type = type(x)
+    x_device = None
+    for name, a in others.items():
+        if a is None:
+            continue
+        if type(a) is not x_type:
+            if not compat.is_array_api_obj(a) or compat.array_namespace(a) is not xp:
+                raise TypeError(
+                    f"{name} must be an array of the same library as {x_name} "
+                    f"({_describe(x)}), got {_describe(a)}"
+                )
+        if x_device is None:
+            x_device = compat.device(x)
+        a_device = compat.device(a)
+        if a_device != x_device:
+            raise ValueError(
+                f"{name} is on device {a_device!r} but {x_name} is on device "
+                f"{x_device!r}; move them to one device first"
+            )
+    return xp
+
+
+def dtype_name(dtype: object) -> str:
+    """Return a short name for a dtype (``float32``, ``bfloat16``, ...)."""
+    return str(dtype).rsplit(".", 1)[-1].strip("'>")
+
+
+def check_floating(xp: ModuleType, a: Array, name: str) -> None:
+    """Raise TypeError unless ``a`` has a real floating-point dtype."""
+    if not xp.isdtype(a.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating-point dtype (float16, bfloat16, "
+            f"float32 or float64), got {dtype_name(a.dtype)}"
+        )
+
+
+def is_half(xp: ModuleType, dtype: object) -> bool:
+    """Whether ``dtype`` is a floating type narrower than 32 bits."""
+    return bool(xp.finfo(dtype).bits < 32)
+
+
+def compute_dtype(xp: ModuleType, dtype: object) -> object:
+    """The dtype anybn accumulates in: float32 for half types, else ``dtype``."""
+    return xp.float32 if is_half(xp, dtype) else dtype
+
+
+def normalize_axis(axis: object, ndim: int) -> int:
+    """Return ``axis`` as a non-negative int, or raise a clear error."""
+    if isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    try:
+        axis = operator.index(axis)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of range for an input with {ndim} dimensions "
+            f"(expected -{ndim} <= axis < {ndim})"
+        )
+    return axis % ndim
+
+
+def reduction_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    """Every axis but the channel axis."""
+    return tuple(i for i in range(ndim) if i != axis)
+
+
+def channel_shape(ndim: int, axis: int, channels: int) -> tuple[int, ...]:
+    """The shape that broadcasts a per-channel vector along ``axis``."""
+    return tuple(channels if i == axis else 1 for i in range(ndim))
+
+
+def values_per_channel(shape: tuple[int | None, ...], axis: int) -> int:
+    """The number of values per channel: the product of every other extent."""
+    dims = [s for i, s in enumerate(shape) if i != axis]
+    if any(s is None for s in dims):
+        raise ValueError(
+            "anybn needs the shape of x to be known (got a lazy array of unknown shape)"
+        )
+    return math.prod(dims)  # type: ignore[arg-type]
+
+
+def writeable(xp: ModuleType, a: Array) -> bool:
+    """Whether a freshly computed temporary ``a`` may be updated in place.
+
+    NumPy and CuPy arrays can; PyTorch tensors can unless autograd records
+    them (an in-place update would invalidate tensors saved for backward);
+    immutable libraries (JAX, array-api-strict's read-only policy) cannot.
+    """
+    if compat.is_numpy_array(a) or compat.is_cupy_array(a):
+        return True
+    if compat.is_torch_array(a):
+        return not a.requires_grad
+    return False
