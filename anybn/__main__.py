@@ -1,0 +1,7 @@
+"""``python -m anybn``: the backend report."""
+
+import sys
+
+from ._report import main
+
+sys.exit(main())

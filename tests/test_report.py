@@ -1,0 +1,79 @@
+"""``python -m anybn``: the backend report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anybn import _report
+from anybn._backends import BACKENDS, get_backend
+
+
+def test_report_passes_and_lists_every_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    status = _report.main(["--shape", "4,3,5", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    for b in BACKENDS:
+        assert b.id in out
+    assert "0 failed" in out
+
+
+def test_skipped_backend_gives_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _report.run_report(BACKENDS, shape=(4, 3), repeat=1, out=lambda s: None)
+    for r in results:
+        reason = get_backend(r.backend).unavailable_reason()
+        if reason is None:
+            assert r.status == "ok", r
+            assert r.forward_error < _report.TOLERANCE and r.backward_error < _report.TOLERANCE
+            assert np.isfinite(r.forward_ms) and np.isfinite(r.backward_ms)
+        else:
+            assert r.status == "skipped" and r.detail == reason
+
+
+def test_disagreeing_backend_makes_the_exit_status_nonzero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = _report.batch_norm
+
+    def off_by_a_bit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        return out._replace(y=out.y + 1e-2)
+
+    monkeypatch.setattr(_report, "batch_norm", off_by_a_bit)
+    assert _report.main(["--backend", "numpy", "--shape", "4,3", "--repeat", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_raising_backend_is_reported_as_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(_report, "batch_norm_backward", broken)
+    assert _report.main(["--backend", "numpy", "--shape", "4,3", "--repeat", "1"]) == 1
+    assert (
+        "ERROR" in capsys.readouterr().out
+        and "kernel exploded"
+        in _report.check_backend(get_backend("numpy"), shape=(4, 3), repeat=1).detail
+    )
+
+
+def test_bad_arguments_are_usage_errors() -> None:
+    with pytest.raises(SystemExit) as info:
+        _report.main(["--shape", "7"])
+    assert info.value.code == 2
+
+
+def test_module_entry_point_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "anybn", "--backend", "numpy", "--shape", "4,3", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "numpy" in proc.stdout and "ok" in proc.stdout
