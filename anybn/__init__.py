@@ -6,11 +6,13 @@ PyTorch, array-api-strict and any other conforming library.
 """
 
 from ._functional import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
+from ._layer import BatchNorm
 from ._stats import chan_merge
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "BatchNormGrads",
     "BatchNormOutput",
     "__version__",

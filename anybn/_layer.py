@@ -1,0 +1,629 @@
+"""The stateful layer: :class:`BatchNorm`, for arrays of any array-API library.
+
+The layer owns what the functional core does not: the parameters (``weight``,
+``bias``), the buffers (``running_mean``, ``running_var``, ``num_batches_tracked``),
+the train/eval mode, what ``backward`` needs from the last forward, and the
+state dict. Every computation is a call to :func:`anybn.batch_norm` or
+:func:`anybn.batch_norm_backward`; the rules for which statistics to use and
+how to update them are PyTorch's ``nn.BatchNorm*d`` rules.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import array_api_compat as compat
+import numpy as np
+
+from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
+from ._validation import check_eps, check_input, check_momentum, check_training
+from ._xp import Array, compute_dtype, dtype_name, normalize_axis
+
+__all__ = ["BatchNorm"]
+
+_COUNTER = "num_batches_tracked"
+
+
+class _Arrays(NamedTuple):
+    """The per-channel arrays of a layer; ``None`` where the layer has none."""
+
+    weight: Array | None
+    bias: Array | None
+    running_mean: Array | None
+    running_var: Array | None
+
+
+class _Storage(NamedTuple):
+    """Where a layer's arrays live: namespace, device and floating dtype."""
+
+    xp: ModuleType
+    device: Any
+    dtype: Any
+
+
+class _Saved(NamedTuple):
+    """What :meth:`BatchNorm.backward` needs from the last forward."""
+
+    xp: ModuleType
+    x: Array
+    weight: Array | None
+    mean: Array
+    invstd: Array
+    training: bool
+    axis: int
+
+
+def _describe(a: object) -> str:
+    t = type(a)
+    return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_num_features(num_features: object) -> int | None:
+    if num_features is None:
+        return None
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(
+            f"num_features must be a positive int or None, got {type(num_features).__name__}"
+        )
+    if num_features < 1:
+        raise ValueError(f"num_features must be a positive int or None, got {num_features}")
+    return int(num_features)
+
+
+def _check_axis(axis: object) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    return int(axis)
+
+
+def _namespace_of(xp: ModuleType) -> ModuleType:
+    """The array-api-compat namespace for a library module (``numpy`` -> its wrapper)."""
+    return compat.array_namespace(xp.asarray(0.0))
+
+
+_FLOATING = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_dtype(dtype: object) -> object:
+    """None, or a floating dtype given by name or as a dtype of any library."""
+    if (
+        dtype is not None
+        and (dtype if isinstance(dtype, str) else dtype_name(dtype)) not in _FLOATING
+    ):
+        raise TypeError(f"dtype must be one of {', '.join(_FLOATING)} (or None), got {dtype!r}")
+    return dtype
+
+
+def _resolve_dtype(xp: ModuleType, dtype: object) -> object:
+    """``dtype`` (a name, or a dtype of any library) as a dtype of ``xp``."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    resolved = getattr(xp, name, None)
+    if resolved is None or not xp.isdtype(resolved, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype of {xp.__name__}, got {dtype!r}")
+    return resolved
+
+
+def _to_host(a: Array) -> np.ndarray:
+    """A NumPy view or copy of an array of any library, on the host."""
+    if compat.is_numpy_array(a):
+        return np.asarray(a)
+    if compat.is_torch_array(a):
+        import torch
+
+        a = a.detach().cpu()
+        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
+    if compat.is_cupy_array(a):
+        return a.get()
+    try:
+        return np.from_dlpack(a)  # array-api-strict (any device), JAX, ...
+    except (TypeError, BufferError, RuntimeError, AttributeError):
+        return np.asarray(a)
+
+
+def _convert(a: Array, storage: _Storage) -> Array:
+    """A copy of ``a`` (any library) in the namespace, device and dtype of ``storage``."""
+    xp, device, dtype = storage
+    if compat.is_torch_array(a):
+        a = a.detach()
+    if compat.array_namespace(a) is xp:
+        if device is not None:
+            a = compat.to_device(a, device)
+        return xp.astype(a, dtype, copy=True)
+    return xp.asarray(_to_host(a), dtype=dtype, device=device, copy=True)
+
+
+def _source_vector(value: Any, key: str) -> Array:
+    """A state-dict entry for a per-channel array, checked to be a 1-D real array."""
+    a = value
+    if not compat.is_array_api_obj(a):
+        if isinstance(a, (list, tuple)):
+            a = np.asarray(a)
+        else:
+            raise TypeError(f"state_dict[{key!r}] must be an array, got {_describe(value)}")
+    xp = compat.array_namespace(a)
+    if not xp.isdtype(a.dtype, ("real floating", "integral")):
+        raise TypeError(f"state_dict[{key!r}] must have a real dtype, got {dtype_name(a.dtype)}")
+    if a.ndim != 1:
+        raise ValueError(
+            f"state_dict[{key!r}] must be 1-D (one value per channel), got shape {tuple(a.shape)}"
+        )
+    return a
+
+
+def _source_counter(value: Any) -> int:
+    """The ``num_batches_tracked`` entry: a Python int or a 0-d integer array, >= 0."""
+    if compat.is_array_api_obj(value):
+        shape, dtype = tuple(value.shape), value.dtype
+        if shape != () or not compat.array_namespace(value).isdtype(dtype, "integral"):
+            raise TypeError(
+                f"state_dict[{_COUNTER!r}] must be a 0-d integer array or an int, got "
+                f"dtype {dtype_name(dtype)} and shape {shape}"
+            )
+        count = int(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        count = int(value)
+    else:
+        raise TypeError(
+            f"state_dict[{_COUNTER!r}] must be a 0-d integer array or an int, "
+            f"got {_describe(value)}"
+        )
+    if count < 0:
+        raise ValueError(f"state_dict[{_COUNTER!r}] must be >= 0, got {count}")
+    return count
+
+
+class BatchNorm:
+    r"""A batch-normalization layer for arrays of any array-API library.
+
+    The stateful counterpart of :func:`anybn.batch_norm`, with the semantics of
+    PyTorch's ``nn.BatchNorm1d/2d/3d``: in training it normalizes with the batch
+    statistics and updates the running ones; in eval it normalizes with the
+    running statistics::
+
+        y            = (x - mean) / sqrt(var + eps) * weight + bias
+        running_mean = (1 - factor) * running_mean + factor * mean
+        running_var  = (1 - factor) * running_var  + factor * var * n / (n - 1)
+
+    where ``factor`` is ``momentum``, or ``1 / num_batches_tracked`` (a
+    cumulative average) when ``momentum`` is None.
+
+    Parameters
+    ----------
+    num_features : int or None, optional
+        The number of channels ``C``. None infers it from the first input (or
+        the first loaded state dict), as ``torch.nn.LazyBatchNorm*d`` does.
+    axis : int, optional
+        The channel axis of the inputs: 1 for ``(N, C, ...)``, -1 for channels-last.
+    eps : float, optional
+        Added to the variance for stability; must be > 0.
+    momentum : float or None, optional
+        Weight of the batch statistics in the running update, in [0, 1]; None
+        for the cumulative average over all batches seen.
+    affine : bool, optional
+        Whether the layer has a learnable ``weight`` (init 1) and ``bias`` (init 0).
+    track_running_stats : bool, optional
+        Whether the layer keeps ``running_mean`` (init 0), ``running_var`` (init 1)
+        and ``num_batches_tracked`` (init 0). Without them it normalizes with
+        batch statistics in eval mode too, and those attributes are None.
+    xp : module, optional
+        The array library of the parameters and buffers (``numpy``, ``cupy``,
+        ``torch``, ``array_api_strict``, ...). When given, the arrays are created
+        at once on ``device`` (default: the library's default device) in
+        ``dtype`` (default: the library's default floating dtype). When omitted,
+        the first input decides the library, and the device and dtype that were
+        not given (the dtype is the input's, or float32 for float16/bfloat16
+        inputs); until then the arrays are NumPy placeholders.
+    device : object, optional
+        The device of the parameters and buffers, in the library's own terms.
+    dtype : dtype or str, optional
+        The floating dtype of the parameters and buffers: a name (``"float32"``)
+        or a dtype of any library, looked up by name in the layer's library.
+
+    Attributes
+    ----------
+    weight, bias : array or None
+        The affine parameters, shape ``(C,)``; None when ``affine=False``.
+    running_mean, running_var : array or None
+        The running statistics, shape ``(C,)``; None when ``track_running_stats=False``.
+    num_batches_tracked : int or None
+        The number of training batches seen, a Python int (so that the
+        cumulative factor needs no device round trip); ``state_dict()`` gives it
+        as a 0-d int64 array, as torch does. None when ``track_running_stats=False``.
+    training : bool
+        The mode: True (the initial mode) or False; see :meth:`train` and :meth:`eval`.
+
+    Notes
+    -----
+    The arrays are plain attributes in the layer's library: update them with
+    ordinary array code (``bn.weight -= lr * grads.dweight``). A forward never
+    modifies an array in place; it replaces the running statistics with new
+    arrays. ``backward`` uses the input, weight and statistics of the last
+    forward, so change the weight only after calling it.
+
+    A call that raises (a bad input, a bad state dict, ``backward`` before any
+    forward) leaves the layer exactly as it was: parameters, running
+    statistics, counter, library and the forward saved for ``backward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> bn = anybn.BatchNorm(2)
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> bn(x)
+    array([[-0.99999..., -0.99999...],
+           [ 0.99999...,  0.99999...]])
+    >>> bn.running_mean, bn.num_batches_tracked
+    (array([0.2, 2. ]), 1)
+    >>> g = bn.backward(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    >>> g.dbias, g.dweight
+    (array([1., 0.]), array([-0.99999...,  0.        ]))
+    >>> _ = bn.eval()
+    >>> bn(x)[:, 0]
+    array([0.7627..., 2.6696...])
+    >>> sorted(bn.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+    """
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        xp: ModuleType | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        self.num_features = _check_num_features(num_features)
+        self.axis = _check_axis(axis)
+        self.eps = check_eps(eps)
+        self.momentum = None if momentum is None else check_momentum(momentum)
+        self.affine = _check_bool(affine, "affine")
+        self.track_running_stats = _check_bool(track_running_stats, "track_running_stats")
+        self.training = True
+        self._device = device
+        self._dtype = _check_dtype(dtype)
+        self._storage: _Storage | None = None
+        if xp is not None:
+            xp = _namespace_of(xp)
+            floating = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+            self._storage = _Storage(
+                xp, device, floating if dtype is None else _resolve_dtype(xp, dtype)
+            )
+        self.weight: Array | None = None
+        self.bias: Array | None = None
+        self.running_mean: Array | None = None
+        self.running_var: Array | None = None
+        self.num_batches_tracked: int | None = 0 if self.track_running_stats else None
+        self._saved: _Saved | None = None
+        if self.num_features is not None:
+            self._set_arrays(self._fresh(self.num_features, self._placement()))
+
+    # --- where the arrays live -----------------------------------------------------------
+
+    def _placement(self) -> _Storage:
+        """Where the arrays live now: the layer's library, or NumPy placeholders."""
+        if self._storage is not None:
+            return self._storage
+        np_xp = compat.array_namespace(np.empty(0))
+        try:
+            dtype = _resolve_dtype(np_xp, self._dtype) if self._dtype is not None else np.float64
+        except TypeError:  # a dtype NumPy lacks (bfloat16): hold float64 until bound
+            dtype = np.float64
+        return _Storage(np_xp, None, dtype)
+
+    def _placement_for(self, x: Array) -> _Storage:
+        """Where the arrays must live to process ``x``; raises if ``x`` cannot be processed."""
+        if not compat.is_array_api_obj(x):
+            raise TypeError(f"x must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(x)}")
+        xp = compat.array_namespace(x)
+        if self._storage is not None and xp is not self._storage.xp:
+            raise TypeError(
+                f"this BatchNorm holds {self._storage.xp.__name__} arrays, got x of type "
+                f"{_describe(x)}; pass inputs of one library (or create the layer with "
+                "xp=None to let the first input decide)"
+            )
+        check_input(xp, x)
+        if self._storage is not None:
+            return self._storage
+        device = compat.device(x) if self._device is None else self._device
+        if self._dtype is None:
+            return _Storage(xp, device, compute_dtype(xp, x.dtype))
+        return _Storage(xp, device, _resolve_dtype(xp, self._dtype))
+
+    def _fresh(self, channels: int, storage: _Storage) -> _Arrays:
+        """Initial arrays: weight 1, bias 0, running_mean 0, running_var 1."""
+        xp, device, dtype = storage
+
+        def full(value: float, present: bool) -> Array | None:
+            return xp.full((channels,), value, dtype=dtype, device=device) if present else None
+
+        return _Arrays(
+            full(1.0, self.affine),
+            full(0.0, self.affine),
+            full(0.0, self.track_running_stats),
+            full(1.0, self.track_running_stats),
+        )
+
+    def _arrays(self) -> _Arrays:
+        return _Arrays(self.weight, self.bias, self.running_mean, self.running_var)
+
+    def _set_arrays(self, arrays: _Arrays) -> None:
+        self.weight, self.bias, self.running_mean, self.running_var = arrays
+
+    def _arrays_in(self, storage: _Storage, channels: int) -> _Arrays:
+        """The current arrays moved to ``storage`` (fresh ones if there are none yet)."""
+        if self.num_features is None:
+            return self._fresh(channels, storage)
+        if storage == self._storage:
+            return self._arrays()
+        return _Arrays(*(None if a is None else _convert(a, storage) for a in self._arrays()))
+
+    # --- mode ----------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Set training mode (``mode=True``) or eval mode; return the layer."""
+        self.training = _check_bool(mode, "mode")
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Set eval mode; return the layer."""
+        return self.train(False)
+
+    # --- forward and backward ------------------------------------------------------------
+
+    def __call__(self, x: Array, /) -> Array:
+        """Same as :meth:`forward`."""
+        return self.forward(x)
+
+    def forward(self, x: Array, /) -> Array:
+        """Normalize ``x``, updating the running statistics in training mode.
+
+        Parameters
+        ----------
+        x : array
+            Input with the channels on ``axis``, at least 2-D, real floating.
+
+        Returns
+        -------
+        array
+            ``y``, with x's shape and dtype, in x's library and on its device.
+
+        Raises
+        ------
+        TypeError
+            ``x`` not an array, of another library than the layer's, or of a
+            dtype the parameters do not match.
+        ValueError
+            ``x`` with fewer than 2 dimensions, ``axis`` out of range, a channel
+            count other than ``num_features``, one value per channel in training.
+        """
+        storage = self._placement_for(x)
+        xp = storage.xp
+        axis = normalize_axis(self.axis, x.ndim)
+        channels = x.shape[axis]
+        if self.num_features is not None and channels != self.num_features:
+            raise ValueError(
+                f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
+                f"but this BatchNorm has num_features={self.num_features}"
+            )
+        training = check_training(self.training)
+        arrays = self._arrays_in(storage, channels)
+        update = training and self.track_running_stats
+        count = self.num_batches_tracked
+        factor = 0.0
+        if update:
+            assert count is not None
+            count += 1
+            factor = 1.0 / count if self.momentum is None else self.momentum
+        use_batch_stats = training or not self.track_running_stats
+        out = batch_norm(
+            x,
+            arrays.running_mean,
+            arrays.running_var,
+            arrays.weight,
+            arrays.bias,
+            training=use_batch_stats,
+            momentum=factor,
+            eps=self.eps,
+            axis=axis,
+            xp=xp,
+        )
+        # Everything succeeded: commit.
+        if update:
+            arrays = arrays._replace(
+                running_mean=out.new_running_mean, running_var=out.new_running_var
+            )
+            self.num_batches_tracked = count
+        self._storage = storage
+        self.num_features = channels
+        self._set_arrays(arrays)
+        self._saved = _Saved(xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis)
+        return out.y
+
+    def backward(self, dy: Array, /) -> BatchNormGrads:
+        """Gradients of the last forward with respect to its input and parameters.
+
+        Parameters
+        ----------
+        dy : array
+            Gradient of the loss with respect to the last forward's output.
+
+        Returns
+        -------
+        BatchNormGrads
+            ``(dx, dweight, dbias)``, as from :func:`anybn.batch_norm_backward`:
+            through the batch statistics if the last forward used them, with
+            the running statistics as constants if it used those. ``dweight``
+            and ``dbias`` are computed even when ``affine=False``.
+
+        Raises
+        ------
+        RuntimeError
+            If there was no successful forward yet.
+        TypeError, ValueError
+            ``dy`` of another library, device or shape than that input.
+        """
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(
+                "backward() needs a forward first: call the layer on a batch, then "
+                "backward(dy) with the gradient of its output"
+            )
+        return batch_norm_backward(
+            dy,
+            saved.x,
+            saved.weight,
+            saved.mean,
+            saved.invstd,
+            training=saved.training,
+            axis=saved.axis,
+            xp=saved.xp,
+        )
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _state_keys(self) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("weight", "bias") if self.affine else ()
+        if self.track_running_stats:
+            keys += ("running_mean", "running_var", _COUNTER)
+        return keys
+
+    def reset_running_stats(self) -> None:
+        """Reset ``running_mean`` to 0, ``running_var`` to 1, ``num_batches_tracked`` to 0."""
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked = 0
+        if self.num_features is not None:
+            fresh = self._fresh(self.num_features, self._placement())
+            self.running_mean, self.running_var = fresh.running_mean, fresh.running_var
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and ``weight`` to 1, ``bias`` to 0."""
+        self.reset_running_stats()
+        if self.affine and self.num_features is not None:
+            fresh = self._fresh(self.num_features, self._placement())
+            self.weight, self.bias = fresh.weight, fresh.bias
+
+    def state_dict(self) -> dict[str, Array]:
+        """A snapshot of the parameters and buffers, under PyTorch's keys.
+
+        Returns
+        -------
+        dict
+            ``weight``, ``bias`` (if ``affine``), ``running_mean``, ``running_var``
+            and ``num_batches_tracked`` (if ``track_running_stats``): copies in
+            the layer's library and on its device, the counter a 0-d int64
+            array like torch's. Unlike torch's, the values are copies, so that
+            later in-place updates of the layer do not reach the snapshot.
+
+        Raises
+        ------
+        RuntimeError
+            If ``num_features`` is still unknown (no input and no state loaded).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import anybn
+        >>> sd = anybn.BatchNorm(3, affine=False, xp=np, dtype="float32").state_dict()
+        >>> sd
+        {'running_mean': array([0., 0., 0.], dtype=float32), 'running_var': array([1., 1., 1.],
+        dtype=float32), 'num_batches_tracked': array(0)}
+        """
+        keys = self._state_keys()
+        if self.num_features is None and keys != ():
+            raise RuntimeError(
+                "state_dict() of a BatchNorm with num_features=None needs a forward "
+                "or a load_state_dict first, to know the number of channels"
+            )
+        xp, device, _ = self._placement()
+        state: dict[str, Array] = {}
+        for key, a in self._arrays()._asdict().items():
+            if a is not None:
+                state[key] = xp.asarray(a, copy=True)
+        if self.num_batches_tracked is not None:
+            state[_COUNTER] = xp.asarray(self.num_batches_tracked, dtype=xp.int64, device=device)
+        return {key: state[key] for key in keys}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+        """Copy parameters and buffers from a state dict of any array library.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Exactly the keys of :meth:`state_dict` (PyTorch's keys for the same
+            ``affine`` and ``track_running_stats``), with per-channel arrays of
+            shape ``(num_features,)`` from any library (NumPy, torch tensors on
+            any device, CuPy, ...) and ``num_batches_tracked`` as an int or 0-d
+            integer array. The values are converted to the layer's library,
+            device and dtype, and copied: later changes to them never reach the
+            layer. With ``num_features=None`` the shapes decide it.
+
+        Raises
+        ------
+        TypeError
+            Not a mapping, or a value that is not a real array or counter.
+        ValueError
+            Missing or unexpected keys, wrong shapes, a negative counter.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import anybn
+        >>> bn = anybn.BatchNorm(2, xp=np)
+        >>> bn.load_state_dict({"weight": [2.0, 3.0], "bias": np.zeros(2),
+        ...                     "running_mean": np.ones(2), "running_var": np.ones(2),
+        ...                     "num_batches_tracked": 7})
+        >>> bn.weight, bn.num_batches_tracked
+        (array([2., 3.]), 7)
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {_describe(state_dict)}")
+        keys = self._state_keys()
+        missing = [k for k in keys if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in keys]
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict does not match this BatchNorm (affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}): missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        vectors = {k: _source_vector(state_dict[k], k) for k in keys if k != _COUNTER}
+        lengths = {k: a.shape[0] for k, a in vectors.items()}
+        channels = self.num_features
+        if channels is None and lengths:
+            channels = next(iter(lengths.values()))
+        wrong = {k: n for k, n in lengths.items() if n != channels}
+        if wrong:
+            raise ValueError(
+                f"state_dict arrays must have shape ({channels},) for num_features={channels}; "
+                + ", ".join(f"{k!r} has shape ({n},)" for k, n in wrong.items())
+            )
+        count = _source_counter(state_dict[_COUNTER]) if self.track_running_stats else None
+        storage = self._placement()
+        loaded = {k: _convert(a, storage) for k, a in vectors.items()}
+        # Everything is checked and converted: commit.
+        self.num_features = channels
+        self._set_arrays(_Arrays(*(loaded.get(k) for k in _Arrays._fields)))
+        self.num_batches_tracked = count
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats})"
+        )
