@@ -6,9 +6,11 @@ Rules for code blocks in ``docs/**/*.md`` (checked here):
   one must have ``>>>`` prompts, and its output must match. The blocks of one
   page run in order in one namespace, like a notebook.
 * A block preceded by a MyST comment ``% doctest: requires <backend-id> ...``
-  (``cupy``, ``torch:cuda``, ``torch``, ... as in :mod:`anybn._backends`) runs
-  on its own, in a fresh namespace, and is skipped with the backend's reason
-  where that backend is unavailable (the GPU examples on a CPU-only machine).
+  (``cupy``, ``torch:cuda``, ``torch``, ... as in :mod:`anybn._backends`) is a
+  test of its own: it runs after the page's unmarked blocks that precede it (in
+  their namespace, so it can use what they defined), and is skipped with the
+  backend's reason where that backend is unavailable (the GPU examples on a
+  CPU-only machine). Marked blocks never see each other's names.
 * ``% doctest: skip <why>`` leaves a block out, saying why.
 * Shell blocks (```` ```console ````, ```` ```bash ````) must be marked either
   ``% doctest: run`` (each ``$ command`` line is run from the repository root
@@ -162,12 +164,17 @@ REQUIRES = [b for b in ALL_BLOCKS if b.lang in PYTHON_LANGS and b.marker == "req
 
 @pytest.mark.parametrize("block", REQUIRES, ids=[b.where for b in REQUIRES])
 def test_backend_examples(block: Block) -> None:
-    """A block that needs a backend (a GPU, ...) runs alone, or is skipped with the reason."""
+    """A block that needs a backend (a GPU, ...): run after the page's unmarked blocks before it."""
     for backend_id in block.arg.split():
         reason = get_backend(backend_id).unavailable_reason()
         if reason is not None:
             pytest.skip(f"{backend_id}: {reason}")
-    _run_doctest([block], block.where)
+    before = [
+        b
+        for b in parse_blocks(block.page)
+        if b.lang in PYTHON_LANGS and b.marker is None and b.lineno < block.lineno
+    ]
+    _run_doctest([*before, block], block.where)
 
 
 COMMANDS = [

@@ -61,7 +61,8 @@ def directive_for(qualname: str, obj: object) -> list[str]:
         # A plain value (``__version__``): its "docstring" would be its type's.
         module, _, name = qualname.rpartition(".")
         what = DATA_DOCS.get(name, f"``{name}`` of :mod:`{module}`.")
-        return [f".. py:data:: {qualname}", f"   :value: {obj!r}", "", f"   {what}"]
+        # Unqualified: the automodule above has set the current module.
+        return [f".. py:data:: {name}", f"   :value: {obj!r}", "", f"   {what}"]
     return [f".. autodata:: {qualname}"]
 
 
