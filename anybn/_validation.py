@@ -40,8 +40,10 @@ def check_channel_vector(
             f"of x, got shape {tuple(a.shape)}"
         )
     check_floating(xp, a, name)
-    allowed = {x_dtype, compute_dtype(xp, x_dtype)}
-    if a.dtype not in allowed:
+    allowed = (x_dtype, compute_dtype(xp, x_dtype))
+    # Compare with ==, not set membership: NumPy's xp.float32 is the scalar type,
+    # which equals np.dtype("float32") but does not hash like it.
+    if not any(a.dtype == d for d in allowed):
         expected = " or ".join(sorted({dtype_name(d) for d in allowed}))
         raise TypeError(
             f"{name} must have dtype {expected} for x of dtype {dtype_name(x_dtype)}, "

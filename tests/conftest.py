@@ -5,24 +5,54 @@
 ``cupy``); a backend whose library or device is missing is skipped with the
 reason. Tests take ``backend`` and move NumPy data onto it with
 ``backend.asarray`` and back with ``backend.to_numpy``.
+
+A test that also takes ``dtype`` runs over every (backend, dtype) pair the
+backend supports (``backend.dtypes``: float32, float64 and its half types),
+with ids like ``torch-bfloat16``; one that takes ``half_dtype`` over the half
+types only (``backend.half_dtypes``). The pairs are fixed at collection, so a
+missing backend skips its rows instead of removing them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import require
 
 from anybn._backends import BACKENDS, Backend
 
 
-@pytest.fixture(params=BACKENDS, ids=[b.id for b in BACKENDS])
+def _params(dtypes: str | None) -> list[object]:
+    """``pytest.param(backend)``, or ``(backend, dtype)`` over ``backend.<dtypes>``."""
+    if dtypes is None:
+        return [pytest.param(b, id=b.id) for b in BACKENDS]
+    return [pytest.param(b, d, id=f"{b.id}-{d}") for b in BACKENDS for d in getattr(b, dtypes)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``backend``, jointly with ``dtype`` or ``half_dtype`` where a test takes one.
+
+    ``dtype`` runs over every dtype of each backend, ``half_dtype`` over its half types only.
+    A test that parametrizes ``backend`` or the dtype itself keeps its own values.
+    """
+    direct = {
+        name.strip()
+        for mark in metafunc.definition.iter_markers("parametrize")
+        for name in (mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0])
+    }
+    if "backend" not in metafunc.fixturenames or "backend" in direct:
+        return
+    for name, dtypes in (("dtype", "dtypes"), ("half_dtype", "half_dtypes")):
+        if name in metafunc.fixturenames and name not in direct:
+            metafunc.parametrize(("backend", name), _params(dtypes), indirect=["backend"])
+            return
+    metafunc.parametrize("backend", _params(None), indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> Backend:
     """One backend of the matrix, skipped with a reason when unavailable."""
-    b: Backend = request.param
-    reason = b.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"{b.id}: {reason}")
-    return b
+    return require(request.param.id)
 
 
 @pytest.fixture
