@@ -42,6 +42,9 @@ templates_path: list[str] = []
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
+# Every cross-reference must resolve (with -W, an unresolved one fails the build).
+nitpicky = True
+
 # autodoc + numpydoc
 autodoc_typehints = "none"  # the numpydoc Parameters sections carry the types
 autodoc_member_order = "bysource"

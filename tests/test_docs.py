@@ -27,6 +27,7 @@ import doctest
 import importlib
 import inspect
 import io
+import os
 import pkgutil
 import re
 import shlex
@@ -191,7 +192,12 @@ def test_shell_commands(block: Block, command: str) -> None:
     argv = shlex.split(command)
     if argv and argv[0] == "python":
         argv[0] = sys.executable
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # The checkout's anybn, whatever is installed (a script's own directory comes first).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{block.where}: {command}\n{proc.stdout}\n{proc.stderr}"
 
 

@@ -108,6 +108,12 @@ class AnybnAPI(SphinxDirective):
         return container.children
 
 
+def public_bases(app: Sphinx, name: str, obj: object, options: object, bases: list) -> None:
+    """Show only public bases: anybn.torch's modules list nn.BatchNorm2d, not the private mixin."""
+    bases[:] = [b for b in bases if not getattr(b, "__name__", "").startswith("_")]
+
+
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_directive("anybn-api", AnybnAPI)
+    app.connect("autodoc-process-bases", public_bases)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -26,8 +26,9 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "_inventories"
 
 # name -> (project title, version, base URL, [(name, domain:role, uri, display name)])
-# In a uri, "$" stands for the object's name (Sphinx's shorthand); "-" as the
-# display name means "the name itself".
+# In a uri here, "$" stands for the object's name; render() writes it out in full
+# (Sphinx itself only expands a trailing "$"). "-" as the display name means "the
+# name itself".
 OBJECTS: dict[str, tuple[str, str, str, list[tuple[str, str, str, str]]]] = {
     "numpy": (
         "NumPy",
@@ -55,6 +56,17 @@ OBJECTS: dict[str, tuple[str, str, str, list[tuple[str, str, str, str]]]] = {
             ("torch.nn.BatchNorm2d", "py:class", "generated/$.html#$", "-"),
             ("torch.nn.BatchNorm3d", "py:class", "generated/$.html#$", "-"),
             ("torch.nn.SyncBatchNorm", "py:class", "generated/$.html#$", "-"),
+            # The same classes under their defining module, which is how autodoc names the
+            # bases of anybn.torch's modules ("Bases: torch.nn.modules.batchnorm.BatchNorm2d").
+            *(
+                (
+                    f"torch.nn.modules.batchnorm.BatchNorm{d}d",
+                    "py:class",
+                    f"generated/torch.nn.BatchNorm{d}d.html#torch.nn.BatchNorm{d}d",
+                    f"torch.nn.BatchNorm{d}d",
+                )
+                for d in (1, 2, 3)
+            ),
             ("torch.nn.Module", "py:class", "generated/$.html#$", "-"),
             ("torch.autograd.Function", "py:class", "generated/$.html#$", "-"),
             ("torch.cuda.is_available", "py:function", "generated/$.html#$", "-"),
@@ -113,7 +125,7 @@ def render(project: str, version: str, objects: list[tuple[str, str, str, str]])
         "# The remainder of this file is compressed using zlib.\n"
     ).encode()
     lines = "".join(
-        f"{name} {role} {1 if role.startswith('py:') else -1} {uri} {disp}\n"
+        f"{name} {role} {1 if role.startswith('py:') else -1} {uri.replace('$', name)} {disp}\n"
         for name, role, uri, disp in objects
     )
     return header + zlib.compress(lines.encode())
