@@ -19,6 +19,8 @@ with Sphinx's own loader to check it.
 
 from __future__ import annotations
 
+import io
+import posixpath
 import zlib
 from pathlib import Path
 
@@ -140,8 +142,11 @@ def main() -> None:
         path = OUT / f"{key}.inv"
         path.write_bytes(data)
         # Read it back the way intersphinx will, and check every object is there.
-        inv = InventoryFile.loads(data, uri=base)
-        loaded = {name for domain in inv.data.values() for name in domain}
+        if hasattr(InventoryFile, "loads"):  # Sphinx >= 8.2
+            inv = InventoryFile.loads(data, uri=base).data
+        else:  # older Sphinx: a dict of domain -> {name: item}
+            inv = InventoryFile.load(io.BytesIO(data), base, posixpath.join)
+        loaded = {name for domain in inv.values() for name in domain}
         missing = {name for name, *_ in objects} - loaded
         assert not missing, f"{path.name}: not loadable: {sorted(missing)}"
         print(f"wrote {path.relative_to(HERE.parent.parent)} ({len(objects)} objects, {base})")
