@@ -16,6 +16,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import NamedTuple
 
+from . import _fastpaths
 from ._stats import centered_moments, channel_dot, channel_sum
 from ._validation import (
     check_channel_vector,
@@ -211,6 +212,14 @@ def batch_norm(
             "(or pass training=True to normalize with batch statistics)"
         )
 
+    if _fastpaths.enabled():
+        fast = _fastpaths.batch_norm(
+            xp, x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis,
+        )  # fmt: skip
+        if fast is not None:
+            return BatchNormOutput(*fast)
+
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)
     bshape = channel_shape(x.ndim, axis, channels)
@@ -331,6 +340,13 @@ def batch_norm_backward(
         check_channel_vector(xp, a, name, channels, x.dtype)
     training = check_training(training)
     count = values_per_channel(tuple(x.shape), axis)
+
+    if _fastpaths.enabled():
+        fast = _fastpaths.batch_norm_backward(
+            xp, dy, x, weight, mean, invstd, training=training, axis=axis
+        )
+        if fast is not None:
+            return BatchNormGrads(*fast)
 
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)

@@ -1,0 +1,211 @@
+"""Optional fast paths per backend, behind one switch.
+
+The functional core validates its arguments, then asks :func:`batch_norm` or
+:func:`batch_norm_backward` here for a fast path; ``None`` means "none applies",
+and the generic array-API code runs. The fast paths compute the same formulas
+with the same (or better) numerics and are tested against the generic path:
+
+* NumPy arrays: cache-blocked, multi-threaded kernels, :mod:`anybn._numpy_kernels`.
+* PyTorch float32/float64 CPU tensors that autograd does not track: torch's own
+  fused kernels, centring the input first where they would cancel,
+  :mod:`anybn._torch_kernels`; float16 CPU tensors run the NumPy kernels on
+  NumPy views of the tensors (no copies).
+* CuPy arrays: fused elementwise and reduction kernels,
+  :mod:`anybn._cupy_kernels`.
+
+Everything else (array-api-strict, JAX, Dask, torch tensors that require grad,
+bfloat16, CUDA tensors) takes the generic path.
+
+Switching
+---------
+``ANYBN_FAST_PATHS=0`` in the environment turns every fast path off at import;
+:func:`set_fast_paths` changes the process-wide default and :func:`fast_paths`
+overrides it inside a ``with`` block (per thread/context), which is how the
+tests run the generic path::
+
+    >>> import numpy as np
+    >>> import anybn
+    >>> from anybn._fastpaths import fast_paths
+    >>> x = np.arange(8.0).reshape(4, 2)
+    >>> with fast_paths(False):
+    ...     generic = anybn.batch_norm(x, training=True).y
+    >>> bool(np.allclose(anybn.batch_norm(x, training=True).y, generic))
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as compat
+
+from . import _numpy_kernels, _torch_kernels
+from ._numpy_kernels import get_num_threads, set_num_threads
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "enabled",
+    "fast_paths",
+    "get_num_threads",
+    "set_fast_paths",
+    "set_num_threads",
+]
+
+Array = Any
+
+_default = os.environ.get("ANYBN_FAST_PATHS", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+_override: ContextVar[bool | None] = ContextVar("anybn_fast_paths", default=None)
+
+
+def enabled() -> bool:
+    """Whether fast paths are on in the current context."""
+    value = _override.get()
+    return _default if value is None else value
+
+
+def set_fast_paths(on: bool) -> bool:
+    """Turn fast paths on or off for the whole process; returns the previous default."""
+    global _default
+    previous, _default = _default, bool(on)
+    return previous
+
+
+@contextmanager
+def fast_paths(on: bool) -> Iterator[None]:
+    """Turn fast paths on or off inside a ``with`` block (this thread/context only)."""
+    token = _override.set(bool(on))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+# --- PyTorch CPU tensors as NumPy arrays --------------------------------------------------
+
+_TORCH_NUMPY_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
+
+
+def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
+    """NumPy views of CPU tensors that autograd does not track, or None."""
+    import torch
+
+    grad = torch.is_grad_enabled()
+    out: list[Any] = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        if (grad and a.requires_grad) or a.device.type != "cpu":
+            return None
+        if str(a.dtype) not in _TORCH_NUMPY_DTYPES:
+            return None
+        try:
+            out.append(a.detach().numpy())
+        except (RuntimeError, TypeError):  # sparse, neg/conj bit, ...
+            return None
+    return out
+
+
+def _to_torch(results: tuple[Any, ...], inputs: dict[int, Array]) -> tuple[Any, ...]:
+    """Wrap NumPy results as tensors; a result that *is* an input returns that input."""
+    import torch
+
+    return tuple(
+        None if r is None else inputs[id(r)] if id(r) in inputs else torch.from_numpy(r)
+        for r in results
+    )
+
+
+# --- dispatch -----------------------------------------------------------------------------
+
+
+def batch_norm(
+    xp: ModuleType,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+) -> tuple[Any, ...] | None:
+    """The forward on a fast path, or None; arguments are already validated."""
+    args = (x, running_mean, running_var, weight, bias)
+    if _numpy_kernels.supports(x):
+        return _numpy_kernels.forward(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis,
+        )  # fmt: skip
+    if compat.is_torch_array(x):
+        if _torch_kernels.supports(*args):
+            return _torch_kernels.forward(
+                x, running_mean, running_var, weight, bias,
+                training=training, momentum=momentum, eps=eps, axis=axis,
+            )  # fmt: skip
+        views = _torch_as_numpy(args)
+        if views is None or not _numpy_kernels.supports(views[0]):
+            return None
+        out = _numpy_kernels.forward(
+            views[0], views[1], views[2], views[3], views[4],
+            training=training, momentum=momentum, eps=eps, axis=axis,
+        )  # fmt: skip
+        return _to_torch(out, {id(v): a for v, a in zip(views, args, strict=True) if v is not None})
+    if compat.is_cupy_array(x):
+        from . import _cupy_kernels
+
+        return _cupy_kernels.forward(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis,
+        )  # fmt: skip
+    return None
+
+
+def batch_norm_backward(
+    xp: ModuleType,
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool,
+    axis: int,
+) -> tuple[Any, ...] | None:
+    """The backward on a fast path, or None; arguments are already validated."""
+    if _numpy_kernels.supports(x) and _numpy_kernels.supports(dy):
+        return _numpy_kernels.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
+    if compat.is_torch_array(x):
+        if (
+            training
+            and dy.dtype == x.dtype
+            and _torch_kernels.supports(x, dy, weight, mean, invstd)
+        ):
+            return _torch_kernels.backward(dy, x, weight, mean, invstd, axis=axis)
+        views = _torch_as_numpy((dy, x, weight, mean, invstd))
+        if views is None or not (
+            _numpy_kernels.supports(views[0]) and _numpy_kernels.supports(views[1])
+        ):
+            return None
+        out = _numpy_kernels.backward(
+            views[0], views[1], views[2], views[3], views[4], training=training, axis=axis
+        )
+        return _to_torch(out, {})
+    if compat.is_cupy_array(x):
+        from . import _cupy_kernels
+
+        return _cupy_kernels.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
+    return None

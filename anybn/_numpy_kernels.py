@@ -1,0 +1,535 @@
+"""The CPU fast path: cache-blocked, multi-threaded batch norm on NumPy arrays.
+
+The generic array-API core makes one whole-array pass per operation, so a
+forward+backward reads and writes x-sized arrays about fifteen times. Here the
+same formulas run block by block: x is viewed without a copy as ``(P, C, S)``
+(``S > 1``, "planes", the NC... layout) or ``(P, C)`` ("rows", channels last),
+cut into blocks of about :data:`BLOCK` values that stay in the core's L2
+cache, and every operation on a block reads what the previous one wrote while
+it is still in cache. Memory then sees
+
+* forward (train): read x for the statistics, read x and write y;
+* backward (train): read x and dy for the sums, read them again and write dx;
+
+and the blocks are shared among :func:`num_threads` threads (NumPy releases
+the GIL inside its loops and BLAS calls).
+
+Statistics are per block and exact in the same way as :mod:`anybn._stats`:
+each block is centred on its own first-pass mean ``m1_r`` (the corrected
+two-pass algorithm inside the cache), and the blocks' ``(n_r, mean_r, M2_r)``
+are merged in float64 with Chan's formula, the means kept as ``m1_r`` plus a
+small correction so that nothing cancels::
+
+    delta_r = (m1_r - m1_0) + corr_r            # mean_r - m1_0, exactly
+    dmean   = sum_r n_r delta_r / n
+    M2      = sum_r M2_r + sum_r n_r (delta_r - dmean)^2
+    mean    = m1_0 + dmean
+
+The output is then ``y = (x - m1_r) * scale + (bias - (mean - m1_r) * scale)``,
+centred on data that has not cancelled. Every partial sum has a fixed place
+in a ``(rows, C)`` table, so results do not depend on the number of threads.
+
+Reductions are fused multiply-reduces that never materialise a product:
+``matmul`` with a ones vector for sums and ``vecdot``/``einsum`` for dot
+products, on the contiguous axis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BLOCK",
+    "backward",
+    "forward",
+    "get_num_threads",
+    "set_num_threads",
+    "supports",
+]
+
+#: Values per block: with x, y (or dy, dx) and a scratch block in flight, about
+#: 1 MiB of float32 stays in a 2 MiB L2 cache.
+BLOCK = 1 << 16
+
+#: Below this many values the work runs on the calling thread only.
+PARALLEL_MIN = 1 << 18
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_NUMPY2 = int(np.__version__.split(".", 1)[0]) >= 2
+
+
+# --- threads ------------------------------------------------------------------------------
+
+
+def _default_threads() -> int:
+    env = os.environ.get("ANYBN_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+_threads = _default_threads()
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+_pool_lock = threading.Lock()
+
+
+def get_num_threads() -> int:
+    """The number of threads the CPU fast path uses for large arrays."""
+    return _threads
+
+
+def set_num_threads(n: int) -> int:
+    """Use ``n`` threads (>= 1) for large arrays; returns the previous number.
+
+    The default is ``$ANYBN_NUM_THREADS`` or the CPUs this process may run on,
+    at most 8. Results do not depend on it.
+    """
+    global _threads, _pool
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be an int >= 1, got {n!r}")
+    previous, _threads = _threads, n
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+            _pool = None
+    return previous
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The worker pool, created on first use and again after a fork."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="anybn")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+# --- layout and blocks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How x is viewed and cut: the canonical view, its blocks and their rows.
+
+    ``blocks[i] = (row, index, channels)``: ``view[index]`` is the block (3-D for
+    planes, 2-D for rows) and its per-channel partials go to
+    ``table[row, channels]``. ``counts[row]`` is the number of values per channel
+    that a row's blocks reduce.
+    """
+
+    planes: bool
+    shape: tuple[int, ...]  # (P, C, S) or (P, C)
+    moved: bool  # rows of np.moveaxis(x, axis, -1) rather than of x itself
+    axis: int
+    blocks: tuple[tuple[int, tuple[slice, ...], slice], ...]
+    counts: np.ndarray
+    max_block: int  # values in the largest block
+    bufsize: int  # NumPy ufunc buffer size for per-channel broadcasts (0: default)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    def view(self, a: np.ndarray) -> np.ndarray:
+        """The canonical view of an array laid out like x (never a copy)."""
+        if self.moved:
+            a = np.moveaxis(a, self.axis, -1)
+        v = a.reshape(self.shape)
+        assert np.shares_memory(v, a) or a.size == 0
+        return v
+
+    def empty(self, x_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A new array of x's shape laid out like x, so that :meth:`view` is a view."""
+        if not self.moved:
+            return np.empty(x_shape, dtype=dtype)
+        moved_shape = (*x_shape[: self.axis], *x_shape[self.axis + 1 :], x_shape[self.axis])
+        return np.moveaxis(np.empty(moved_shape, dtype=dtype), -1, self.axis)
+
+    def same_layout(self, a: np.ndarray) -> bool:
+        """Whether :meth:`view` of ``a`` is a view."""
+        if self.moved:
+            return bool(np.moveaxis(a, self.axis, -1).flags.c_contiguous)
+        return bool(a.flags.c_contiguous)
+
+
+def _make_plan(x: np.ndarray, axis: int, block: int) -> _Plan | None:
+    shape = tuple(int(s) for s in x.shape)
+    channels = shape[axis]
+    if x.flags.c_contiguous:
+        moved = False
+        outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
+    elif np.moveaxis(x, axis, -1).flags.c_contiguous:
+        moved = True
+        outer, inner = x.size // channels, 1
+    else:
+        return None
+    blocks: list[tuple[int, tuple[slice, ...], slice]] = []
+    counts: list[int] = []
+    everything = slice(None)
+    if inner > 1:  # planes (P, C, S)
+        plane = channels * inner
+        if plane <= block:
+            b = max(1, block // plane)
+            for p0 in range(0, outer, b):
+                blocks.append(
+                    (len(counts), (slice(p0, p0 + b), everything, everything), everything)
+                )
+                counts.append(min(b, outer - p0) * inner)
+        elif inner <= block:
+            cb = max(1, block // inner)
+            for p in range(outer):
+                for c0 in range(0, channels, cb):
+                    cs = slice(c0, c0 + cb)
+                    blocks.append((p, (slice(p, p + 1), cs, everything), cs))
+                counts.append(inner)
+        else:
+            for p in range(outer):
+                for c in range(channels):
+                    cs = slice(c, c + 1)
+                    row = p * math.ceil(inner / block)
+                    for j, s0 in enumerate(range(0, inner, block)):
+                        blocks.append((row + j, (slice(p, p + 1), cs, slice(s0, s0 + block)), cs))
+            counts = [min(block, inner - s0) for _ in range(outer) for s0 in range(0, inner, block)]
+        view_shape: tuple[int, ...] = (outer, channels, inner)
+        # NumPy buffers a stride-0 operand whose rows are shorter than its ufunc
+        # buffer (8192), which makes x - mean[:, None] three times slower than
+        # x - scalar; a buffer no longer than a row avoids it.
+        bufsize = 0
+        if _NUMPY2 and 256 <= inner < 8192:
+            bufsize = 1 << (inner.bit_length() - 1)
+    else:  # rows (P, C)
+        if channels <= block:
+            b = max(1, block // channels)
+            for p0 in range(0, outer, b):
+                blocks.append((len(counts), (slice(p0, p0 + b), everything), everything))
+                counts.append(min(b, outer - p0))
+        else:
+            for p in range(outer):
+                for c0 in range(0, channels, block):
+                    cs = slice(c0, c0 + block)
+                    blocks.append((p, (slice(p, p + 1), cs), cs))
+                counts.append(1)
+        view_shape = (outer, channels)
+        bufsize = 0
+    return _Plan(
+        planes=inner > 1,
+        shape=view_shape,
+        moved=moved,
+        axis=axis,
+        blocks=tuple(blocks),
+        counts=np.asarray(counts, dtype=np.float64),
+        max_block=max(_block_size(view_shape, index) for _, index, _ in blocks[:1]),
+        bufsize=bufsize,
+    )
+
+
+def supports(x: Any) -> bool:
+    """Whether ``x`` is an array the CPU fast path handles (a float NumPy array)."""
+    return type(x) is np.ndarray and x.dtype in _FLOATS and x.size > 0
+
+
+# --- per-block reductions and the parallel loop -------------------------------------------
+
+
+class _Scratch:
+    """One thread's scratch blocks (compute dtype) and per-channel vectors laid out per block.
+
+    For planes a vector ``v`` becomes the column ``v[cs, None]``; NumPy runs
+    ``block - column`` at the speed of ``block - scalar``. For rows it becomes a
+    contiguous *tile*, the vector repeated over a block's rows: NumPy's
+    ``block - v`` with a broadcast row is about 1.5x slower than with a full
+    operand, so each thread builds its tiles once per pass.
+    """
+
+    def __init__(self, plan: _Plan, dtype: np.dtype, count: int, vectors: Sequence[np.ndarray]):
+        size = plan.max_block
+        self._bufs = [np.empty(size, dtype=dtype) for _ in range(count)]
+        self.planes = plan.planes
+        if plan.planes:
+            self._vectors = [v[:, None] for v in vectors]
+            self._tiles: list[np.ndarray] = []
+        else:
+            rows = size // plan.channels if size >= plan.channels else 1
+            self._vectors = list(vectors)
+            self._tiles = [np.broadcast_to(v, (rows, v.shape[0])).copy() for v in vectors]
+
+    def like(self, i: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Scratch block ``i`` with ``shape``."""
+        return self._bufs[i][: math.prod(shape)].reshape(shape)
+
+    def vector(self, i: int, v: np.ndarray, cs: slice) -> np.ndarray:
+        """Vector ``i`` shaped to combine with block ``v`` of channels ``cs``."""
+        if self.planes:
+            return self._vectors[i][cs]
+        tile = self._tiles[i]
+        if tile.shape[1] != v.shape[1]:  # a block of some channels of one row
+            return self._vectors[i][cs]
+        return tile[: v.shape[0]]
+
+
+def _csum(v: np.ndarray) -> np.ndarray:
+    """Per-channel sum of a block: over axes (0, 2) of planes, axis 0 of rows.
+
+    ``einsum`` rather than ``matmul`` with a ones vector: both run at memory
+    speed on one thread, but BLAS calls from several threads serialise.
+    """
+    if v.ndim == 3:
+        return np.einsum("cs->c", v[0]) if v.shape[0] == 1 else np.einsum("pcs->c", v)
+    return np.einsum("pc->c", v)
+
+
+def _cdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-channel ``sum(a * b)`` of two blocks, without forming ``a * b``."""
+    if a.ndim == 3:
+        if a.shape[0] == 1:
+            return np.einsum("cs,cs->c", a[0], b[0])
+        return np.einsum("pcs,pcs->c", a, b)
+    return np.einsum("pc,pc->c", a, b)
+
+
+def _run(
+    plan: _Plan,
+    dtype: np.dtype,
+    nbuf: int,
+    work: Callable[..., None],
+    vectors: Sequence[np.ndarray] = (),
+) -> None:
+    """Call ``work(row, index, channels, scratch)`` for every block, on the threads.
+
+    ``vectors`` are the per-channel vectors the blocks combine with, served by
+    :meth:`_Scratch.vector`.
+    """
+    blocks = plan.blocks
+    size = math.prod(plan.shape)
+    nthreads = min(_threads, len(blocks)) if size >= PARALLEL_MIN else 1
+
+    def chunk(part: Sequence[tuple[int, tuple[slice, ...], slice]]) -> None:
+        scratch = _Scratch(plan, dtype, nbuf, vectors)
+        if plan.bufsize:
+            with np.errstate():
+                np.setbufsize(plan.bufsize)
+                for row, index, cs in part:
+                    work(row, index, cs, scratch)
+        else:
+            for row, index, cs in part:
+                work(row, index, cs, scratch)
+
+    if nthreads <= 1:
+        chunk(blocks)
+        return
+    bounds = [len(blocks) * i // nthreads for i in range(nthreads + 1)]
+    parts = [blocks[bounds[i] : bounds[i + 1]] for i in range(nthreads)]
+    pool = _executor()
+    futures: list[Future[None]] = [pool.submit(chunk, part) for part in parts[1:]]
+    try:
+        chunk(parts[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _block_size(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
+    """The number of values in ``view[index]`` for a view of ``shape``."""
+    return math.prod(len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=True))
+
+
+# --- forward and backward -----------------------------------------------------------------
+
+
+def _f64(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def forward(
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    block: int = BLOCK,
+) -> tuple[Any, ...]:
+    """``(y, mean, invstd, new_running_mean, new_running_var)``.
+
+    Arguments are validated by the caller; ``axis`` is non-negative.
+    """
+    plan = _make_plan(x, axis, block)
+    if plan is None:
+        x = np.ascontiguousarray(x)
+        plan = _make_plan(x, axis, block)
+        assert plan is not None
+    cdt = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    half = cdt != x.dtype
+    xv = plan.view(x)
+    y = plan.empty(tuple(x.shape), x.dtype)
+    yv = plan.view(y)
+    channels = plan.channels
+    w64 = _f64(weight)
+    b64 = _f64(bias)
+
+    if training:
+        rows = len(plan.counts)
+        m1 = np.empty((rows, channels), dtype=cdt)
+        s1 = np.empty((rows, channels), dtype=cdt)
+        q = np.empty((rows, channels), dtype=cdt)
+
+        def stats(row: int, index: tuple[slice, ...], cs: slice, s: _Scratch) -> None:
+            v = xv[index]
+            if half:
+                v32 = s.like(1, v.shape)
+                np.copyto(v32, v)
+                v = v32
+            n = v.size // v.shape[1]
+            m = _csum(v)
+            m /= n
+            d = s.like(0, v.shape)
+            np.subtract(v, m[:, None] if v.ndim == 3 else m, out=d)
+            m1[row, cs] = m
+            s1[row, cs] = _csum(d)
+            q[row, cs] = _cdot(d, d)
+
+        _run(plan, cdt, 2, stats)
+        counts = plan.counts[:, None]
+        total = float(plan.counts.sum())
+        m1_64 = m1.astype(np.float64)
+        s1_64 = s1.astype(np.float64)
+        ref = m1_64[0]
+        delta = (m1_64 - ref) + s1_64 / counts
+        dmean = (counts * delta).sum(axis=0) / total
+        m2 = (q.astype(np.float64) - s1_64 * s1_64 / counts).sum(axis=0)
+        m2 += (counts * (delta - dmean) ** 2).sum(axis=0)
+        m2 = np.maximum(m2, 0.0)
+        mean64 = ref + dmean
+        var64 = m2 / total
+        invstd64 = 1.0 / np.sqrt(var64 + eps)
+        scale64 = invstd64 if w64 is None else invstd64 * w64
+        # y = (x - m1_0) * scale + bias - (mean - m1_0) * scale, where x - m1_0 is
+        # exact for data near its mean and mean - m1_0 = dmean is known in float64
+        centre = m1[0]
+        shift64 = -dmean * scale64
+        if b64 is not None:
+            shift64 += b64
+    else:
+        assert running_mean is not None and running_var is not None
+        mean64 = np.asarray(running_mean, dtype=np.float64)
+        invstd64 = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        scale64 = invstd64 if w64 is None else invstd64 * w64
+        shift64 = np.zeros(channels) if b64 is None else b64
+        centre = np.asarray(running_mean, dtype=cdt)
+
+    def normalize(row: int, index: tuple[slice, ...], cs: slice, s: _Scratch) -> None:
+        v, out = xv[index], yv[index]
+        d = s.like(0, v.shape) if half else out
+        np.subtract(v, s.vector(0, v, cs), out=d)
+        np.multiply(d, s.vector(1, v, cs), out=d)
+        np.add(d, s.vector(2, v, cs), out=out, casting="same_kind")
+
+    _run(plan, cdt, 1, normalize, (centre, scale64.astype(cdt), shift64.astype(cdt)))
+
+    mean = mean64.astype(cdt)
+    invstd = invstd64.astype(cdt)
+    new_rm, new_rv = running_mean, running_var
+    if training and running_mean is not None and running_var is not None:
+        total = float(plan.counts.sum())
+        unbiased = m2 / (total - 1)
+        rm64 = np.asarray(running_mean, dtype=np.float64)
+        rv64 = np.asarray(running_var, dtype=np.float64)
+        new_rm = ((1.0 - momentum) * rm64 + momentum * mean64).astype(running_mean.dtype)
+        new_rv = ((1.0 - momentum) * rv64 + momentum * unbiased).astype(running_var.dtype)
+    return y, mean, invstd, new_rm, new_rv
+
+
+def backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    *,
+    training: bool,
+    axis: int,
+    block: int = BLOCK,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx, dweight, dbias)``; arguments validated by the caller."""
+    plan = _make_plan(x, axis, block)
+    if plan is None:
+        x = np.ascontiguousarray(x)
+        plan = _make_plan(x, axis, block)
+        assert plan is not None
+    if not plan.same_layout(dy):
+        dy_like = plan.empty(tuple(x.shape), dy.dtype)
+        np.copyto(dy_like, dy)
+        dy = dy_like
+    cdt = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    half = cdt != x.dtype or cdt != dy.dtype
+    xv, dyv = plan.view(x), plan.view(dy)
+    dx = plan.empty(tuple(x.shape), x.dtype)
+    dxv = plan.view(dx)
+    channels = plan.channels
+    rows = len(plan.counts)
+    mean_c = np.asarray(mean, dtype=cdt)
+    sdy = np.empty((rows, channels), dtype=cdt)
+    q = np.empty((rows, channels), dtype=cdt)
+
+    def sums(row: int, index: tuple[slice, ...], cs: slice, s: _Scratch) -> None:
+        v, g = xv[index], dyv[index]
+        if half:
+            g32 = s.like(1, g.shape)
+            np.copyto(g32, g)
+            g = g32
+        d = s.like(0, v.shape)
+        np.subtract(v, s.vector(0, v, cs), out=d)
+        sdy[row, cs] = _csum(g)
+        q[row, cs] = _cdot(g, d)
+
+    _run(plan, cdt, 2, sums, (mean_c,))
+    total = float(plan.counts.sum())
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    sum_dy = sdy.astype(np.float64).sum(axis=0)
+    sum_dy_xhat = invstd64 * q.astype(np.float64).sum(axis=0)
+    scale64 = invstd64 if weight is None else invstd64 * np.asarray(weight, dtype=np.float64)
+    scale = scale64.astype(cdt)
+
+    if training:
+        negk = (-(scale64 * invstd64 * sum_dy_xhat) / total).astype(cdt)
+        mdy = (sum_dy / total).astype(cdt)
+
+        def grad(row: int, index: tuple[slice, ...], cs: slice, s: _Scratch) -> None:
+            v, g, out = xv[index], dyv[index], dxv[index]
+            d = s.like(0, v.shape)
+            np.subtract(v, s.vector(0, v, cs), out=d)
+            np.multiply(d, s.vector(1, v, cs), out=d)
+            t = s.like(1, v.shape)
+            np.subtract(g, s.vector(2, v, cs), out=t)
+            np.multiply(t, s.vector(3, v, cs), out=t)
+            np.add(d, t, out=out, casting="same_kind")
+
+        vectors: tuple[np.ndarray, ...] = (mean_c, negk, mdy, scale)
+    else:
+
+        def grad(row: int, index: tuple[slice, ...], cs: slice, s: _Scratch) -> None:
+            np.multiply(
+                dyv[index], s.vector(0, dyv[index], cs), out=dxv[index], casting="same_kind"
+            )
+
+        vectors = (scale,)
+    _run(plan, cdt, 2, grad, vectors)
+    return dx, sum_dy_xhat.astype(cdt), sum_dy.astype(cdt)
