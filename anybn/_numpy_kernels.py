@@ -55,9 +55,11 @@ __all__ = [
     "supports",
 ]
 
-#: Values per block: with x, y (or dy, dx) and a scratch block in flight, about
-#: 1 MiB of float32 stays in a 2 MiB L2 cache.
-BLOCK = 1 << 16
+#: Values per block, for planes and for rows. A block, its output and one or
+#: two scratch blocks should stay in a core's L2 cache (2 MiB here), yet blocks
+#: must not be so small that the threads queue for the GIL between NumPy calls:
+#: measured best on a 2-core Sapphire Rapids (asv_benchmarks/ and docs/benchmarks.md).
+BLOCK = {"planes": 1 << 18, "rows": 1 << 17}
 
 #: Below this many values the work runs on the calling thread only.
 PARALLEL_MIN = 1 << 18
@@ -166,7 +168,7 @@ class _Plan:
         return bool(a.flags.c_contiguous)
 
 
-def _make_plan(x: np.ndarray, axis: int, block: int) -> _Plan | None:
+def _make_plan(x: np.ndarray, axis: int, block: int | None) -> _Plan | None:
     shape = tuple(int(s) for s in x.shape)
     channels = shape[axis]
     if x.flags.c_contiguous:
@@ -177,6 +179,8 @@ def _make_plan(x: np.ndarray, axis: int, block: int) -> _Plan | None:
         outer, inner = x.size // channels, 1
     else:
         return None
+    if block is None:
+        block = BLOCK["planes" if inner > 1 else "rows"]
     blocks: list[tuple[int, tuple[slice, ...], slice]] = []
     counts: list[int] = []
     everything = slice(None)
@@ -347,6 +351,96 @@ def _block_size(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     return math.prod(len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=True))
 
 
+# --- small inputs: one block, no plan, no threads -------------------------------------------
+
+#: Inputs of at most this many values skip the blocking machinery: a few
+#: whole-array operations cost less than planning blocks.
+SMALL = 1 << 15
+
+
+def _small_view(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
+    """``a`` as a C-ordered ``(P, C, S)`` array in ``dtype`` (a copy only if needed)."""
+    shape = a.shape
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def _small_forward(
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+) -> tuple[Any, ...]:
+    cdt = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    v = _small_view(x, axis, cdt)
+    count = v.shape[0] * v.shape[2]
+    if training:
+        m1 = np.einsum("pcs->c", v)
+        m1 /= count
+        d = v - m1[:, None]
+        s1 = np.einsum("pcs->c", d).astype(np.float64)
+        q = np.einsum("pcs,pcs->c", d, d).astype(np.float64)
+        corr = s1 / count
+        m2 = np.maximum(q - s1 * corr, 0.0)
+        mean64 = m1 + corr
+        invstd64 = 1.0 / np.sqrt(m2 / count + eps)
+    else:
+        assert running_mean is not None and running_var is not None
+        m1 = np.asarray(running_mean, dtype=cdt)
+        d = v - m1[:, None]
+        corr = np.zeros(1)
+        mean64 = np.asarray(running_mean, dtype=np.float64)
+        invstd64 = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    scale64 = invstd64 if weight is None else invstd64 * np.asarray(weight, dtype=np.float64)
+    shift64 = -corr * scale64
+    if bias is not None:
+        shift64 = shift64 + np.asarray(bias, dtype=np.float64)
+    d *= scale64.astype(cdt)[:, None]
+    d += shift64.astype(cdt)[:, None]
+    y = d.reshape(x.shape).astype(x.dtype, copy=False)
+    new_rm, new_rv = running_mean, running_var
+    if training and running_mean is not None and running_var is not None:
+        rm64 = np.asarray(running_mean, dtype=np.float64)
+        rv64 = np.asarray(running_var, dtype=np.float64)
+        new_rm = ((1.0 - momentum) * rm64 + momentum * mean64).astype(running_mean.dtype)
+        new_rv = ((1.0 - momentum) * rv64 + momentum * (m2 / (count - 1))).astype(running_var.dtype)
+    return y, mean64.astype(cdt), invstd64.astype(cdt), new_rm, new_rv
+
+
+def _small_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    training: bool,
+    axis: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cdt = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    v = _small_view(x, axis, cdt)
+    g = _small_view(dy, axis, cdt)
+    count = v.shape[0] * v.shape[2]
+    d = v - np.asarray(mean, dtype=cdt)[:, None]
+    sum_dy = np.einsum("pcs->c", g).astype(np.float64)
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    sum_dy_xhat = invstd64 * np.einsum("pcs,pcs->c", g, d).astype(np.float64)
+    scale64 = invstd64 if weight is None else invstd64 * np.asarray(weight, dtype=np.float64)
+    if training:
+        d *= (-(scale64 * invstd64 * sum_dy_xhat) / count).astype(cdt)[:, None]
+        t = g - (sum_dy / count).astype(cdt)[:, None]
+        t *= scale64.astype(cdt)[:, None]
+        d += t
+    else:
+        d = g * scale64.astype(cdt)[:, None]
+    dx = d.reshape(x.shape).astype(x.dtype, copy=False)
+    return dx, sum_dy_xhat.astype(cdt), sum_dy.astype(cdt)
+
+
 # --- forward and backward -----------------------------------------------------------------
 
 
@@ -365,12 +459,16 @@ def forward(
     momentum: float,
     eps: float,
     axis: int,
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``.
 
     Arguments are validated by the caller; ``axis`` is non-negative.
     """
+    if x.size <= SMALL:
+        return _small_forward(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, axis
+        )
     plan = _make_plan(x, axis, block)
     if plan is None:
         x = np.ascontiguousarray(x)
@@ -466,9 +564,11 @@ def backward(
     *,
     training: bool,
     axis: int,
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dx, dweight, dbias)``; arguments validated by the caller."""
+    if x.size <= SMALL:
+        return _small_backward(dy, x, weight, mean, invstd, training, axis)
     plan = _make_plan(x, axis, block)
     if plan is None:
         x = np.ascontiguousarray(x)
