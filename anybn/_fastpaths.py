@@ -7,9 +7,10 @@ with the same (or better) numerics and are tested against the generic path:
 
 * NumPy arrays: cache-blocked, multi-threaded kernels, :mod:`anybn._numpy_kernels`.
 * PyTorch float32/float64 CPU tensors that autograd does not track: torch's own
-  fused kernels, centring the input first where they would cancel,
-  :mod:`anybn._torch_kernels`; float16 CPU tensors run the NumPy kernels on
-  NumPy views of the tensors (no copies).
+  fused kernels, with anybn's statistics and exact centring where torch's would
+  lose accuracy, :mod:`anybn._torch_kernels`. Small tensors (a few torch calls
+  cost more than the work) and float16 CPU tensors run the NumPy kernels on NumPy
+  views of the tensors (no copies).
 * CuPy arrays: fused elementwise and reduction kernels,
   :mod:`anybn._cupy_kernels`.
 
@@ -93,25 +94,30 @@ def fast_paths(on: bool) -> Iterator[None]:
 
 # --- PyTorch CPU tensors as NumPy arrays --------------------------------------------------
 
-_TORCH_NUMPY_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
+_torch_numpy_dtypes: tuple[Any, ...] = ()
 
 
 def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
     """NumPy views of CPU tensors that autograd does not track, or None."""
+    global _torch_numpy_dtypes
     import torch
 
+    if not _torch_numpy_dtypes:
+        _torch_numpy_dtypes = (torch.float16, torch.float32, torch.float64)
     grad = torch.is_grad_enabled()
     out: list[Any] = []
     for a in arrays:
         if a is None:
             out.append(None)
             continue
-        if (grad and a.requires_grad) or a.device.type != "cpu":
+        if a.dtype not in _torch_numpy_dtypes or a.device.type != "cpu":
             return None
-        if str(a.dtype) not in _TORCH_NUMPY_DTYPES:
-            return None
+        if a.requires_grad:
+            if grad:
+                return None
+            a = a.detach()
         try:
-            out.append(a.detach().numpy())
+            out.append(a.numpy())
         except (RuntimeError, TypeError):  # sparse, neg/conj bit, ...
             return None
     return out
@@ -151,7 +157,7 @@ def batch_norm(
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
     if compat.is_torch_array(x):
-        if _torch_kernels.supports(*args):
+        if _torch_kernels.wanted(x, axis) and _torch_kernels.supports(*args):
             return _torch_kernels.forward(
                 x, running_mean, running_var, weight, bias,
                 training=training, momentum=momentum, eps=eps, axis=axis,
@@ -192,6 +198,7 @@ def batch_norm_backward(
         if (
             training
             and dy.dtype == x.dtype
+            and _torch_kernels.wanted(x, axis)
             and _torch_kernels.supports(x, dy, weight, mean, invstd)
         ):
             return _torch_kernels.backward(dy, x, weight, mean, invstd, axis=axis)

@@ -186,13 +186,15 @@ def batch_norm(
     check_input(xp, x)
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
+    vector_shape = (channels,)
     for name, a in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
     ):
-        check_channel_vector(xp, a, name, channels, x.dtype)
+        if a is not None and not (a.dtype == x.dtype and tuple(a.shape) == vector_shape):
+            check_channel_vector(xp, a, name, channels, x.dtype)  # x's dtype and (C,): valid
     training = check_training(training)
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
@@ -336,8 +338,10 @@ def batch_norm_backward(
         )
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
+    vector_shape = (channels,)
     for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
-        check_channel_vector(xp, a, name, channels, x.dtype)
+        if a is not None and not (a.dtype == x.dtype and tuple(a.shape) == vector_shape):
+            check_channel_vector(xp, a, name, channels, x.dtype)  # x's dtype and (C,): valid
     training = check_training(training)
     count = values_per_channel(tuple(x.shape), axis)
 

@@ -180,7 +180,9 @@ def _make_plan(x: np.ndarray, axis: int, block: int | None) -> _Plan | None:
     else:
         return None
     if block is None:
-        block = BLOCK["planes" if inner > 1 else "rows"]
+        # Each thread holds up to six block-sized buffers (scratch and tiles): keep them
+        # well under x's size, so temporary memory stays below one x.
+        block = min(BLOCK["planes" if inner > 1 else "rows"], max(4096, x.size // 16))
     blocks: list[tuple[int, tuple[slice, ...], slice]] = []
     counts: list[int] = []
     everything = slice(None)
@@ -376,39 +378,34 @@ def _small_forward(
     eps: float,
     axis: int,
 ) -> tuple[Any, ...]:
+    # Whole-array operations in the compute dtype (float32 for float16), the
+    # per-channel arithmetic in float64: few calls, for the per-call overhead.
     cdt = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
     v = _small_view(x, axis, cdt)
     count = v.shape[0] * v.shape[2]
     if training:
-        m1 = np.einsum("pcs->c", v)
-        m1 /= count
+        m1 = np.einsum("pcs->c", v) / count
         d = v - m1[:, None]
-        s1 = np.einsum("pcs->c", d).astype(np.float64)
-        q = np.einsum("pcs,pcs->c", d, d).astype(np.float64)
-        corr = s1 / count
-        m2 = np.maximum(q - s1 * corr, 0.0)
+        corr = np.einsum("pcs->c", d, dtype=np.float64) / count
+        m2 = np.maximum(np.einsum("pcs,pcs->c", d, d, dtype=np.float64) - count * corr * corr, 0)
         mean64 = m1 + corr
         invstd64 = 1.0 / np.sqrt(m2 / count + eps)
     else:
         assert running_mean is not None and running_var is not None
-        m1 = np.asarray(running_mean, dtype=cdt)
-        d = v - m1[:, None]
-        corr = np.zeros(1)
-        mean64 = np.asarray(running_mean, dtype=np.float64)
-        invstd64 = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-    scale64 = invstd64 if weight is None else invstd64 * np.asarray(weight, dtype=np.float64)
-    shift64 = -corr * scale64
-    if bias is not None:
-        shift64 = shift64 + np.asarray(bias, dtype=np.float64)
+        d = v - np.asarray(running_mean, dtype=cdt)[:, None]
+        corr = 0.0
+        mean64 = running_mean.astype(np.float64)
+        invstd64 = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    scale64 = invstd64 if weight is None else invstd64 * weight
+    shift64 = -corr * scale64 if bias is None else bias - corr * scale64
     d *= scale64.astype(cdt)[:, None]
-    d += shift64.astype(cdt)[:, None]
+    d += np.broadcast_to(shift64, (d.shape[1],)).astype(cdt)[:, None]
     y = d.reshape(x.shape).astype(x.dtype, copy=False)
     new_rm, new_rv = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
-        rm64 = np.asarray(running_mean, dtype=np.float64)
-        rv64 = np.asarray(running_var, dtype=np.float64)
-        new_rm = ((1.0 - momentum) * rm64 + momentum * mean64).astype(running_mean.dtype)
-        new_rv = ((1.0 - momentum) * rv64 + momentum * (m2 / (count - 1))).astype(running_var.dtype)
+        new_rm = ((1.0 - momentum) * running_mean + momentum * mean64).astype(running_mean.dtype)
+        unbiased = m2 / (count - 1)
+        new_rv = ((1.0 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
     return y, mean64.astype(cdt), invstd64.astype(cdt), new_rm, new_rv
 
 
@@ -425,13 +422,13 @@ def _small_backward(
     v = _small_view(x, axis, cdt)
     g = _small_view(dy, axis, cdt)
     count = v.shape[0] * v.shape[2]
-    d = v - np.asarray(mean, dtype=cdt)[:, None]
-    sum_dy = np.einsum("pcs->c", g).astype(np.float64)
-    invstd64 = np.asarray(invstd, dtype=np.float64)
-    sum_dy_xhat = invstd64 * np.einsum("pcs,pcs->c", g, d).astype(np.float64)
-    scale64 = invstd64 if weight is None else invstd64 * np.asarray(weight, dtype=np.float64)
+    d = v - mean.astype(cdt, copy=False)[:, None]
+    sum_dy = np.einsum("pcs->c", g, dtype=np.float64)
+    invstd64 = invstd.astype(np.float64)
+    sum_dy_xhat = invstd64 * np.einsum("pcs,pcs->c", g, d, dtype=np.float64)
+    scale64 = invstd64 if weight is None else invstd64 * weight
     if training:
-        d *= (-(scale64 * invstd64 * sum_dy_xhat) / count).astype(cdt)[:, None]
+        d *= ((scale64 * invstd64 * sum_dy_xhat) / -count).astype(cdt)[:, None]
         t = g - (sum_dy / count).astype(cdt)[:, None]
         t *= scale64.astype(cdt)[:, None]
         d += t

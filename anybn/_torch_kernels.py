@@ -1,25 +1,31 @@
 """The PyTorch CPU fast path: torch's own fused kernels, kept exact.
 
-``torch.native_batch_norm`` computes its statistics well (in double, two
-passes) but applies them as ``y = x * alpha + beta`` with
-``beta = bias - mean * alpha`` in float32, which cancels when the mean is
-large compared with the spread: the error of y is about
-``eps * |mean| * invstd`` (at an offset of 1e5 and unit spread, 1e-2). So:
+``torch.native_batch_norm`` applies the statistics as ``y = x * alpha + beta``
+with ``beta = bias - mean * alpha`` in float32, which cancels when the mean is
+large compared with the spread (error about ``eps * |mean| * invstd``: 1e-2 at an
+offset of 1e5 and unit spread). Its statistics are exact (double, two passes)
+for contiguous ``(N, C, *spatial)`` input, but for 2-D and channels-last input
+they are float32 sums that lose about ``n * eps`` (3e-5 in y for 65536 values
+per channel, measured). So:
 
-* training: run the native kernel once; if ``max |mean| * invstd`` is at most
-  :data:`RATIO` its y is as good as the generic path's and is returned. Else
-  the input is first centred exactly on the (float32) batch mean, ``c = x - m1``
-  (the native kernel in eval mode with weight 1, mean ``m1``, variance 1 and
-  eps 0 computes exactly ``x - m1``), and the native kernel runs on ``c``: its
-  statistics are those of x shifted by ``m1`` and its y no longer cancels. This
-  is the corrected two-pass algorithm of :mod:`anybn._stats` with torch's
-  kernels doing the passes.
-* eval: the same test on the running statistics, known in advance; above the
-  ratio, centre on ``running_mean`` and scale, two exact passes.
-* backward (training): ``native_batch_norm_backward`` with the saved mean and
-  invstd forms ``x - mean`` explicitly and needs nothing else.
+* contiguous ``(N, C, *spatial)``, training: the native kernel once; if
+  ``max |mean| * invstd`` is at most :data:`RATIO`, its y is as good as the
+  generic path's and is returned. Else the input is centred exactly on the
+  float32 batch mean ``m1`` (the native kernel in eval mode with weight 1, mean
+  ``m1``, variance 1 and eps 0 computes exactly ``x - m1``) and the native kernel
+  runs again on ``c = x - m1``: the corrected two-pass algorithm of
+  :mod:`anybn._stats` with torch's kernels doing the passes.
+* other layouts, training: ``m1 = x.mean``, ``c = x - m1`` (exact, as above),
+  ``sum(c)`` and ``sum(c * c)`` with torch's cascade sums, merged in float64;
+  y is the native eval kernel on ``c`` (weight ``invstd * w``, bias
+  ``b - mean(c) * invstd * w``), which no longer cancels.
+* eval: the same ratio test on the running statistics, known in advance; above
+  it, centre on ``running_mean`` first.
+* backward (training): ``native_batch_norm_backward`` with the given mean and
+  invstd; for the layouts whose kernel cancels, on ``x - mean`` (exact) when the
+  ratio is above :data:`RATIO`.
 
-Only float32/float64 CPU tensors take this path (no autograd tracking); the
+Only float32/float64 CPU tensors take this path (not tracked by autograd); the
 running statistics are updated on copies, never in place.
 """
 
@@ -49,12 +55,97 @@ def supports(x: Tensor, *others: Tensor | None) -> bool:
     return True
 
 
+def wanted(x: Tensor, axis: int) -> bool:
+    """Whether this path beats the NumPy kernels on NumPy views of the tensors.
+
+    Large inputs: torch's multi-threaded kernels. Small ones: one native call
+    costs less than anybn's few NumPy calls when the native statistics are exact
+    enough (few values per channel); between the two, the NumPy small path.
+    """
+    from ._numpy_kernels import SMALL
+
+    return bool(x.numel() > SMALL or x.numel() // x.shape[axis] <= NATIVE_STATS_COUNT)
+
+
 def _channel1(a: Tensor, axis: int) -> Tensor:
     return a if axis == 1 else a.movedim(axis, 1)
 
 
 def _clone(a: Tensor | None) -> Tensor | None:
     return None if a is None else a.clone()
+
+
+#: Up to this many values per channel, float32 sums lose at most ~256 ulps (and
+#: typically ~16): torch's native statistics are then good for any layout.
+NATIVE_STATS_COUNT = 256
+
+
+def _exact_native_stats(xt: Tensor) -> bool:
+    """Whether torch's native statistics are exact enough for this input.
+
+    Contiguous ``(N, C, *spatial)``: computed in double. Other layouts: float32
+    sums, good for few values per channel only.
+    """
+    if xt.dim() > 2 and xt.is_contiguous():
+        return True
+    return bool(xt.numel() // xt.shape[1] <= NATIVE_STATS_COUNT)
+
+
+def _ratio(mean: Tensor, invstd: Tensor) -> float:
+    return float((mean.abs() * invstd).max())
+
+
+def _centre(xt: Tensor, mean: Tensor) -> Tensor:
+    """``x - mean`` along dim 1, exactly rounded, by the native kernel (any layout)."""
+    import torch
+
+    ones = torch.ones_like(mean)
+    return torch.ops.aten.native_batch_norm(xt, None, None, mean, ones, False, 0.0, 0.0)[0]
+
+
+def _affine(c: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``c * scale + shift`` along dim 1 by the native kernel (one fused pass)."""
+    import torch
+
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    return torch.ops.aten.native_batch_norm(c, scale, shift, zeros, ones, False, 0.0, 0.0)[0]
+
+
+def _own_stats_forward(
+    xt: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, ...]:
+    """Training forward with anybn's statistics and torch's fused passes."""
+    import torch
+
+    dims = [0, *range(2, xt.dim())]
+    count = xt.numel() // xt.shape[1]
+    m1 = xt.mean(dims)
+    c = _centre(xt, m1)
+    s1 = c.sum(dims).double()
+    q = (c * c).sum(dims).double()
+    mean_c = s1 / count
+    m2 = (q - s1 * mean_c).clamp_min(0.0)
+    invstd = torch.rsqrt(m2 / count + eps)
+    scale = invstd if weight is None else invstd * weight.double()
+    shift = -mean_c * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    y = _affine(c, scale.to(xt.dtype), shift.to(xt.dtype))
+    mean = m1.double() + mean_c
+    new_rm, new_rv = running_mean, running_var
+    if running_mean is not None and running_var is not None:
+        new_rm = ((1.0 - momentum) * running_mean.double() + momentum * mean).to(running_mean.dtype)
+        unbiased = m2 / (count - 1)
+        new_rv = ((1.0 - momentum) * running_var.double() + momentum * unbiased).to(
+            running_var.dtype
+        )
+    return y, mean.to(xt.dtype), invstd.to(xt.dtype), new_rm, new_rv
 
 
 def forward(
@@ -75,14 +166,16 @@ def forward(
     native = torch.ops.aten.native_batch_norm
     with torch.no_grad():
         xt = _channel1(x, axis)
-        ones = None
-        if training:
+        if training and not _exact_native_stats(xt):
+            y, mean, invstd, new_rm, new_rv = _own_stats_forward(
+                xt, running_mean, running_var, weight, bias, momentum, eps
+            )
+        elif training:
             new_rm, new_rv = _clone(running_mean), _clone(running_var)
             y, mean, invstd = native(xt, weight, bias, new_rm, new_rv, True, momentum, eps)
-            if float((mean.abs() * invstd).max()) > RATIO:
+            if _ratio(mean, invstd) > RATIO:
                 m1 = mean
-                ones = torch.ones_like(m1)
-                centred = native(xt, None, None, m1, ones, False, 0.0, 0.0)[0]  # x - m1, exactly
+                centred = _centre(xt, m1)  # x - m1, exactly
                 new_rm, new_rv = _clone(running_mean), _clone(running_var)
                 y, mean_c, invstd = native(
                     centred, weight, bias, new_rm, new_rv, True, momentum, eps
@@ -95,14 +188,12 @@ def forward(
             mean = running_mean
             invstd = torch.rsqrt(running_var + eps)
             new_rm, new_rv = running_mean, running_var
-            if float((running_mean.abs() * invstd).max()) <= RATIO:
+            if _ratio(running_mean, invstd) <= RATIO:
                 y = native(xt, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
             else:
-                ones = torch.ones_like(invstd)
-                centred = native(xt, None, None, running_mean, ones, False, 0.0, 0.0)[0]
                 scale = invstd if weight is None else invstd * weight
-                zeros = torch.zeros_like(invstd)
-                y = native(centred, scale, bias, zeros, ones, False, 0.0, 0.0)[0]
+                shift = torch.zeros_like(invstd) if bias is None else bias
+                y = _affine(_centre(xt, running_mean), scale, shift)
         if axis != 1:
             y = y.movedim(1, axis)
     return y, mean, invstd, new_rm, new_rv
@@ -121,17 +212,11 @@ def backward(
     import torch
 
     with torch.no_grad():
+        xt = _channel1(x, axis)
+        if not _exact_native_stats(xt) and _ratio(mean, invstd) > RATIO:
+            xt, mean = _centre(xt, mean), torch.zeros_like(mean)
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            _channel1(dy, axis),
-            _channel1(x, axis),
-            weight,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            0.0,
-            [True, True, True],
+            _channel1(dy, axis), xt, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
         )
         if axis != 1:
             dx = dx.movedim(1, axis)
