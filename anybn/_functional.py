@@ -56,6 +56,16 @@ class BatchNormOutput(NamedTuple):
         The updated running mean (training), the given one (eval), or None.
     new_running_var : array or None
         The updated running variance (training), the given one (eval), or None.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, mean, invstd, new_rm, new_rv = anybn.batch_norm(
+    ...     x, np.zeros(2), np.ones(2), training=True)
+    >>> new_rm, new_rv
+    (array([0.2, 2. ]), array([ 1.1, 20.9]))
     """
 
     y: Array
@@ -76,6 +86,16 @@ class BatchNormGrads(NamedTuple):
         ``sum(dy * xhat)`` per channel, shape ``(C,)``.
     dbias : array
         ``sum(dy)`` per channel, shape ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    >>> out = anybn.batch_norm(x, training=True)
+    >>> dx, dweight, dbias = anybn.batch_norm_backward(x, x, None, out.mean, out.invstd)
+    >>> dbias
+    array([ 9., 60.])
     """
 
     dx: Array
