@@ -128,7 +128,7 @@ def _own_stats_forward(
     m1 = xt.mean(dims)
     c = _centre(xt, m1)
     s1 = c.sum(dims).double()
-    q = (c * c).sum(dims).double()
+    q = c.square_().sum(dims).double()  # c is ours: square it in place
     mean_c = s1 / count
     m2 = (q - s1 * mean_c).clamp_min(0.0)
     invstd = torch.rsqrt(m2 / count + eps)
@@ -136,7 +136,16 @@ def _own_stats_forward(
     shift = -mean_c * scale
     if bias is not None:
         shift = shift + bias.double()
-    y = _affine(c, scale.to(xt.dtype), shift.to(xt.dtype))
+    scale32, shift32 = scale.to(xt.dtype), shift.to(xt.dtype)
+    # One x-sized temporary at a time: torch's CPU allocator returns freed large
+    # blocks to the system, and every fresh one costs its page faults (about a pass).
+    del c
+    if _ratio(m1, invstd) <= RATIO:
+        # y = x * scale + (shift - m1 * scale): cancels by at most ~2 * RATIO ulps
+        ones = torch.ones_like(m1)
+        y = torch.ops.aten.native_batch_norm(xt, scale32, shift32, m1, ones, False, 0.0, 0.0)[0]
+    else:
+        y = _affine(_centre(xt, m1), scale32, shift32)
     mean = m1.double() + mean_c
     new_rm, new_rv = running_mean, running_var
     if running_mean is not None and running_var is not None:
