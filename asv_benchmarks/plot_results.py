@@ -241,6 +241,12 @@ def ratio_table(res: Results) -> str:
     return "\n".join(lines)
 
 
+def python_version(python: str) -> str:
+    """``3.11.7`` from asv's python field (a version, or an interpreter path)."""
+    found = re.findall(r"\d+\.\d+(?:\.\d+)?", python)
+    return found[-1] if found else python
+
+
 def update_docs(page: Path, table: str, res: Results, images: list[Path]) -> None:
     """Replace the text between ``% ratios:begin`` and ``% ratios:end`` in ``page``."""
     text = page.read_text(encoding="utf-8")
@@ -257,7 +263,7 @@ def update_docs(page: Path, table: str, res: Results, images: list[Path]) -> Non
         begin,
         "",
         f"Results of commit `{res.commit[:12]}`, {res.date}, machine {machine}, "
-        f"Python {info.get('python', '?')}; times are each benchmark's {stat}.",
+        f"Python {python_version(info.get('python', '?'))}; times are each benchmark's {stat}.",
         "",
         table,
         "",
