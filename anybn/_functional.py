@@ -206,15 +206,13 @@ def batch_norm(
     check_input(xp, x)
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
-    vector_shape = (channels,)
     for name, a in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
     ):
-        if a is not None and not (a.dtype == x.dtype and tuple(a.shape) == vector_shape):
-            check_channel_vector(xp, a, name, channels, x.dtype)  # x's dtype and (C,): valid
+        check_channel_vector(xp, a, name, channels, x.dtype)
     training = check_training(training)
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
@@ -358,10 +356,8 @@ def batch_norm_backward(
         )
     axis = normalize_axis(axis, x.ndim)
     channels = x.shape[axis]
-    vector_shape = (channels,)
     for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
-        if a is not None and not (a.dtype == x.dtype and tuple(a.shape) == vector_shape):
-            check_channel_vector(xp, a, name, channels, x.dtype)  # x's dtype and (C,): valid
+        check_channel_vector(xp, a, name, channels, x.dtype)
     training = check_training(training)
     count = values_per_channel(tuple(x.shape), axis)
 

@@ -30,9 +30,11 @@ def check_channel_vector(
     """A per-channel argument: ``None`` or a 1-D float array of length ``channels``.
 
     Its dtype must be that of ``x`` or, for half-precision ``x``, float32, as
-    PyTorch accepts.
+    PyTorch accepts. ``x_dtype`` must already be checked to be floating
+    (:func:`check_input`): an array of x's dtype and shape ``(C,)`` is then valid
+    without further checks, the common case, kept cheap for small inputs.
     """
-    if a is None:
+    if a is None or (a.dtype == x_dtype and tuple(a.shape) == (channels,)):
         return
     if tuple(a.shape) != (channels,):
         raise ValueError(
