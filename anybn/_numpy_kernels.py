@@ -380,6 +380,19 @@ def _block_size(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     return math.prod(len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=True))
 
 
+def _memory_order(x: np.ndarray) -> tuple[int, ...] | None:
+    """The axes of x from the largest stride down, if that order is C-contiguous and not x's.
+
+    ``x.transpose(order)`` is then a C-ordered view of x's memory: a channels-last
+    ``(N, C, H, W)`` array gives ``(0, 2, 3, 1)``. None for C-ordered x, and for
+    layouts that no permutation makes C-ordered (slices, negative strides).
+    """
+    if x.flags.c_contiguous or x.ndim < 2:
+        return None
+    order = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))
+    return order if x.transpose(order).flags.c_contiguous else None
+
+
 # --- small inputs: one block, no plan, no threads -------------------------------------------
 
 #: Inputs of at most this many values skip the blocking machinery: a few
@@ -498,8 +511,18 @@ def forward(
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``.
 
-    Arguments are validated by the caller; ``axis`` is non-negative.
+    Arguments are validated by the caller; ``axis`` is non-negative. y is laid
+    out in memory like x wherever x is a permutation of a C-ordered array
+    (channels-last, transposed), at no cost: the kernels run on x's axes in
+    memory order.
     """
+    perm = _memory_order(x)
+    if perm is not None:
+        out = forward(
+            x.transpose(perm), running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=perm.index(axis), block=block,
+        )  # fmt: skip
+        return (out[0].transpose(np.argsort(perm)), *out[1:])
     if x.size <= SMALL:
         return _small_forward(
             x, running_mean, running_var, weight, bias, training, momentum, eps, axis
@@ -615,7 +638,14 @@ def backward(
     axis: int,
     block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dx, dweight, dbias)``; arguments validated by the caller."""
+    """``(dx, dweight, dbias)``; arguments validated by the caller; dx laid out like x."""
+    perm = _memory_order(x)
+    if perm is not None:
+        dx, dweight, dbias = backward(
+            dy.transpose(perm), x.transpose(perm), weight, mean, invstd,
+            training=training, axis=perm.index(axis), block=block,
+        )  # fmt: skip
+        return dx.transpose(np.argsort(perm)), dweight, dbias
     if x.size <= SMALL:
         return _small_backward(dy, x, weight, mean, invstd, training, axis)
     plan = _make_plan(x, axis, block)
