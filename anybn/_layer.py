@@ -415,15 +415,16 @@ class BatchNorm:
         with self._lock:
             state = self.__dict__.copy()
         del state["_lock"], state["_local"]
-        if self._storage is not None:
-            state["_storage"] = self._storage._replace(xp=self._storage.xp.__name__)
+        if self._storage is not None:  # modules do not pickle: the namespace by name
+            xp, device, dtype = self._storage
+            state["_storage"] = (xp.__name__, device, dtype)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        storage = state.get("_storage")
-        if storage is not None:
-            xp = importlib.import_module(storage.xp)
-            state["_storage"] = storage._replace(xp=_namespace_of(xp))
+        if state.get("_storage") is not None:
+            name, device, dtype = state["_storage"]
+            xp = _namespace_of(importlib.import_module(name))
+            state["_storage"] = _Storage(xp, device, dtype)
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._local = threading.local()
