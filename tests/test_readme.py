@@ -136,7 +136,7 @@ def test_readme_example_runs(code: str) -> None:
         if marker in code:
             reason = get_backend(backend_id).unavailable_reason()
             if reason is not None:
-                pytest.skip(reason)
+                pytest.skip(f"{backend_id}: {reason}")
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 
