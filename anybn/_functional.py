@@ -445,6 +445,7 @@ def batch_norm_backward(
     >>> bool(np.allclose(g.dx, 0.0))
     True
     """
+    a: AnyArray | None  # (annotation only: the loops below bind it to optional arrays)
     for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
         if a is None:
             raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got None")
