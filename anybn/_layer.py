@@ -21,6 +21,7 @@ import array_api_compat as compat
 import numpy as np
 
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
+from ._typing import AnyArray, ArrayT
 from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
 from ._xp import (
     Array,
@@ -442,11 +443,11 @@ class BatchNorm:
 
     # --- forward and backward ------------------------------------------------------------
 
-    def __call__(self, x: Array, /) -> Array:
+    def __call__(self, x: ArrayT, /) -> ArrayT:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
-    def forward(self, x: Array, /) -> Array:
+    def forward(self, x: ArrayT, /) -> ArrayT:
         """Normalize ``x``, updating the running statistics in training mode.
 
         Parameters
@@ -518,7 +519,7 @@ class BatchNorm:
             )
         return out.y
 
-    def backward(self, dy: Array, /) -> BatchNormGrads:
+    def backward(self, dy: AnyArray, /) -> BatchNormGrads:
         """Gradients of the last forward with respect to its input and parameters.
 
         Parameters

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import array_api_compat as compat
 
+from ._typing import AnyArray
 from ._xp import Array
 
 __all__ = ["CenteredMoments", "centered_moments", "chan_merge", "channel_dot", "channel_sum"]
@@ -97,12 +98,12 @@ def centered_moments(
 
 
 def chan_merge(
-    count_a: Array | float,
-    mean_a: Array,
-    m2_a: Array,
-    count_b: Array | float,
-    mean_b: Array,
-    m2_b: Array,
+    count_a: AnyArray | float,
+    mean_a: AnyArray,
+    m2_a: AnyArray,
+    count_b: AnyArray | float,
+    mean_b: AnyArray,
+    m2_b: AnyArray,
 ) -> tuple[Array | float, Array, Array]:
     """Merge the (count, mean, M2) statistics of two disjoint batches.
 
