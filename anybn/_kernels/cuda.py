@@ -58,7 +58,7 @@ if os.environ.get("ANYBN_CUDA_SIMULATOR", "").strip() not in ("", "0"):
     # Must be set before numba.cuda is first imported (tests/test_gpu_kernels.py does it too).
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from numba import cuda, float64  # noqa: E402
+from numba import cuda, float64
 
 __all__ = [
     "KERNELS",
@@ -118,21 +118,6 @@ DEFAULT_LAUNCH = Launch()
 # flat 1-D views; per-channel vectors are contiguous 1-D arrays of length C.
 
 
-@cuda.jit(device=True)
-def _block_sum2(sh1: Any, sh2: Any, t: int, a: float, b: float) -> None:
-    """Tree-sum ``a`` and ``b`` over the block's threads into ``sh1[0]``, ``sh2[0]``."""
-    sh1[t] = a
-    sh2[t] = b
-    cuda.syncthreads()
-    h = cuda.blockDim.x // 2
-    while h > 0:
-        if t < h:
-            sh1[t] += sh1[t + h]
-            sh2[t] += sh2[t + h]
-        cuda.syncthreads()
-        h //= 2
-
-
 def stats_planes(x, n_rows, channels, inner, blocks, part):
     """Partial ``sum(x - pivot)``, ``sum((x - pivot)^2)`` per (channel, chunk); x is (N, C, S).
 
@@ -167,7 +152,16 @@ def stats_planes(x, n_rows, channels, inner, blocks, part):
             if s >= inner:
                 s -= inner
                 n += 1
-        _block_sum2(sh1, sh2, t, s1, s2)
+        sh1[t] = s1  # tree sum over the block (shared memory: the simulator has no shuffles)
+        sh2[t] = s2
+        cuda.syncthreads()
+        h = nt // 2
+        while h > 0:
+            if t < h:
+                sh1[t] += sh1[t + h]
+                sh2[t] += sh2[t + h]
+            cuda.syncthreads()
+            h //= 2
         if t == 0:
             part[2 * (b * channels + c)] = sh1[0]
             part[2 * (b * channels + c) + 1] = sh2[0]
@@ -258,10 +252,10 @@ def finish_stats(
         c += cuda.gridDim.x * cuda.blockDim.x
 
 
-def prep_eval(  # fmt: skip
+def prep_eval(
     running_mean, running_var, weight, bias, has_weight, has_bias, channels, eps,
     mean_out, invstd_out, centre, scale, shift,
-):
+):  # fmt: skip
     """Per channel, eval: the running statistics as centre, scale and shift."""
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     while c < channels:
@@ -334,7 +328,16 @@ def sums_planes(dy, x, mean, n_rows, channels, inner, blocks, part):
             if s >= inner:
                 s -= inner
                 n += 1
-        _block_sum2(sh1, sh2, t, s1, s2)
+        sh1[t] = s1  # tree sum over the block (shared memory: the simulator has no shuffles)
+        sh2[t] = s2
+        cuda.syncthreads()
+        h = nt // 2
+        while h > 0:
+            if t < h:
+                sh1[t] += sh1[t + h]
+                sh2[t] += sh2[t + h]
+            cuda.syncthreads()
+            h //= 2
         if t == 0:
             part[2 * (b * channels + c)] = sh1[0]
             part[2 * (b * channels + c) + 1] = sh2[0]
@@ -387,10 +390,10 @@ def sums_rows(dy, x, mean, n_rows, channels, tile, blocks, part):
         w += cuda.gridDim.x
 
 
-def finish_sums(  # fmt: skip
+def finish_sums(
     part, blocks, channels, count, weight, has_weight, mean, invstd, training,
     dweight, dbias, mean_a, negk, mdy, scale,
-):
+):  # fmt: skip
     """Per channel: ``dweight``, ``dbias`` and the coefficients of ``grad``.
 
     ``dx = (dy - mdy) * scale + (x - mean) * negk`` with ``scale = invstd * weight``,
@@ -442,13 +445,11 @@ def grad(dy, x, dx, size, channels, inner, mean, negk, mdy, scale):
 
 
 #: The kernels' Python source functions, by name (the compile check walks them).
-KERNELS: dict[str, Callable[..., None]] = {
-    f.__name__: f
-    for f in (
-        stats_planes, stats_rows, finish_stats, prep_eval, affine,
-        sums_planes, sums_rows, finish_sums, grad,
-    )  # fmt: skip
-}
+_ALL = (
+    stats_planes, stats_rows, finish_stats, prep_eval, affine,
+    sums_planes, sums_rows, finish_sums, grad,
+)  # fmt: skip
+KERNELS: dict[str, Callable[..., None]] = {f.__name__: f for f in _ALL}
 _jitted: dict[str, Any] = {name: cuda.jit(f) for name, f in KERNELS.items()}
 
 
@@ -813,3 +814,43 @@ def backward(
             run("affine", egrid, dyflat, dxflat, layout.size, channels, layout.inner,
                 mdy, scale, negk)  # fmt: skip
     return dx, dweight, dbias
+
+
+# --- compile check (a real compiler, no GPU needed) -------------------------------------
+
+
+def signatures(dtype: str) -> dict[str, tuple[Any, ...]]:
+    """The argument types of every kernel for x of ``dtype`` (vectors in the compute dtype)."""
+    from numba import types
+
+    def arr(name: str) -> Any:
+        return types.Array(getattr(types, name), 1, "C")
+
+    x, a, f64 = arr(dtype), arr(_compute_dtype(dtype)), arr("float64")
+    i, f, b = types.int64, types.float64, types.boolean
+    return {
+        "stats_planes": (x, i, i, i, i, f64),
+        "stats_rows": (x, i, i, i, i, f64),
+        "finish_stats": (x, i, f64, i, i, f, f, f, a, a, b, b, a, a, b, *(a,) * 7),
+        "prep_eval": (a, a, a, a, b, b, i, f, a, a, a, a, a),
+        "affine": (x, x, i, i, i, a, a, a),
+        "sums_planes": (x, x, a, i, i, i, i, f64),
+        "sums_rows": (x, x, a, i, i, i, i, f64),
+        "finish_sums": (f64, i, i, f, a, b, a, a, b, a, a, a, a, a, a),
+        "grad": (x, x, x, i, i, i, a, a, a, a),
+    }
+
+
+def compile_ptx(cc: tuple[int, int], dtypes: tuple[str, ...] = _FLOATS) -> dict[str, str]:
+    """PTX of every kernel for compute capability ``cc``, keyed ``name[dtype]``.
+
+    Uses NVVM through numba-cuda (no GPU needed; not under the simulator).
+    """
+    if simulated():
+        raise RuntimeError("compile_ptx needs the real numba-cuda target, not the simulator")
+    out = {}
+    for dtype in dtypes:
+        for name, sig in signatures(dtype).items():
+            ptx, _ = cuda.compile_ptx(KERNELS[name], sig, cc=cc)
+            out[f"{name}[{dtype}]"] = ptx
+    return out
