@@ -149,9 +149,10 @@ def _cuda_kernels(arrays: tuple[Array | None, ...]) -> ModuleType | None:
     if _cuda_module is False:
         try:
             from ._kernels import cuda as module
+
+            _cuda_module = module
         except ImportError:  # numba-cuda not installed
-            module = None
-        _cuda_module = module
+            _cuda_module = None
     if _cuda_module is None:
         return None
     x = arrays[0] if arrays[0] is not None else arrays[1]

@@ -14,7 +14,7 @@ uses the two-pass algorithm with a mean correction (Chan, Golub & LeVeque,
 from __future__ import annotations
 
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat as compat
 
@@ -71,7 +71,7 @@ def channel_dot(xp: ModuleType, a: Array, b: Array, axes: tuple[int, ...]) -> Ar
     float32 input accumulates in float64 where the namespace has it, as in
     :func:`channel_sum`; the result has ``a``'s dtype.
     """
-    wide = _wide_dtype(xp, a)
+    wide: Any = _wide_dtype(xp, a)
     if compat.is_numpy_array(a) and a.ndim <= 26:
         import numpy as np
 
