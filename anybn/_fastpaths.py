@@ -147,12 +147,9 @@ def _cuda_kernels(arrays: tuple[Array | None, ...]) -> ModuleType | None:
     """
     global _cuda_module
     if _cuda_module is False:
-        try:
-            from ._kernels import cuda as module
+        from ._kernels import cuda as module
 
-            _cuda_module = module
-        except ImportError:  # numba-cuda not installed
-            _cuda_module = None
+        _cuda_module = module if module.AVAILABLE else None  # numba-cuda installed?
     if _cuda_module is None:
         return None
     x = arrays[0] if arrays[0] is not None else arrays[1]

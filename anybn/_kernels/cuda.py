@@ -58,9 +58,26 @@ if os.environ.get("ANYBN_CUDA_SIMULATOR", "").strip() not in ("", "0"):
     # Must be set before numba.cuda is first imported (tests/test_gpu_kernels.py does it too).
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-from numba import cuda, float64
+
+def _import_numba() -> tuple[Any, Any]:
+    """numba's ``cuda`` and ``float64``; ``(None, None)`` without numba-cuda.
+
+    Without it this module still imports (docs, doctests) and nothing runs.
+    """
+    try:
+        from numba import cuda, float64
+    except ImportError:
+        return None, None
+    return cuda, float64
+
+
+cuda, float64 = _import_numba()
+
+#: Whether numba-cuda is installed (the dispatcher uses the kernels only then).
+AVAILABLE = cuda is not None
 
 __all__ = [
+    "AVAILABLE",
     "KERNELS",
     "MAX_THREADS",
     "Launch",
@@ -78,6 +95,8 @@ MAX_THREADS = 512
 
 def simulated() -> bool:
     """Whether numba-cuda runs the kernels in its CPU simulator."""
+    if cuda is None:
+        return False
     return bool(getattr(cuda, "simulator_enabled", False)) or os.environ.get(
         "NUMBA_ENABLE_CUDASIM", ""
     ).strip() not in ("", "0")
@@ -450,7 +469,15 @@ _ALL = (
     sums_planes, sums_rows, finish_sums, grad,
 )  # fmt: skip
 KERNELS: dict[str, Callable[..., None]] = {f.__name__: f for f in _ALL}
-_jitted: dict[str, Any] = {name: cuda.jit(f) for name, f in KERNELS.items()}
+_jitted: dict[str, Any] = {}
+
+
+def _kernel(name: str) -> Any:
+    """The numba dispatcher of kernel ``name`` (compiled per argument types on first launch)."""
+    kernel = _jitted.get(name)
+    if kernel is None:
+        kernel = _jitted[name] = cuda.jit(KERNELS[name])
+    return kernel
 
 
 # --- arrays: NumPy (simulator), CuPy, torch CUDA ----------------------------------------
@@ -648,7 +675,7 @@ def _launcher(lib: _Lib, launch: Launch) -> Callable[..., None]:
     stream = lib.stream()
 
     def run(name: str, grid: int, *args: Any) -> None:
-        kernel = _jitted[name]
+        kernel = _kernel(name)
         conv = [lib.kernel_arg(a) if hasattr(a, "shape") else a for a in args]
         if stream is None:
             kernel[grid, launch.threads](*conv)
@@ -663,7 +690,7 @@ def _launcher(lib: _Lib, launch: Launch) -> Callable[..., None]:
 
 def supports(x: Array, *others: Array | None) -> bool:
     """float16/32/64 CuPy arrays and torch CUDA tensors (NumPy arrays in the simulator)."""
-    if _kind(x) is None or x.ndim < 2 or math.prod(x.shape) == 0:
+    if not AVAILABLE or _kind(x) is None or x.ndim < 2 or math.prod(x.shape) == 0:
         return False
     if _dtype_name(x) not in _FLOATS:
         return False
