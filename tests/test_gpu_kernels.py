@@ -350,6 +350,25 @@ def test_inputs_are_not_modified() -> None:
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def test_unusable_toolchain_falls_back_to_the_generic_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No NVVM/NVRTC/driver: forward and backward return None (generic path) and warn once."""
+    from numba.cuda.cudadrv import error
+
+    def no_nvvm(*args: object, **kwargs: object) -> None:
+        raise error.CudaSupportError("libnvvm not found")
+
+    monkeypatch.setattr(kernels, "_broken", None)
+    monkeypatch.setattr(kernels, "_forward", no_nvvm)
+    x = np.ones((4, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match="generic array-API path"):
+        assert kernels.forward(
+            x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
+        ) is None  # fmt: skip
+    assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+
+
 def test_launch_validates_threads() -> None:
     with pytest.raises(ValueError, match="power of two"):
         kernels.Launch(threads=48)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -706,7 +707,7 @@ def _prepare(lib: _Lib, x: Array, axis: int) -> tuple[Array, _Layout]:
     return x, layout
 
 
-def forward(
+def _forward(
     x: Array,
     running_mean: Array | None,
     running_var: Array | None,
@@ -783,7 +784,7 @@ def forward(
     return y, mean, invstd, new_rm, new_rv
 
 
-def backward(
+def _backward(
     dy: Array,
     x: Array,
     weight: Array | None,
@@ -881,3 +882,83 @@ def compile_ptx(cc: tuple[int, int], dtypes: tuple[str, ...] = _FLOATS) -> dict[
             ptx, _ = cuda.compile_ptx(KERNELS[name], sig, cc=cc)
             out[f"{name}[{dtype}]"] = ptx
     return out
+
+
+# --- the entry points: a toolchain that cannot compile falls back to the generic path -------
+
+_broken: str | None = None
+
+
+def _toolchain_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "numba-cuda cannot compile or launch here" (no NVVM, NVRTC, driver)."""
+    from numba.cuda.cudadrv import error
+
+    names = ("NvvmSupportError", "NvrtcSupportError", "CudaSupportError")
+    errors: list[type[BaseException]] = [getattr(error, n) for n in names if hasattr(error, n)]
+    try:
+        from cuda.pathfinder import DynamicLibNotFoundError
+
+        errors.append(DynamicLibNotFoundError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _guarded(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``run(...)``, or None (the generic path) once the toolchain has proven unusable."""
+    global _broken
+    if _broken is not None:
+        return None
+    try:
+        return run(*args, **kwargs)
+    except _toolchain_errors() as exc:
+        _broken = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"anybn: the CUDA kernels cannot be compiled here ({_broken}); GPU arrays take "
+            "the generic array-API path (install numba-cuda with its cu12/cu13 extra)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+
+
+def forward(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    launch: Launch | None = None,
+) -> tuple[Array, ...] | None:
+    """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated.
+
+    ``axis`` is non-negative. ``mean`` and ``invstd`` are in the compute dtype
+    (float32 for float16 x), the running statistics in their own dtypes. None
+    (the generic path) when numba-cuda's toolchain (NVVM, NVRTC, driver) is unusable.
+    """
+    return _guarded(
+        _forward, x, running_mean, running_var, weight, bias,
+        training=training, momentum=momentum, eps=eps, axis=axis, launch=launch,
+    )  # fmt: skip
+
+
+def backward(
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool,
+    axis: int,
+    launch: Launch | None = None,
+) -> tuple[Array, Array, Array] | None:
+    """``(dx, dweight, dbias)``; dx in x's dtype, the sums in the compute dtype (or None)."""
+    return _guarded(
+        _backward, dy, x, weight, mean, invstd, training=training, axis=axis, launch=launch
+    )
