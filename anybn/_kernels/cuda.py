@@ -241,9 +241,12 @@ def stats_rows(x, n_rows, channels, tile, blocks, part):
 def finish_stats(
     x, pivot_stride, part, blocks, channels, count, eps, momentum,
     weight, bias, has_weight, has_bias, running_mean, running_var, has_running,
-    mean_out, invstd_out, centre, scale, shift, new_rm, new_rv,
+    vec, new_rm, new_rv,
 ):  # fmt: skip
-    """Per channel: merge the partials (same pivot: add), then the derived vectors."""
+    """Per channel: merge the partials (same pivot: add), then the derived vectors.
+
+    ``vec`` rows: 0 mean, 1 invstd, 2 centre, 3 scale, 4 shift (see :func:`affine`).
+    """
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     while c < channels:
         s1 = float64(0.0)
@@ -259,12 +262,12 @@ def finish_stats(
         mean = pivot + dmean
         invstd = 1.0 / math.sqrt(m2 / count + eps)
         a = invstd * float64(weight[c]) if has_weight else invstd
-        centre[c] = mean  # rounded to the compute dtype
-        lo = mean - float64(centre[c])  # the part of the mean that centre[] could not hold
-        scale[c] = a
-        shift[c] = (float64(bias[c]) if has_bias else 0.0) - lo * a
-        mean_out[c] = mean
-        invstd_out[c] = invstd
+        vec[2, c] = mean  # centre: the mean rounded to the compute dtype
+        lo = mean - float64(vec[2, c])  # the part of the mean that the centre could not hold
+        vec[3, c] = a
+        vec[4, c] = (float64(bias[c]) if has_bias else 0.0) - lo * a
+        vec[0, c] = mean
+        vec[1, c] = invstd
         if has_running:
             unbiased = m2 / (count - 1.0)
             new_rm[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
@@ -274,25 +277,27 @@ def finish_stats(
 
 def prep_eval(
     running_mean, running_var, weight, bias, has_weight, has_bias, channels, eps,
-    mean_out, invstd_out, centre, scale, shift,
+    vec,
 ):  # fmt: skip
-    """Per channel, eval: the running statistics as centre, scale and shift."""
+    """Per channel, eval: the running statistics as centre, scale and shift (rows as above)."""
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     while c < channels:
         mean = float64(running_mean[c])
         invstd = 1.0 / math.sqrt(float64(running_var[c]) + eps)
         a = invstd * float64(weight[c]) if has_weight else invstd
-        centre[c] = mean
-        lo = mean - float64(centre[c])
-        scale[c] = a
-        shift[c] = (float64(bias[c]) if has_bias else 0.0) - lo * a
-        mean_out[c] = mean
-        invstd_out[c] = invstd
+        vec[2, c] = mean
+        lo = mean - float64(vec[2, c])
+        vec[3, c] = a
+        vec[4, c] = (float64(bias[c]) if has_bias else 0.0) - lo * a
+        vec[0, c] = mean
+        vec[1, c] = invstd
         c += cuda.gridDim.x * cuda.blockDim.x
 
 
-def affine(x, y, size, channels, inner, centre, scale, shift):
-    """``y = (x - centre[c]) * scale[c] + shift[c]`` over a flat (N, C, S) or (P, C) array.
+def affine(x, y, size, channels, inner, vec, kc, ks, kh):
+    """``y = (x - vec[kc, c]) * vec[ks, c] + vec[kh, c]`` over a flat (N, C, S) or (P, C) array.
+
+    Rows ``kc``, ``ks``, ``kh`` of ``vec`` hold the per-channel centre, scale and shift.
 
     The channel ``c = (i // S) % C`` of the flat index is carried along the
     grid-stride loop, without a division per element.
@@ -306,7 +311,7 @@ def affine(x, y, size, channels, inner, centre, scale, shift):
     dr = nt - dq * inner
     dc = dq % channels
     while i < size:
-        y[i] = (x[i] - centre[c]) * scale[c] + shift[c]
+        y[i] = (x[i] - vec[kc, c]) * vec[ks, c] + vec[kh, c]
         i += nt
         s += dr
         c += dc
@@ -412,9 +417,11 @@ def sums_rows(dy, x, mean, n_rows, channels, tile, blocks, part):
 
 def finish_sums(
     part, blocks, channels, count, weight, has_weight, mean, invstd, training,
-    dweight, dbias, mean_a, negk, mdy, scale,
+    vec,
 ):  # fmt: skip
     """Per channel: ``dweight``, ``dbias`` and the coefficients of ``grad``.
+
+    ``vec`` rows: 0 dweight, 1 dbias, 2 mean, 3 negk, 4 mdy, 5 scale.
 
     ``dx = (dy - mdy) * scale + (x - mean) * negk`` with ``scale = invstd * weight``,
     ``mdy = sum_dy / n`` and ``negk = -scale * invstd * sum_dy_xhat / n`` (training).
@@ -429,21 +436,24 @@ def finish_sums(
         inv = float64(invstd[c])
         sum_dy_xhat = inv * sum_dy_centred
         a = inv * float64(weight[c]) if has_weight else inv
-        dweight[c] = sum_dy_xhat
-        dbias[c] = sum_dy
-        mean_a[c] = mean[c]
-        scale[c] = a
+        vec[0, c] = sum_dy_xhat
+        vec[1, c] = sum_dy
+        vec[2, c] = mean[c]
+        vec[5, c] = a
         if training:
-            negk[c] = -(a * inv * sum_dy_xhat) / count
-            mdy[c] = sum_dy / count
+            vec[3, c] = -(a * inv * sum_dy_xhat) / count
+            vec[4, c] = sum_dy / count
         else:
-            negk[c] = 0.0
-            mdy[c] = 0.0
+            vec[3, c] = 0.0
+            vec[4, c] = 0.0
         c += cuda.gridDim.x * cuda.blockDim.x
 
 
-def grad(dy, x, dx, size, channels, inner, mean, negk, mdy, scale):
-    """``dx = (dy - mdy[c]) * scale[c] + (x - mean[c]) * negk[c]``, flat, like :func:`affine`."""
+def grad(dy, x, dx, size, channels, inner, vec):
+    """``dx = (dy - mdy[c]) * scale[c] + (x - mean[c]) * negk[c]``, flat, like :func:`affine`.
+
+    ``vec`` as written by :func:`finish_sums`.
+    """
     nt = cuda.gridDim.x * cuda.blockDim.x
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     row = i // inner
@@ -453,7 +463,7 @@ def grad(dy, x, dx, size, channels, inner, mean, negk, mdy, scale):
     dr = nt - dq * inner
     dc = dq % channels
     while i < size:
-        dx[i] = (dy[i] - mdy[c]) * scale[c] + (x[i] - mean[c]) * negk[c]
+        dx[i] = (dy[i] - vec[4, c]) * vec[5, c] + (x[i] - vec[2, c]) * vec[3, c]
         i += nt
         s += dr
         c += dc
@@ -519,12 +529,23 @@ class _Lib:
         else:
             self.xp = np
 
+    def device_id(self) -> int:
+        return int(self.x.device.id if self.kind == "cupy" else self.x.device.index)
+
     def device(self) -> Any:
-        """A context manager that makes x's device current (for numba and the library)."""
+        """A context manager that makes x's device current (for numba and the library).
+
+        Nothing to do when it already is (the common case): numba then uses the primary
+        context that the library made current.
+        """
         if self.kind == "cupy":
-            return _Both(self.x.device, cuda.gpus[self.x.device.id])
+            if self.xp.cuda.runtime.getDevice() == self.device_id():
+                return _Both()
+            return _Both(self.x.device, cuda.gpus[self.device_id()])
         if self.kind == "torch":
-            return _Both(self.xp.cuda.device(self.x.device), cuda.gpus[self.x.device.index])
+            if self.xp.cuda.current_device() == self.device_id():
+                return _Both()
+            return _Both(self.xp.cuda.device(self.x.device), cuda.gpus[self.device_id()])
         return _Both()
 
     def stream(self) -> Any:
@@ -535,7 +556,7 @@ class _Lib:
             ptr = self.xp.cuda.current_stream(self.x.device).cuda_stream
         else:
             return None
-        return _external_stream(int(ptr))
+        return _external_stream(self.device_id(), int(ptr))
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Array:
         if self.kind == "torch":
@@ -595,11 +616,11 @@ class _Both:
 _streams: dict[tuple[int, int], Any] = {}
 
 
-def _external_stream(ptr: int) -> Any:
-    """numba's view of the stream handle ``ptr`` on the current device (0: the default stream)."""
+def _external_stream(device: int, ptr: int) -> Any:
+    """numba's view of the stream handle ``ptr`` on ``device`` (0: the default stream)."""
     if ptr == 0:
         return cuda.default_stream()
-    key = (cuda.get_current_device().id, ptr)
+    key = (device, ptr)
     stream = _streams.get(key)
     if stream is None:
         stream = _streams[key] = cuda.external_stream(ptr)
@@ -675,9 +696,19 @@ def _grid(n: int, launch: Launch) -> int:
 def _launcher(lib: _Lib, launch: Launch) -> Callable[..., None]:
     stream = lib.stream()
 
+    seen: dict[int, tuple[Array, Any]] = {}  # id -> (array, its numba view): one view each
+
+    def arg(a: Any) -> Any:
+        if not hasattr(a, "shape"):
+            return a
+        hit = seen.get(id(a))
+        if hit is None:  # keep `a` referenced, so that its id is not reused within the call
+            hit = seen[id(a)] = (a, lib.kernel_arg(a))
+        return hit[1]
+
     def run(name: str, grid: int, *args: Any) -> None:
         kernel = _kernel(name)
-        conv = [lib.kernel_arg(a) if hasattr(a, "shape") else a for a in args]
+        conv = [arg(a) for a in args]
         if stream is None:
             kernel[grid, launch.threads](*conv)
         else:
@@ -735,11 +766,7 @@ def _forward(
         channels = layout.channels
         y, yflat = _empty_like_layout(lib, tuple(int(s) for s in x.shape), layout, axis, dtype)
         xflat = _flat(lib, x, layout, axis)
-        mean = lib.empty((channels,), cdt)
-        invstd = lib.empty((channels,), cdt)
-        centre = lib.empty((channels,), cdt)
-        scale = lib.empty((channels,), cdt)
-        shift = lib.empty((channels,), cdt)
+        vec = lib.empty((5, channels), cdt)  # mean, invstd, centre, scale, shift
         dummy = lib.empty((1,), cdt)  # stands in for a missing vector (never read)
         w = dummy if weight is None else lib.contiguous(weight)
         b = dummy if bias is None else lib.contiguous(bias)
@@ -765,8 +792,7 @@ def _forward(
                 xflat, layout.inner if layout.planes else 1, part, blocks, channels,
                 float(layout.outer * layout.inner), float(eps), float(momentum),
                 w, b, weight is not None, bias is not None,
-                rm, rv, has_running,
-                mean, invstd, centre, scale, shift,
+                rm, rv, has_running, vec,
                 new_rm if has_running else new_rm_k, new_rv if has_running else new_rv_k,
             )  # fmt: skip
         else:
@@ -774,14 +800,13 @@ def _forward(
             run(
                 "prep_eval", vgrid,
                 lib.contiguous(running_mean), lib.contiguous(running_var), w, b,
-                weight is not None, bias is not None, channels, float(eps),
-                mean, invstd, centre, scale, shift,
+                weight is not None, bias is not None, channels, float(eps), vec,
             )  # fmt: skip
         run(
             "affine", _grid(layout.size, launch),
-            xflat, yflat, layout.size, channels, layout.inner, centre, scale, shift,
+            xflat, yflat, layout.size, channels, layout.inner, vec, 2, 3, 4,
         )  # fmt: skip
-    return y, mean, invstd, new_rm, new_rv
+    return y, vec[0], vec[1], new_rm, new_rv
 
 
 def _backward(
@@ -823,25 +848,18 @@ def _backward(
                 blocks, part)  # fmt: skip
         else:
             run("sums_rows", grid, dyflat, xflat, mean, layout.outer, channels, tile, blocks, part)
-        dweight = lib.empty((channels,), cdt)
-        dbias = lib.empty((channels,), cdt)
-        mean_a = lib.empty((channels,), cdt)
-        negk = lib.empty((channels,), cdt)
-        mdy = lib.empty((channels,), cdt)
-        scale = lib.empty((channels,), cdt)
+        vec = lib.empty((6, channels), cdt)  # dweight, dbias, mean, negk, mdy, scale
         run(
             "finish_sums", _grid(channels, launch),
             part, blocks, channels, float(layout.outer * layout.inner), w, weight is not None,
-            mean, invstd, training, dweight, dbias, mean_a, negk, mdy, scale,
+            mean, invstd, training, vec,
         )  # fmt: skip
         egrid = _grid(layout.size, launch)
         if training:
-            run("grad", egrid, dyflat, xflat, dxflat, layout.size, channels, layout.inner,
-                mean_a, negk, mdy, scale)  # fmt: skip
-        else:  # dx = dy * scale: affine with centre 0 and shift 0 (mdy and negk are 0 here)
-            run("affine", egrid, dyflat, dxflat, layout.size, channels, layout.inner,
-                mdy, scale, negk)  # fmt: skip
-    return dx, dweight, dbias
+            run("grad", egrid, dyflat, xflat, dxflat, layout.size, channels, layout.inner, vec)
+        else:  # dx = dy * scale: affine with centre mdy = 0, scale, shift negk = 0
+            run("affine", egrid, dyflat, dxflat, layout.size, channels, layout.inner, vec, 4, 5, 3)
+    return dx, vec[0], vec[1]
 
 
 # --- compile check (a real compiler, no GPU needed) -------------------------------------
@@ -855,17 +873,18 @@ def signatures(dtype: str) -> dict[str, tuple[Any, ...]]:
         return types.Array(getattr(types, name), 1, "C")
 
     x, a, f64 = arr(dtype), arr(_compute_dtype(dtype)), arr("float64")
+    v = types.Array(getattr(types, _compute_dtype(dtype)), 2, "C")
     i, f, b = types.int64, types.float64, types.boolean
     return {
         "stats_planes": (x, i, i, i, i, f64),
         "stats_rows": (x, i, i, i, i, f64),
-        "finish_stats": (x, i, f64, i, i, f, f, f, a, a, b, b, a, a, b, *(a,) * 7),
-        "prep_eval": (a, a, a, a, b, b, i, f, a, a, a, a, a),
-        "affine": (x, x, i, i, i, a, a, a),
+        "finish_stats": (x, i, f64, i, i, f, f, f, a, a, b, b, a, a, b, v, a, a),
+        "prep_eval": (a, a, a, a, b, b, i, f, v),
+        "affine": (x, x, i, i, i, v, i, i, i),
         "sums_planes": (x, x, a, i, i, i, i, f64),
         "sums_rows": (x, x, a, i, i, i, i, f64),
-        "finish_sums": (f64, i, i, f, a, b, a, a, b, a, a, a, a, a, a),
-        "grad": (x, x, x, i, i, i, a, a, a, a),
+        "finish_sums": (f64, i, i, f, a, b, a, a, b, v),
+        "grad": (x, x, x, i, i, i, v),
     }
 
 
