@@ -487,7 +487,13 @@ def _kernel(name: str) -> Any:
     """The numba dispatcher of kernel ``name`` (compiled per argument types on first launch)."""
     kernel = _jitted.get(name)
     if kernel is None:
-        kernel = _jitted[name] = cuda.jit(KERNELS[name])
+        # cache=True: compiled kernels persist across processes (in __pycache__ or numba's
+        # user-wide cache; gpu-check runs three processes); the simulator ignores it
+        try:
+            kernel = cuda.jit(KERNELS[name], cache=not simulated())
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            kernel = cuda.jit(KERNELS[name])
+        _jitted[name] = kernel
     return kernel
 
 
