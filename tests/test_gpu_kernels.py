@@ -272,6 +272,29 @@ def test_float16_accumulates_in_float32_or_better() -> None:
     _check_backward(d, grads, out[1], out[2], training=True, axis=axis, dtype="float16")
 
 
+@needs_device
+@pytest.mark.parametrize("layout", ["planes-S33", "channels-last-C3"])
+def test_against_torch_autograd(layout: str) -> None:
+    """float64: y, the running statistics and autograd's gradients of torch's batch_norm."""
+    torch = pytest.importorskip("torch")
+    shape, axis = SHAPES[layout]
+    d = _data(np.random.default_rng(29), shape, axis, 3.0, "float64")
+    out = _forward(d, training=True, axis=axis, launch=SMALL)
+    grads = _backward(d, out[1], out[2], training=True, axis=axis, launch=SMALL)
+    x = torch.from_numpy(np.moveaxis(d["x"], axis, 1).copy()).requires_grad_()
+    w = torch.from_numpy(d["weight"].copy()).requires_grad_()
+    b = torch.from_numpy(d["bias"].copy()).requires_grad_()
+    rm, rv = torch.from_numpy(d["running_mean"].copy()), torch.from_numpy(d["running_var"].copy())
+    y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-5)
+    y.backward(torch.from_numpy(np.moveaxis(d["dy"], axis, 1).copy()))
+    np.testing.assert_allclose(np.moveaxis(out[0], axis, 1), y.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(out[3], rm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(out[4], rv.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.moveaxis(grads[0], axis, 1), x.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(grads[1], w.grad.numpy(), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(grads[2], b.grad.numpy(), rtol=1e-11, atol=1e-11)
+
+
 # --- strided inputs, NaN ---------------------------------------------------------------------
 
 
