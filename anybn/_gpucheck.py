@@ -285,12 +285,15 @@ def run_accuracy(
             ref = reference_forward(d["x"], None, None, d["w"], d["b"], training=True)
             refb = reference_backward(d["dy"], d["x"], d["w"], training=True)
             for name, (lib, how) in _impls(libs).items():
-                x, dy, w, b, rm, rv = _device_arrays(lib, d, channels_last, "float32")
-                ops = _ops(lib, how, x, dy, w, b, rm, rv)
-                y = ops["fwd"]()[0]
-                grads = ops["bwd"]()
-                dw = grads[1]
-                lib.sync()
+                try:
+                    x, dy, w, b, rm, rv = _device_arrays(lib, d, channels_last, "float32")
+                    ops = _ops(lib, how, x, dy, w, b, rm, rv)
+                    y = ops["fwd"]()[0]
+                    dw = ops["bwd"]()[1]
+                    lib.sync()
+                except Exception as exc:  # one broken implementation must not hide the others
+                    rows.append({"impl": name, "offset": offset, "error": _error(exc)})
+                    continue
                 y_err = float(np.max(np.abs(lib.host(y).astype(np.float64) - ref.y)))
                 dw_err = float(
                     np.max(np.abs(lib.host(dw) - refb.dweight)) / np.max(np.abs(refb.dweight))
@@ -342,20 +345,45 @@ def run_bench(
             d = _data(shape, 0.0)
             itemsize = np.dtype(dtype).itemsize
             nbytes = int(np.prod(shape)) * itemsize
+            print(f"  bench {label} {dtype}", flush=True)
             for name, (lib, how) in _impls(libs).items():
-                x, dy, w, b, rm, rv = _device_arrays(lib, d, channels_last, dtype)
-                ctx = lib.m.no_grad() if lib.name == "torch" else _Null()
-                with ctx:
-                    ops = _ops(lib, how, x, dy, w, b, rm, rv)
-                    for op, fn in ops.items():
-                        ms = lib.time_ms(fn, repeat)
-                        gbs = PASSES[op] * nbytes / (ms * 1e-3) / 1e9
-                        rows.append({
-                            "shape": label, "dtype": dtype, "impl": name, "op": op,
-                            "ms": round(ms, 4), "GB/s": round(gbs, 1),
-                            "pct_copy_bw": round(100 * gbs / bw, 1),
-                        })  # fmt: skip
-                del x, dy, ops
+                try:
+                    _bench_one(rows, lib, how, name, d, label, dtype, channels_last, nbytes,
+                               bw, repeat)  # fmt: skip
+                except Exception as exc:  # one broken implementation must not hide the others
+                    rows.append({"shape": label, "dtype": dtype, "impl": name,
+                                 "error": _error(exc)})  # fmt: skip
+    _ratios(rows)
+    return {"copy_bandwidth_GBs": round(bw, 1), "rows": rows}
+
+
+def _error(exc: BaseException) -> str:
+    import traceback
+
+    tail = traceback.format_exception(type(exc), exc, exc.__traceback__)[-3:]
+    return f"{type(exc).__name__}: {exc} | " + " ".join(t.strip() for t in tail)[-800:]
+
+
+def _bench_one(
+    rows: list[dict[str, Any]], lib: _Lib, how: str, name: str, d: dict, label: str,
+    dtype: str, channels_last: bool, nbytes: int, bw: float, repeat: int,
+) -> None:  # fmt: skip
+    x, dy, w, b, rm, rv = _device_arrays(lib, d, channels_last, dtype)
+    ctx = lib.m.no_grad() if lib.name == "torch" else _Null()
+    with ctx:
+        ops = _ops(lib, how, x, dy, w, b, rm, rv)
+        for op, fn in ops.items():
+            ms = lib.time_ms(fn, repeat)
+            gbs = PASSES[op] * nbytes / (ms * 1e-3) / 1e9
+            rows.append({
+                "shape": label, "dtype": dtype, "impl": name, "op": op,
+                "ms": round(ms, 4), "GB/s": round(gbs, 1),
+                "pct_copy_bw": round(100 * gbs / bw, 1),
+            })  # fmt: skip
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Add each anybn row's time over torch native's for the same shape, dtype and op."""
     for r in rows:
         if "ms" not in r or r["impl"] == "torch-native":
             continue
@@ -365,7 +393,6 @@ def run_bench(
         ]  # fmt: skip
         if native:
             r["ratio_to_torch_native"] = round(r["ms"] / native[0]["ms"], 3)
-    return {"copy_bandwidth_GBs": round(bw, 1), "rows": rows}
 
 
 class _Null:
@@ -403,7 +430,7 @@ def targets(bench: dict[str, Any], accuracy: list[dict[str, Any]]) -> list[dict[
                         "value": r["ratio_to_torch_native"],
                         "ok": r["ratio_to_torch_native"] <= 1.05})  # fmt: skip
     for impl in ("anybn-cupy", "anybn-torch"):
-        errs = [a["y_abs_err"] for a in accuracy if a["impl"] == impl]
+        errs = [a["y_abs_err"] for a in accuracy if a["impl"] == impl and "error" not in a]
         if errs:
             out.append({"target": f"{impl} float32 y <= 1e-6 abs at offsets up to 1e5",
                         "value": max(errs), "ok": max(errs) <= 1e-6})  # fmt: skip
@@ -444,7 +471,9 @@ def _markdown(result: dict[str, Any]) -> str:
                   "| impl | layout | offset | y abs err | dweight rel err |",
                   "| --- | --- | --- | --- | --- |"]  # fmt: skip
         lines += [f"| {a['impl']} | {a['layout']} | {a['offset']:g} | {a['y_abs_err']:.1e} "
-                  f"| {a['dweight_rel_err']:.1e} |" for a in result["accuracy"]]  # fmt: skip
+                  f"| {a['dweight_rel_err']:.1e} |" if "error" not in a else
+                  f"| {a['impl']} | | {a['offset']:g} | {a['error']} | |"
+                  for a in result["accuracy"]]  # fmt: skip
         lines.append("")
     bench = result.get("bench")
     if bench:
@@ -453,7 +482,8 @@ def _markdown(result: dict[str, Any]) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in bench["rows"]:
             if "ms" not in r:
-                lines.append(f"| {r['shape']} | {r['dtype']} | skipped: {r.get('skipped')} |||||")
+                why = r.get("skipped") or r.get("error")
+                lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('impl', '')} | {why} ||||")
                 continue
             lines.append(
                 f"| {r['shape']} | {r['dtype']} | {r['impl']} | {r['op']} | {r['ms']:.3f} "
@@ -517,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = [("4x6x5x5", (4, 6, 5, 5), False), ("64x8", (64, 8), False),
                   ("4x6x5x5-cl", (4, 6, 5, 5), True)]  # fmt: skip
         acc_shape, copy_bytes = (4, 6, 5, 5), 1 << 20
+    print("  accuracy on offset data", flush=True)
     try:
         result["accuracy"] = run_accuracy(libs, acc_shape)
     except Exception as exc:
