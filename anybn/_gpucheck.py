@@ -164,30 +164,42 @@ class _Lib:
             self.m.cuda.synchronize()
 
     def time_ms(self, fn: Callable[[], Any], repeat: int) -> float:
-        """Median milliseconds per call over ``repeat`` timed batches (CUDA events)."""
+        """Median milliseconds per call (CUDA events around each call)."""
+        return self.time_both(fn, repeat)[0]
+
+    def time_both(self, fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+        """Medians of (device ms, host ms) per call over ``repeat`` calls.
+
+        Device time: CUDA events recorded before and after the call, so gaps left by
+        slow launches count. Host time: how long the Python call itself takes (the
+        launches are asynchronous); when it exceeds the device time, launch overhead
+        dominates.
+        """
         fn()
         self.sync()
-        times = []
+        times, host = [], []
         for _ in range(repeat):
             if self.device == "cpu":
                 t0 = time.perf_counter()
                 fn()
                 times.append(1e3 * (time.perf_counter() - t0))
-            elif self.name == "cupy":
+                host.append(times[-1])
+                continue
+            if self.name == "cupy":
                 start, end = self.m.cuda.Event(), self.m.cuda.Event()
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(self.m.cuda.get_elapsed_time(start, end))
             else:
                 start, end = (self.m.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append(1e3 * (time.perf_counter() - t0))
+            end.record()
+            end.synchronize()
+            if self.name == "cupy":
+                times.append(self.m.cuda.get_elapsed_time(start, end))
+            else:
                 times.append(start.elapsed_time(end))
-        return float(np.median(times))
+        return float(np.median(times)), float(np.median(host))
 
 
 def _available(name: str) -> bool:
@@ -373,11 +385,11 @@ def _bench_one(
     with ctx:
         ops = _ops(lib, how, x, dy, w, b, rm, rv)
         for op, fn in ops.items():
-            ms = lib.time_ms(fn, repeat)
+            ms, host_ms = lib.time_both(fn, repeat)
             gbs = PASSES[op] * nbytes / (ms * 1e-3) / 1e9
             rows.append({
                 "shape": label, "dtype": dtype, "impl": name, "op": op,
-                "ms": round(ms, 4), "GB/s": round(gbs, 1),
+                "ms": round(ms, 4), "host_ms": round(host_ms, 4), "GB/s": round(gbs, 1),
                 "pct_copy_bw": round(100 * gbs / bw, 1),
             })  # fmt: skip
 
@@ -477,17 +489,18 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append("")
     bench = result.get("bench")
     if bench:
+        header = "| shape | dtype | impl | op | ms | host ms | GB/s | % copy BW | x torch native |"
         lines += [f"## Benchmark (copy bandwidth {bench['copy_bandwidth_GBs']} GB/s)", "",
-                  "| shape | dtype | impl | op | ms | GB/s | % copy BW | x torch native |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+                  header, "|" + " --- |" * 9]  # fmt: skip
         for r in bench["rows"]:
             if "ms" not in r:
                 why = r.get("skipped") or r.get("error")
-                lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('impl', '')} | {why} ||||")
+                lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('impl', '')} | {why} |||||")
                 continue
             lines.append(
                 f"| {r['shape']} | {r['dtype']} | {r['impl']} | {r['op']} | {r['ms']:.3f} "
-                f"| {r['GB/s']} | {r['pct_copy_bw']} | {r.get('ratio_to_torch_native', '')} |"
+                f"| {r['host_ms']:.3f} | {r['GB/s']} | {r['pct_copy_bw']} "
+                f"| {r.get('ratio_to_torch_native', '')} |"
             )
         lines.append("")
     if result.get("errors"):
