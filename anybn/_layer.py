@@ -279,6 +279,13 @@ class BatchNorm:
     forward) leaves the layer exactly as it was: parameters, running
     statistics, counter, library and the forward saved for ``backward``.
 
+    Threads may share a layer: each forward reads the state, computes and
+    commits under the layer's lock, so no update is lost (forwards on one layer
+    run one at a time; its array work is multi-threaded inside), and
+    ``backward`` pairs with the last forward *of the calling thread*. Copies
+    (``copy.deepcopy``, ``pickle``) carry the parameters, buffers, counter and
+    mode, not the saved forward.
+
     Examples
     --------
     >>> import numpy as np
