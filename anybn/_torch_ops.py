@@ -17,12 +17,29 @@ schemas are inferred from the annotations, which must be real types.)
 import array_api_compat
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from . import _functional
 
-__all__ = ["batch_norm", "batch_norm_backward"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_backward_impl",
+    "batch_norm_impl",
+    "direct",
+]
 
 _xp = array_api_compat.array_namespace(torch.empty(0))
+
+
+def direct() -> bool:
+    """Whether a call may run the implementations directly, without the dispatcher.
+
+    In plain eager mode the operators add only dispatch overhead (tens of
+    microseconds a call); under ``torch.compile`` and ``torch.func`` transforms
+    the operators are what make the call traceable and vmappable.
+    """
+    return not torch.compiler.is_compiling() and _functorch.maybe_current_level() is None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,8 +62,7 @@ def _count(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-@torch.library.custom_op("anybn::batch_norm", mutates_args=())
-def batch_norm(
+def batch_norm_impl(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -73,6 +89,9 @@ def batch_norm(
     return y, out.mean, out.invstd, new_mean, new_var  # type: ignore[return-value]
 
 
+batch_norm = torch.library.custom_op("anybn::batch_norm", mutates_args=())(batch_norm_impl)
+
+
 @batch_norm.register_fake
 def _batch_norm_fake(
     input: Tensor,
@@ -92,8 +111,7 @@ def _batch_norm_fake(
     return torch.empty_like(input), stats, torch.empty_like(stats), new_mean, new_var
 
 
-@torch.library.custom_op("anybn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
+def batch_norm_backward_impl(
     grad_output: Tensor,
     input: Tensor,
     weight: Tensor | None,
@@ -107,6 +125,11 @@ def batch_norm_backward(
         training=training, axis=1, count=_count(input),
     )  # fmt: skip
     return _layout_like(g.dx, input), g.dweight, g.dbias
+
+
+batch_norm_backward = torch.library.custom_op("anybn::batch_norm_backward", mutates_args=())(
+    batch_norm_backward_impl
+)
 
 
 @batch_norm_backward.register_fake

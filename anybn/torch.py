@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from . import _fastpaths, _functional
+from . import _fastpaths, _functional, _torch_ops
 from ._torch_ops import _xp
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
@@ -63,11 +63,8 @@ class _BatchNormBase(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> tuple[Tensor, ...]:
-        return tuple(
-            torch.ops.anybn.batch_norm(
-                x, weight, bias, running_mean, running_var, training, momentum, eps
-            )
-        )
+        op = _torch_ops.batch_norm_impl if _torch_ops.direct() else torch.ops.anybn.batch_norm
+        return tuple(op(x, weight, bias, running_mean, running_var, training, momentum, eps))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -86,9 +83,12 @@ class _BatchNormBase(torch.autograd.Function):
         if torch.is_grad_enabled() or _has_tangent(dy, x, weight):
             dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
         else:
-            dx, dweight, dbias = torch.ops.anybn.batch_norm_backward(
-                dy, x, weight, mean, invstd, ctx.training
+            op = (
+                _torch_ops.batch_norm_backward_impl
+                if _torch_ops.direct()
+                else torch.ops.anybn.batch_norm_backward
             )
+            dx, dweight, dbias = op(dy, x, weight, mean, invstd, ctx.training)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
@@ -135,6 +135,10 @@ class _BatchNormFunction(_BatchNormBase):
 
 def _has_tangent(*tensors: Tensor | None) -> bool:
     """Whether forward-mode AD is tracking any of these tensors."""
+    # No dual level entered (the common case): nothing to unpack. The level is
+    # private to torch.autograd.forward_ad; without it, unpack every tensor.
+    if getattr(fwAD, "_current_level", 0) < 0:
+        return False
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
