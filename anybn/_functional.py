@@ -130,6 +130,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
+    comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormOutput:
     r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
@@ -164,6 +165,14 @@ def batch_norm(
         Added to the variance for stability; must be > 0.
     axis : int, optional
         The channel axis; negative values count from the end (-1 for channels-last).
+    comm : optional
+        Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
+        mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
+        (``COMM_WORLD``) or an :class:`anybn.distributed.Communicator`. In
+        training every rank must call with its shard of the batch; the batch
+        statistics (and the running-statistics update) are then those of the
+        concatenated batch, on every rank. Ignored in eval. None: local.
+        See :mod:`anybn.distributed`.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -193,6 +202,13 @@ def batch_norm(
     >>> out.mean
     array([ 2., 20.])
     """
+    if comm is not None:
+        from . import _sync
+
+        return _sync.batch_norm(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
+        )  # fmt: skip
     xp = resolve_namespace(
         x,
         {
@@ -290,6 +306,7 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: int = 1,
+    comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormGrads:
     r"""Gradients of :func:`batch_norm` with respect to x, weight and bias.
@@ -321,6 +338,11 @@ def batch_norm_backward(
         Whether the forward call normalized with batch statistics.
     axis : int, optional
         The channel axis used in the forward call.
+    comm : optional
+        The communicator of a synchronized forward (see :func:`batch_norm`):
+        in training the two sums are all-reduced over its ranks and ``dx`` is
+        the gradient through the global statistics; ``dweight`` and ``dbias``
+        stay this rank's own sums. Ignored in eval. None: local.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -347,6 +369,12 @@ def batch_norm_backward(
     >>> bool(np.allclose(g.dx, 0.0))
     True
     """
+    if comm is not None:
+        from . import _sync
+
+        return _sync.batch_norm_backward(
+            dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
+        )
     xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
     check_input(xp, x)
     check_floating(xp, dy, "dy")

@@ -54,6 +54,7 @@ class _Saved(NamedTuple):
     invstd: Array
     training: bool
     axis: int
+    comm: Any = None
 
 
 def _describe(a: object) -> str:
@@ -227,6 +228,12 @@ class BatchNorm:
     dtype : dtype or str, optional
         The floating dtype of the parameters and buffers: a name (``"float32"``)
         or a dtype of any library, looked up by name in the layer's library.
+    comm : optional
+        Synchronize the batch statistics over processes in training (and the
+        gradient through them in :meth:`backward`): a ``torch.distributed``
+        ProcessGroup, an mpi4py communicator, ``"torch"``, ``"mpi"`` or an
+        :class:`anybn.distributed.Communicator`, as for :func:`anybn.batch_norm`.
+        Every rank then holds the same running statistics. None: local.
 
     Attributes
     ----------
@@ -286,6 +293,7 @@ class BatchNorm:
         xp: ModuleType | None = None,
         device: Any = None,
         dtype: Any = None,
+        comm: Any = None,
     ) -> None:
         self.num_features = _check_num_features(num_features)
         self.axis = _check_axis(axis)
@@ -309,6 +317,7 @@ class BatchNorm:
         self.running_var: Array | None = None
         self.num_batches_tracked: int | None = 0 if self.track_running_stats else None
         self._saved: _Saved | None = None
+        self.comm = comm
         if self.num_features is not None:
             self._set_arrays(self._fresh(self.num_features, self._placement()))
 
@@ -430,6 +439,7 @@ class BatchNorm:
             count += 1
             factor = 1.0 / count if self.momentum is None else self.momentum
         use_batch_stats = training or not self.track_running_stats
+        comm = self.comm if training else None
         out = batch_norm(
             x,
             arrays.running_mean,
@@ -440,6 +450,7 @@ class BatchNorm:
             momentum=factor,
             eps=self.eps,
             axis=axis,
+            comm=comm,
             xp=xp,
         )
         # Everything succeeded: commit.
@@ -451,7 +462,7 @@ class BatchNorm:
         self._storage = storage
         self.num_features = channels
         self._set_arrays(arrays)
-        self._saved = _Saved(xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis)
+        self._saved = _Saved(xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm)
         return out.y
 
     def backward(self, dy: Array, /) -> BatchNormGrads:
@@ -491,6 +502,7 @@ class BatchNorm:
             saved.invstd,
             training=saved.training,
             axis=saved.axis,
+            comm=saved.comm,
             xp=saved.xp,
         )
 

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from ._functional import batch_norm as _forward
 from ._functional import batch_norm_backward as _backward
+from ._torch_sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -209,22 +210,24 @@ class BatchNorm3d(_AnyBNForward, nn.BatchNorm3d):
     """
 
 
-_DROP_INS: dict[type[nn.Module], type[_AnyBNForward]] = {
+_DROP_INS: dict[type[nn.Module], type[nn.modules.batchnorm._BatchNorm]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
 }
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by its anybn drop-in.
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by its drop-in.
 
     In the spirit of ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new
     modules take over the very ``Parameter`` and buffer objects of the old ones
-    (so an optimizer built before the conversion keeps working) and their
-    train/eval mode. Only modules whose type is exactly ``nn.BatchNorm1d``,
-    ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` are replaced: subclasses (whose
-    behaviour may differ), lazy and sync batch norms are left alone.
+    (so an optimizer built before the conversion keeps working), their
+    train/eval mode and (sync) their ``process_group``. Only modules whose type
+    is exactly ``nn.BatchNorm1d``, ``nn.BatchNorm2d``, ``nn.BatchNorm3d`` or
+    ``nn.SyncBatchNorm`` are replaced: subclasses (whose behaviour may differ)
+    and lazy batch norms are left alone.
 
     Parameters
     ----------
@@ -267,6 +270,8 @@ def convert(module: nn.Module) -> nn.Module:
         converted.train(module.training)
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig
+        if isinstance(module, nn.SyncBatchNorm):
+            converted.process_group = module.process_group
     for name, child in module.named_children():
         converted.add_module(name, convert(child))
     return converted

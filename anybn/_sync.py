@@ -1,0 +1,397 @@
+"""Synchronized batch norm: the forward and backward of :mod:`anybn._functional` over ranks.
+
+Each rank holds one shard of the batch. In training the statistics are those of
+the whole (concatenated) batch:
+
+Forward
+    every rank computes its per-channel ``(count, mean, M2)`` with the corrected
+    two-pass algorithm (:func:`anybn._stats.centered_moments`); one all-gather
+    brings every rank's ``(mean, M2)``, and the exact Chan merge
+    (:func:`anybn._stats.chan_merge`), done in rank order on every rank, gives the
+    statistics of the concatenated batch, bit-identical on all ranks. Ranks with
+    an empty shard contribute nothing.
+Backward
+    with ``xhat = (x - mean) * invstd`` the gradient needs two per-channel sums
+    over the whole batch; one all-reduce of ``(sum_dy, sum_dy_xhat)`` gives them::
+
+        dx = weight * invstd * (dy - SUM_dy / N - xhat * SUM_dy_xhat / N)
+
+    ``dweight`` and ``dbias`` stay this rank's own sums (DistributedDataParallel,
+    or the user, sums parameter gradients over ranks), as in ``torch.nn.SyncBatchNorm``.
+
+Before the statistics, the ranks exchange a small header of ints (operation,
+local check status, channel count, dtype, device type, local count) in a cheap
+first collective, so that a rank with another channel count, dtype or device
+type, or a rank whose own arguments failed their checks, makes *every* rank
+raise, instead of a collective on mismatched buffers. The header also carries
+the counts: the global count ``N`` is known before the statistics move, so
+``N <= 1`` raises ValueError on every rank.
+
+Statistics travel in the accumulation dtype: float32 for float16/bfloat16/float32
+input, float64 for float64 input.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import array_api_compat as compat
+
+from ._comm import Communicator, as_communicator
+from ._functional import BatchNormGrads, BatchNormOutput
+from ._functional import batch_norm as _local_batch_norm
+from ._functional import batch_norm_backward as _local_batch_norm_backward
+from ._stats import centered_moments, channel_dot, channel_sum, chan_merge
+from ._validation import (
+    check_channel_vector,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_training,
+)
+from ._xp import (
+    Array,
+    channel_shape,
+    check_floating,
+    compute_dtype,
+    dtype_name,
+    normalize_axis,
+    reduction_axes,
+    resolve_namespace,
+    values_per_channel,
+    writeable,
+)
+
+__all__ = ["SyncForward", "batch_norm", "batch_norm_backward", "forward"]
+
+_MAGIC = 0x616E7962  # "anyb": a header from anybn's sync, not from some other collective
+_FORWARD, _BACKWARD = 1, 2
+_OPS = {_FORWARD: "forward", _BACKWARD: "backward"}
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DEVICES = ("cpu", "cuda", "other")
+
+
+def _device_type(x: Array) -> str:
+    """``cpu``, ``cuda`` or ``other``: the device *type* every rank must share."""
+    if compat.is_numpy_array(x):
+        return "cpu"
+    if compat.is_cupy_array(x):
+        return "cuda"
+    if compat.is_torch_array(x):
+        return x.device.type if x.device.type in _DEVICES else "other"
+    return "other"
+
+
+class _Local(NamedTuple):
+    """One rank's checked call: what its header says and what the math needs."""
+
+    xp: ModuleType
+    axis: int
+    channels: int
+    count: int
+
+
+def _header(op: int, local: _Local | None, x: Any) -> list[int]:
+    if local is None:  # this rank's own checks failed: say so, and nothing else
+        return [_MAGIC, op, 1, 0, 0, 0, 0]
+    name = dtype_name(x.dtype)
+    return [
+        _MAGIC,
+        op,
+        0,
+        local.channels,
+        _DTYPES.index(name) if name in _DTYPES else len(_DTYPES),
+        _DEVICES.index(_device_type(x)),
+        local.count,
+    ]
+
+
+def _name(table: tuple[str, ...], code: int) -> str:
+    return table[code] if 0 <= code < len(table) else "unknown"
+
+
+def _agree(
+    comm: Communicator, op: int, local: _Local | None, error: BaseException | None, x: Any
+) -> list[int]:
+    """Exchange headers; raise on every rank unless all ranks agree. Returns the counts."""
+    rows = comm.all_gather_ints(_header(op, local, x), like=x)
+    where = f"anybn synchronized batch norm ({comm.engine}, {len(rows)} ranks)"
+    if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
+        ops = ", ".join(f"rank {i}: {_OPS.get(r[1], 'unknown')}" for i, r in enumerate(rows))
+        raise RuntimeError(f"{where}: the ranks are not in the same call ({ops})")
+    failed = [i for i, r in enumerate(rows) if r[2]]
+    if failed:
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            f"{where}: rank(s) {failed} rejected their arguments (see the error on "
+            "those ranks); nothing was computed or updated"
+        )
+
+    def mismatch(column: int, what: str, show: Any) -> str | None:
+        values = [r[column] for r in rows]
+        if len(set(values)) == 1:
+            return None
+        per_rank = ", ".join(f"rank {i}: {show(v)}" for i, v in enumerate(values))
+        return f"{where}: every rank must pass x with the same {what}, got {per_rank}"
+
+    message = mismatch(3, "number of channels", str)
+    if message:
+        raise ValueError(message)
+    message = mismatch(4, "dtype", lambda c: _name(_DTYPES, c))
+    if message:
+        raise TypeError(message)
+    message = mismatch(5, "device type", lambda c: _name(_DEVICES, c))
+    if message:
+        raise ValueError(message)
+    return [r[6] for r in rows]
+
+
+def _check_forward(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    axis: int,
+    xp: ModuleType | None,
+) -> _Local:
+    """The local checks of :func:`anybn.batch_norm`, minus the local count (it is global here)."""
+    xp = resolve_namespace(
+        x,
+        {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
+        xp=xp,
+    )
+    check_input(xp, x)
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    for name, a in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        check_channel_vector(xp, a, name, channels, x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must be given together, got only "
+            + ("running_mean" if running_var is None else "running_var")
+        )
+    return _Local(xp, axis, channels, values_per_channel(tuple(x.shape), axis))
+
+
+def _as(xp: ModuleType, a: Array, dtype: object) -> Array:
+    return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
+class SyncForward(NamedTuple):
+    """What :func:`forward` returns: the output and the global count per channel."""
+
+    out: BatchNormOutput
+    total_count: int
+
+
+def forward(
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    momentum: float,
+    eps: float,
+    axis: int,
+    xp: ModuleType | None,
+    comm: object,
+) -> SyncForward:
+    """The synchronized training forward; see :func:`batch_norm`."""
+    communicator = as_communicator(comm)
+    local: _Local | None = None
+    error: BaseException | None = None
+    try:
+        momentum = check_momentum(momentum)
+        eps = check_eps(eps)
+        local = _check_forward(x, running_mean, running_var, weight, bias, axis, xp)
+    except Exception as exc:  # tell the other ranks before raising
+        error = exc
+    counts = _agree(communicator, _FORWARD, local, error, x)
+    assert local is not None
+    total = sum(counts)
+    if total <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got "
+            f"{total} over {len(counts)} ranks (local input size {tuple(x.shape)})"
+        )
+    xp, axis, channels, count = local
+    cdt = compute_dtype(xp, x.dtype)
+    axes = reduction_axes(x.ndim, axis)
+    bshape = channel_shape(x.ndim, axis, channels)
+    xc = _as(xp, x, cdt)
+
+    # This rank's (mean, M2), centred on its first-pass mean m1 (kept for y below).
+    if count > 0:
+        moments = centered_moments(xp, xc, axes, count)
+        centered = moments.centered
+        first_pass_mean = moments.mean - moments.correction
+        local_mean = xp.reshape(moments.mean, (channels,))
+        local_m2 = xp.reshape(moments.m2, (channels,))
+    else:  # an empty shard: no statistics of its own, y is empty
+        centered = xc
+        first_pass_mean = xp.zeros(bshape, dtype=cdt, device=compat.device(x))
+        local_mean = local_m2 = xp.zeros((channels,), dtype=cdt, device=compat.device(x))
+
+    gathered = communicator.all_gather(xp.concat([local_mean, local_m2]))
+    n: int = 0
+    mean: Array | None = None
+    m2: Array | None = None
+    for rank, c in enumerate(counts):  # the same merges, in rank order, on every rank
+        if c == 0:
+            continue
+        if mean is None:
+            n, mean, m2 = c, gathered[rank, :channels], gathered[rank, channels:]
+        else:
+            n, mean, m2 = chan_merge(n, mean, m2, c, gathered[rank, :channels], gathered[rank, channels:])  # type: ignore[assignment]
+    assert mean is not None and m2 is not None and n == total
+
+    var = m2 / total
+    invstd = 1.0 / xp.sqrt(var + eps)
+    invstd_b = xp.reshape(invstd, bshape)
+    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
+    # y = (x - mean) * scale + bias, with x - mean = centered - (mean - m1)
+    shift = -(xp.reshape(mean, bshape) - first_pass_mean) * scale
+    if bias is not None:
+        shift = shift + xp.reshape(_as(xp, bias, cdt), bshape)
+    if writeable(xp, centered) and centered is not x:
+        centered *= scale
+        centered += shift
+        y = centered
+    else:
+        y = centered * scale + shift
+    y = _as(xp, y, x.dtype)
+
+    new_running_mean, new_running_var = running_mean, running_var
+    if running_mean is not None and running_var is not None:
+        unbiased = m2 / (total - 1)
+        new_running_mean = _as(
+            xp, (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean, running_mean.dtype
+        )
+        new_running_var = _as(
+            xp,
+            (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
+            running_var.dtype,
+        )
+    return SyncForward(
+        BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var), total
+    )
+
+
+def batch_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    xp: ModuleType | None = None,
+    comm: object,
+) -> BatchNormOutput:
+    """:func:`anybn.batch_norm` over the ranks of ``comm``.
+
+    In training: the statistics of the batch concatenated over ranks (two
+    collectives: the header, then one all-gather of ``2 * C`` values). In eval:
+    the local computation, with no communication.
+    """
+    if not check_training(training):
+        return _local_batch_norm(
+            x, running_mean, running_var, weight, bias,
+            training=False, momentum=momentum, eps=eps, axis=axis, xp=xp,
+        )  # fmt: skip
+    return forward(
+        x, running_mean, running_var, weight, bias,
+        momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
+    ).out  # fmt: skip
+
+
+def _check_backward(
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    axis: int,
+    xp: ModuleType | None,
+) -> _Local:
+    """The local checks of :func:`anybn.batch_norm_backward`."""
+    xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
+    check_input(xp, x)
+    check_floating(xp, dy, "dy")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(
+            f"dy must have the shape of x {tuple(x.shape)}, got shape {tuple(dy.shape)}"
+        )
+    axis = normalize_axis(axis, x.ndim)
+    channels = x.shape[axis]
+    for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
+        check_channel_vector(xp, a, name, channels, x.dtype)
+    return _Local(xp, axis, channels, values_per_channel(tuple(x.shape), axis))
+
+
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    xp: ModuleType | None = None,
+    comm: object,
+    total_count: int | None = None,
+) -> BatchNormGrads:
+    """:func:`anybn.batch_norm_backward` over the ranks of ``comm``.
+
+    In training: one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values),
+    preceded by the header exchange unless ``total_count`` (the global count per
+    channel, known from a synchronized forward) is given. In eval: local.
+    """
+    if not check_training(training):
+        return _local_batch_norm_backward(
+            dy, x, weight, mean, invstd, training=False, axis=axis, xp=xp
+        )
+    communicator = as_communicator(comm)
+    if total_count is None:
+        local: _Local | None = None
+        error: BaseException | None = None
+        try:
+            local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
+        except Exception as exc:  # tell the other ranks before raising
+            error = exc
+        total_count = sum(_agree(communicator, _BACKWARD, local, error, x))
+        assert local is not None
+    else:
+        local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
+    xp, axis, channels, _ = local
+    cdt = compute_dtype(xp, x.dtype)
+    axes = reduction_axes(x.ndim, axis)
+    bshape = channel_shape(x.ndim, axis, channels)
+    dyc = _as(xp, dy, cdt)
+    invstd = _as(xp, invstd, cdt)
+    invstd_b = xp.reshape(invstd, bshape)
+    centered = _as(xp, x, cdt) - xp.reshape(_as(xp, mean, cdt), bshape)
+
+    sum_dy = xp.reshape(channel_sum(xp, dyc, axes), (channels,))
+    sum_dy_xhat = invstd * xp.reshape(channel_dot(xp, dyc, centered, axes), (channels,))
+    sums = communicator.all_reduce(xp.concat([sum_dy, sum_dy_xhat]))
+    mean_dy = xp.reshape(sums[:channels], bshape) / total_count
+    mean_dy_xhat = xp.reshape(sums[channels:], bshape) / total_count
+
+    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
+    # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), with xhat = centered * invstd
+    dx = scale * (dyc - mean_dy - centered * (invstd_b * mean_dy_xhat))
+    return BatchNormGrads(_as(xp, dx, x.dtype), sum_dy_xhat, sum_dy)
