@@ -180,6 +180,14 @@ class TorchComm(Communicator):
         self._check()
         return int(self._dist.get_world_size(self.group))
 
+    def _all_gather(self, out: Any, t: Any) -> None:
+        # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old
+        # name warns); older versions only have the old one.
+        gather = getattr(self._dist, "all_gather_single", None)
+        if gather is None:
+            gather = self._dist.all_gather_into_tensor
+        gather(out, t, group=self.group)
+
     def _uses_nccl(self) -> bool:
         return "nccl" in str(self._dist.get_backend(self.group)).lower()
 
@@ -207,9 +215,10 @@ class TorchComm(Communicator):
 
         self._check()
         t = self._to_tensor(a)
-        out = torch.empty((self.size, t.shape[0]), dtype=t.dtype, device=t.device)
-        self._dist.all_gather_into_tensor(out, t, group=self.group)
-        return self._back(out, a)
+        # A flat output: gloo rejects a (size, n) one (NCCL takes either).
+        out = torch.empty(self.size * t.shape[0], dtype=t.dtype, device=t.device)
+        self._all_gather(out, t)
+        return self._back(out.view(self.size, t.shape[0]), a)
 
     def all_reduce(self, a: Array) -> Array:
         self._check()
@@ -227,9 +236,9 @@ class TorchComm(Communicator):
             if compat.is_torch_array(like) and like.device.type == "cuda":
                 device = like.device
         send = torch.tensor(values, dtype=torch.int64, device=device)
-        out = torch.empty((self.size, send.shape[0]), dtype=torch.int64, device=device)
-        self._dist.all_gather_into_tensor(out, send, group=self.group)
-        return out.cpu().tolist()
+        out = torch.empty(self.size * send.shape[0], dtype=torch.int64, device=device)
+        self._all_gather(out, send)
+        return out.view(self.size, send.shape[0]).cpu().tolist()
 
 
 def _is_torch_group(comm: object) -> bool:

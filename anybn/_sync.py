@@ -92,18 +92,31 @@ class _Local(NamedTuple):
     count: int
 
 
-def _header(op: int, local: _Local | None, x: Any) -> list[int]:
-    if local is None:  # this rank's own checks failed: say so, and nothing else
-        return [_MAGIC, op, 1, 0, 0, 0, 0]
-    name = dtype_name(x.dtype)
+_OK, _FAILED, _UNREADABLE = 0, 1, 2  # the header's status: checks passed / failed / no x
+
+
+def _header(op: int, local: _Local | None, x: Any, axis: int) -> list[int]:
+    """``[magic, op, status, channels, dtype, device type, count]`` for this rank.
+
+    A rank whose own checks failed still describes its x when it can, so that
+    a channel, dtype or device mismatch is reported as such on every rank.
+    """
+    if local is not None:
+        status, channels, count = _OK, local.channels, local.count
+    else:
+        try:
+            status, channels, count = _FAILED, int(x.shape[axis]), 0
+        except Exception:  # not even an array with that axis
+            return [_MAGIC, op, _UNREADABLE, 0, 0, 0, 0]
+    name = dtype_name(getattr(x, "dtype", ""))
     return [
         _MAGIC,
         op,
-        0,
-        local.channels,
+        status,
+        channels,
         _DTYPES.index(name) if name in _DTYPES else len(_DTYPES),
         _DEVICES.index(_device_type(x)),
-        local.count,
+        count,
     ]
 
 
@@ -112,15 +125,42 @@ def _name(table: tuple[str, ...], code: int) -> str:
 
 
 def _agree(
-    comm: Communicator, op: int, local: _Local | None, error: BaseException | None, x: Any
+    comm: Communicator,
+    op: int,
+    local: _Local | None,
+    error: BaseException | None,
+    x: Any,
+    axis: int,
 ) -> list[int]:
-    """Exchange headers; raise on every rank unless all ranks agree. Returns the counts."""
-    rows = comm.all_gather_ints(_header(op, local, x), like=x)
+    """Exchange headers; raise on every rank unless all ranks agree. Returns the counts.
+
+    Raised, in this order: ranks in different calls (RuntimeError); ranks whose x
+    differ in channel count (ValueError), dtype (TypeError) or device type
+    (ValueError); a rank whose own checks failed (its own error there, RuntimeError
+    on the others).
+    """
+    rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
     where = f"anybn synchronized batch norm ({comm.engine}, {len(rows)} ranks)"
     if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
         ops = ", ".join(f"rank {i}: {_OPS.get(r[1], 'unknown')}" for i, r in enumerate(rows))
         raise RuntimeError(f"{where}: the ranks are not in the same call ({ops})")
-    failed = [i for i, r in enumerate(rows) if r[2]]
+    described = [(i, r) for i, r in enumerate(rows) if r[2] != _UNREADABLE]
+
+    def mismatch(column: int, what: str, show: Any) -> str | None:
+        if len({r[column] for _, r in described}) <= 1:
+            return None
+        per_rank = ", ".join(f"rank {i}: {show(r[column])}" for i, r in described)
+        return f"{where}: every rank must pass x with the same {what}, got {per_rank}"
+
+    for column, what, show, kind in (
+        (3, "number of channels", str, ValueError),
+        (4, "dtype", lambda c: _name(_DTYPES, c), TypeError),
+        (5, "device type", lambda c: _name(_DEVICES, c), ValueError),
+    ):
+        message = mismatch(column, what, show)
+        if message:
+            raise kind(message)
+    failed = [i for i, r in enumerate(rows) if r[2] != _OK]
     if failed:
         if error is not None:
             raise error
@@ -128,24 +168,15 @@ def _agree(
             f"{where}: rank(s) {failed} rejected their arguments (see the error on "
             "those ranks); nothing was computed or updated"
         )
-
-    def mismatch(column: int, what: str, show: Any) -> str | None:
-        values = [r[column] for r in rows]
-        if len(set(values)) == 1:
-            return None
-        per_rank = ", ".join(f"rank {i}: {show(v)}" for i, v in enumerate(values))
-        return f"{where}: every rank must pass x with the same {what}, got {per_rank}"
-
-    message = mismatch(3, "number of channels", str)
-    if message:
-        raise ValueError(message)
-    message = mismatch(4, "dtype", lambda c: _name(_DTYPES, c))
-    if message:
-        raise TypeError(message)
-    message = mismatch(5, "device type", lambda c: _name(_DEVICES, c))
-    if message:
-        raise ValueError(message)
     return [r[6] for r in rows]
+
+
+def _axis_or_zero(axis: object, x: Any) -> int:
+    """``axis`` normalized for x, or 0 when either is invalid (the header is best effort)."""
+    try:
+        return normalize_axis(axis, x.ndim)
+    except Exception:
+        return 0
 
 
 def _check_forward(
@@ -215,7 +246,7 @@ def forward(
         local = _check_forward(x, running_mean, running_var, weight, bias, axis, xp)
     except Exception as exc:  # tell the other ranks before raising
         error = exc
-    counts = _agree(communicator, _FORWARD, local, error, x)
+    counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_zero(axis, x))
     assert local is not None
     total = sum(counts)
     if total <= 1:
@@ -372,7 +403,9 @@ def batch_norm_backward(
             local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
         except Exception as exc:  # tell the other ranks before raising
             error = exc
-        total_count = sum(_agree(communicator, _BACKWARD, local, error, x))
+        total_count = sum(
+            _agree(communicator, _BACKWARD, local, error, x, _axis_or_zero(axis, x))
+        )
         assert local is not None
     else:
         local = _check_backward(dy, x, weight, mean, invstd, axis, xp)

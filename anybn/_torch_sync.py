@@ -1,8 +1,13 @@
 """``anybn.torch.SyncBatchNorm``: torch.nn.SyncBatchNorm computed by anybn, on CPU and GPU.
 
-A subclass of ``torch.nn.SyncBatchNorm`` (same constructor, ``process_group``,
-parameters, buffers, state-dict keys, ``convert_sync_batchnorm``), so
-``isinstance`` checks hold. In training with an initialized process group of
+Same constructor as ``torch.nn.SyncBatchNorm`` (``process_group=``), same
+parameters, buffers, state-dict keys, input checks and ``convert_sync_batchnorm``;
+a subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so code that looks for
+batch norms by that base class (weight-decay groups, buffer handling) finds it.
+It is deliberately *not* a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
+refuses every ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers
+only work with GPU modules", ``DistributedDataParallel._passing_sync_batchnorm_handle``
+in torch/nn/parallel/distributed.py), which would defeat the CPU support. In training with an initialized process group of
 more than one rank, it normalizes with the statistics of the batch concatenated
 over the group, through :mod:`anybn._sync`: CPU tensors over gloo, CUDA tensors
 over NCCL. In eval, without a process group, or with a group of one rank, it is
@@ -76,13 +81,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` computed by anybn: CPU (gloo) and CUDA (NCCL).
 
     Takes the arguments of ``torch.nn.SyncBatchNorm`` (``num_features, eps=1e-5,
     momentum=0.1, affine=True, track_running_stats=True, process_group=None,
     device=None, dtype=None, *, bias=True``) and behaves the same, except that
-    CPU tensors are accepted, statistics of float64 inputs are combined in
+    CPU tensors are accepted (under DistributedDataParallel too: this class is
+    not an ``nn.SyncBatchNorm`` subclass, which DDP rejects in CPU modules), statistics of float64 inputs are combined in
     float64, and the per-rank statistics are merged exactly (count-weighted
     Chan merge; a rank may hold an empty batch). A forward that raises leaves
     ``num_batches_tracked`` and the running statistics unchanged. Double
@@ -93,11 +99,40 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     >>> import torch
     >>> import anybn.torch
     >>> bn = anybn.torch.SyncBatchNorm(3)
-    >>> isinstance(bn, torch.nn.SyncBatchNorm)
+    >>> isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
     True
     >>> bn(torch.randn(4, 3, 5)).shape  # no process group: local batch norm
     torch.Size([4, 3, 5])
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        # bias= only when False: torch before 2.10 has no such argument.
+        no_bias = {} if bias else {"bias": False}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats,
+            device=device, dtype=dtype, **no_bias,
+        )  # fmt: skip
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def _sync_comm(self) -> TorchComm | None:
         """The communicator to synchronize over, or None for a local forward."""
@@ -181,7 +216,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                 module.track_running_stats,
                 process_group,
                 device="meta",  # placeholders: every tensor is replaced below
-                bias=module.bias is not None if module.affine else True,
+                bias=not module.affine or module.bias is not None,
             )
             if module.affine:
                 converted.weight, converted.bias = module.weight, module.bias
