@@ -462,7 +462,9 @@ class BatchNorm:
         self._storage = storage
         self.num_features = channels
         self._set_arrays(arrays)
-        self._saved = _Saved(xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm)
+        self._saved = _Saved(
+            xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm
+        )
         return out.y
 
     def backward(self, dy: Array, /) -> BatchNormGrads:

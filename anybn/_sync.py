@@ -42,7 +42,7 @@ from ._comm import Communicator, as_communicator
 from ._functional import BatchNormGrads, BatchNormOutput
 from ._functional import batch_norm as _local_batch_norm
 from ._functional import batch_norm_backward as _local_batch_norm_backward
-from ._stats import centered_moments, channel_dot, channel_sum, chan_merge
+from ._stats import centered_moments, chan_merge, channel_dot, channel_sum
 from ._validation import (
     check_channel_vector,
     check_eps,
@@ -89,7 +89,7 @@ class _Local(NamedTuple):
     xp: ModuleType
     axis: int
     channels: int
-    count: int
+    values: int  # per channel, on this rank
 
 
 _OK, _FAILED, _UNREADABLE = 0, 1, 2  # the header's status: checks passed / failed / no x
@@ -102,7 +102,7 @@ def _header(op: int, local: _Local | None, x: Any, axis: int) -> list[int]:
     a channel, dtype or device mismatch is reported as such on every rank.
     """
     if local is not None:
-        status, channels, count = _OK, local.channels, local.count
+        status, channels, count = _OK, local.channels, local.values
     else:
         try:
             status, channels, count = _FAILED, int(x.shape[axis]), 0
@@ -282,7 +282,10 @@ def forward(
         if mean is None:
             n, mean, m2 = c, gathered[rank, :channels], gathered[rank, channels:]
         else:
-            n, mean, m2 = chan_merge(n, mean, m2, c, gathered[rank, :channels], gathered[rank, channels:])  # type: ignore[assignment]
+            merged = chan_merge(
+                n, mean, m2, c, gathered[rank, :channels], gathered[rank, channels:]
+            )
+            n, mean, m2 = int(merged[0]), merged[1], merged[2]
     assert mean is not None and m2 is not None and n == total
 
     var = m2 / total
@@ -312,9 +315,7 @@ def forward(
             (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
             running_var.dtype,
         )
-    return SyncForward(
-        BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var), total
-    )
+    return SyncForward(BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var), total)
 
 
 def batch_norm(
@@ -403,9 +404,7 @@ def batch_norm_backward(
             local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
         except Exception as exc:  # tell the other ranks before raising
             error = exc
-        total_count = sum(
-            _agree(communicator, _BACKWARD, local, error, x, _axis_or_zero(axis, x))
-        )
+        total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_zero(axis, x)))
         assert local is not None
     else:
         local = _check_backward(dy, x, weight, mean, invstd, axis, xp)

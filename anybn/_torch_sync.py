@@ -4,13 +4,16 @@ Same constructor as ``torch.nn.SyncBatchNorm`` (``process_group=``), same
 parameters, buffers, state-dict keys, input checks and ``convert_sync_batchnorm``;
 a subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so code that looks for
 batch norms by that base class (weight-decay groups, buffer handling) finds it.
-It is deliberately *not* a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
-refuses every ``nn.SyncBatchNorm`` instance in a CPU module ("SyncBatchNorm layers
-only work with GPU modules", ``DistributedDataParallel._passing_sync_batchnorm_handle``
-in torch/nn/parallel/distributed.py), which would defeat the CPU support. In training with an initialized process group of
-more than one rank, it normalizes with the statistics of the batch concatenated
-over the group, through :mod:`anybn._sync`: CPU tensors over gloo, CUDA tensors
-over NCCL. In eval, without a process group, or with a group of one rank, it is
+It is deliberately *not* a subclass of ``torch.nn.SyncBatchNorm``:
+DistributedDataParallel refuses every ``nn.SyncBatchNorm`` instance in a CPU
+module ("SyncBatchNorm layers only work with GPU modules",
+``DistributedDataParallel._passing_sync_batchnorm_handle`` in
+torch/nn/parallel/distributed.py), which would defeat the CPU support.
+
+In training with an initialized process group of more than one rank, it
+normalizes with the statistics of the batch concatenated over the group, through
+:mod:`anybn._sync`: CPU tensors over gloo, CUDA tensors over NCCL. In eval,
+without a process group, or with a group of one rank, it is
 :func:`anybn.torch.batch_norm`, local.
 
 Per training step: the forward exchanges a header of 7 int64 per rank and
@@ -88,9 +91,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     momentum=0.1, affine=True, track_running_stats=True, process_group=None,
     device=None, dtype=None, *, bias=True``) and behaves the same, except that
     CPU tensors are accepted (under DistributedDataParallel too: this class is
-    not an ``nn.SyncBatchNorm`` subclass, which DDP rejects in CPU modules), statistics of float64 inputs are combined in
-    float64, and the per-rank statistics are merged exactly (count-weighted
-    Chan merge; a rank may hold an empty batch). A forward that raises leaves
+    not an ``nn.SyncBatchNorm`` subclass, which DDP rejects in CPU modules),
+    statistics of float64 inputs are combined in float64, and the per-rank
+    statistics are merged exactly (count-weighted Chan merge; a rank may hold
+    an empty batch). A forward that raises leaves
     ``num_batches_tracked`` and the running statistics unchanged. Double
     backward is not supported (as in PyTorch).
 

@@ -271,7 +271,7 @@ def convert(module: nn.Module) -> nn.Module:
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig
         if isinstance(module, nn.SyncBatchNorm):
-            converted.process_group = module.process_group
+            converted.process_group = module.process_group  # type: ignore[assignment]
     for name, child in module.named_children():
         converted.add_module(name, convert(child))
     return converted

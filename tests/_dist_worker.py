@@ -229,7 +229,8 @@ def run_faults(r: Rank, data: dict) -> None:
 
     last = r.rank == r.size - 1
     r.attempt("channels", lambda: fwd(rng.normal(size=(4, 4 if last else 3, 2))))
-    r.attempt("dtype", lambda: fwd(rng.normal(size=(4, 3, 2)).astype("float32" if last else "float64")))
+    other = "float32" if last else "float64"
+    r.attempt("dtype", lambda: fwd(rng.normal(size=(4, 3, 2)).astype(other)))
     r.attempt(
         "local_check", lambda: fwd(rng.normal(size=(4, 3, 2)), weight=np.ones(2 if last else 3))
     )
@@ -247,7 +248,7 @@ def run_faults(r: Rank, data: dict) -> None:
     bn = anybn.BatchNorm(3, comm=r.comm)
     bn(rng.normal(size=(4, 3)))
     before = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked)
-    r.attempt("layer_dtype", lambda: bn(rng.normal(size=(4, 3)).astype("float32" if last else "float64")))
+    r.attempt("layer_dtype", lambda: bn(rng.normal(size=(4, 3)).astype(other)))
     r.report["layer_unchanged"] = bool(
         np.array_equal(before[0], bn.running_mean)
         and np.array_equal(before[1], bn.running_var)

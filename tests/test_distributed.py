@@ -138,12 +138,14 @@ def _reference(data: dict[str, np.ndarray], dtype: str, key: str, lib: str) -> d
     conv = worker.as_lib
     pdt = "float32" if dtype == "bfloat16" else dtype
     x, dy = conv(data[key], lib, dtype), conv(data["dy" + key[1]], lib, dtype)
-    w, b, rm, rv = (conv(data[k], lib, pdt) for k in ("weight", "bias", "running_mean", "running_var"))
-    out = anybn.batch_norm(
-        x, rm, rv, w, b, training=True, momentum=worker.MOMENTUM, eps=worker.EPS
-    )
+    keys = ("weight", "bias", "running_mean", "running_var")
+    w, b, rm, rv = (conv(data[k], lib, pdt) for k in keys)
+    out = anybn.batch_norm(x, rm, rv, w, b, training=True, momentum=worker.MOMENTUM, eps=worker.EPS)
     grads = anybn.batch_norm_backward(dy, x, w, out.mean, out.invstd)
-    return {k: worker.to_numpy(v) for k, v in zip(out._fields + grads._fields, (*out, *grads))}
+    return {
+        k: worker.to_numpy(v)
+        for k, v in zip(out._fields + grads._fields, (*out, *grads), strict=True)
+    }
 
 
 def _check_against(
@@ -158,7 +160,8 @@ def _check_against(
     for field in ("mean", "invstd", "new_running_mean", "new_running_var"):
         for rank, a in enumerate(per_rank):  # every rank holds the global statistics
             if f"{prefix}:{field}" in a:
-                assert_close(a[f"{prefix}:{field}"], ref[field], tol, f"{prefix}: {field}, rank {rank}")
+                what = f"{prefix}: {field}, rank {rank}"
+                assert_close(a[f"{prefix}:{field}"], ref[field], tol, what)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

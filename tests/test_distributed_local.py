@@ -93,9 +93,7 @@ def _values(results: list[Any]) -> list[Any]:
     return [value for _, value in results]
 
 
-@pytest.mark.parametrize(
-    "splits", [[2, 3], [0, 5], [1, 0, 4], [3, 3, 3, 3], [0, 0, 1, 1]], ids=str
-)
+@pytest.mark.parametrize("splits", [[2, 3], [0, 5], [1, 0, 4], [3, 3, 3, 3], [0, 0, 1, 1]], ids=str)
 @pytest.mark.parametrize("axis", [1, -1])
 def test_threads_equal_concatenated_batch(splits: list[int], axis: int) -> None:
     rng = np.random.default_rng(sum(splits))
