@@ -31,7 +31,29 @@ __all__ = ["Communicator", "MPIComm", "TorchComm", "as_communicator"]
 
 
 class Communicator:
-    """The collectives of one group of processes (the interface; see the subclasses)."""
+    """The collectives of one group of processes (the interface; see the subclasses).
+
+    Subclass it to bring another engine: define ``rank``, ``size`` and the three
+    collectives below. Every rank must call them in the same order.
+
+    Examples
+    --------
+    A group of one process, where every collective is the identity:
+
+    >>> import numpy as np
+    >>> import anybn
+    >>> from anybn.distributed import Communicator
+    >>> class Alone(Communicator):
+    ...     rank, size = 0, 1
+    ...     def all_gather(self, a):
+    ...         return a[None, :]
+    ...     def all_reduce(self, a):
+    ...         return a
+    ...     def all_gather_ints(self, values, like=None):
+    ...         return [list(values)]
+    >>> anybn.batch_norm(np.array([[1.0], [3.0]]), training=True, comm=Alone()).mean
+    array([2.])
+    """
 
     #: A short name of the engine, for error messages and the docs.
     engine = "abstract"
@@ -101,6 +123,14 @@ class MPIComm(Communicator):
     ----------
     comm : mpi4py.MPI.Comm, optional
         The communicator; ``mpi4py.MPI.COMM_WORLD`` by default.
+
+    Examples
+    --------
+    In each process started by ``mpiexec -n 4 python train.py``:
+
+    >>> from mpi4py import MPI  # doctest: +SKIP
+    >>> comm = anybn.distributed.MPIComm(MPI.COMM_WORLD)  # doctest: +SKIP
+    >>> out = anybn.batch_norm(x_shard, rm, rv, training=True, comm=comm)  # doctest: +SKIP
     """
 
     engine = "mpi"
@@ -153,6 +183,13 @@ class TorchComm(Communicator):
     group : torch.distributed.ProcessGroup, optional
         The group; the default (world) group by default. ``torch.distributed``
         must be initialized before the first collective.
+
+    Examples
+    --------
+    In each rank, after ``torch.distributed.init_process_group("gloo")``:
+
+    >>> comm = anybn.distributed.TorchComm()  # doctest: +SKIP
+    >>> out = anybn.batch_norm(x_shard, rm, rv, training=True, comm=comm)  # doctest: +SKIP
     """
 
     engine = "torch.distributed"
@@ -271,6 +308,14 @@ def as_communicator(comm: object) -> Communicator:
     ------
     TypeError
         If ``comm`` is none of these.
+
+    Examples
+    --------
+    >>> from anybn.distributed import as_communicator
+    >>> as_communicator(42)
+    Traceback (most recent call last):
+        ...
+    TypeError: comm must be a torch.distributed ProcessGroup, an mpi4py communicator, ...
     """
     if isinstance(comm, Communicator):
         return comm

@@ -42,7 +42,7 @@ from ._comm import Communicator, as_communicator
 from ._functional import BatchNormGrads, BatchNormOutput
 from ._functional import batch_norm as _local_batch_norm
 from ._functional import batch_norm_backward as _local_batch_norm_backward
-from ._stats import centered_moments, chan_merge, channel_dot, channel_sum
+from ._stats import centered_moments, chan_merge
 from ._validation import (
     check_channel_vector,
     check_eps,
@@ -52,7 +52,6 @@ from ._validation import (
 )
 from ._xp import (
     Array,
-    channel_shape,
     check_floating,
     compute_dtype,
     dtype_name,
@@ -216,6 +215,31 @@ def _as(xp: ModuleType, a: Array, dtype: object) -> Array:
     return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
+def _local_moments(
+    xp: ModuleType, xc: Array, axis: int, count: int, channels: int
+) -> tuple[Array, Array]:
+    """This rank's per-channel ``(mean, M2)``, shape ``(C,)``; zeros for an empty shard.
+
+    The core's corrected two-pass :func:`centered_moments`. For PyTorch tensors
+    the same algorithm squares its x-sized temporary in place instead: torch has no
+    fused multiply-reduce that sums pairwise (``einsum`` goes through a float32
+    ``bmm`` and loses digits), and ``sum(c * c)`` costs one more temporary; this is
+    3x faster than either on (32, 64, 56, 56) float32 on CPU, and than ``torch.var_mean``.
+    """
+    if count == 0:
+        zeros = xp.zeros((channels,), dtype=xc.dtype, device=compat.device(xc))
+        return zeros, zeros
+    axes = reduction_axes(xc.ndim, axis)
+    if compat.is_torch_array(xc) and not xc.requires_grad:
+        first_pass_mean = xc.sum(dim=axes, keepdim=True) / count
+        centered = xc - first_pass_mean
+        correction = centered.sum(dim=axes) / count
+        m2 = centered.square_().sum(dim=axes) - count * correction * correction
+        return first_pass_mean.reshape(channels) + correction, m2
+    moments = centered_moments(xp, xc, axes, count)
+    return xp.reshape(moments.mean, (channels,)), xp.reshape(moments.m2, (channels,))
+
+
 class SyncForward(NamedTuple):
     """What :func:`forward` returns: the output and the global count per channel."""
 
@@ -256,21 +280,7 @@ def forward(
         )
     xp, axis, channels, count = local
     cdt = compute_dtype(xp, x.dtype)
-    axes = reduction_axes(x.ndim, axis)
-    bshape = channel_shape(x.ndim, axis, channels)
-    xc = _as(xp, x, cdt)
-
-    # This rank's (mean, M2), centred on its first-pass mean m1 (kept for y below).
-    if count > 0:
-        moments = centered_moments(xp, xc, axes, count)
-        centered = moments.centered
-        first_pass_mean = moments.mean - moments.correction
-        local_mean = xp.reshape(moments.mean, (channels,))
-        local_m2 = xp.reshape(moments.m2, (channels,))
-    else:  # an empty shard: no statistics of its own, y is empty
-        centered = xc
-        first_pass_mean = xp.zeros(bshape, dtype=cdt, device=compat.device(x))
-        local_mean = local_m2 = xp.zeros((channels,), dtype=cdt, device=compat.device(x))
+    local_mean, local_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
 
     gathered = communicator.all_gather(xp.concat([local_mean, local_m2]))
     n: int = 0
@@ -288,21 +298,11 @@ def forward(
             n, mean, m2 = int(merged[0]), merged[1], merged[2]
     assert mean is not None and m2 is not None and n == total
 
-    var = m2 / total
-    invstd = 1.0 / xp.sqrt(var + eps)
-    invstd_b = xp.reshape(invstd, bshape)
-    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
-    # y = (x - mean) * scale + bias, with x - mean = centered - (mean - m1)
-    shift = -(xp.reshape(mean, bshape) - first_pass_mean) * scale
-    if bias is not None:
-        shift = shift + xp.reshape(_as(xp, bias, cdt), bshape)
-    if writeable(xp, centered) and centered is not x:
-        centered *= scale
-        centered += shift
-        y = centered
-    else:
-        y = centered * scale + shift
-    y = _as(xp, y, x.dtype)
+    # y: the core's eval forward with the global statistics as the "running" ones,
+    # y = (x - mean) / sqrt(m2 / N + eps) * weight + bias (and its fast paths).
+    out = _local_batch_norm(
+        x, mean, m2 / total, weight, bias, training=False, eps=eps, axis=axis, xp=xp
+    )
 
     new_running_mean, new_running_var = running_mean, running_var
     if running_mean is not None and running_var is not None:
@@ -315,7 +315,9 @@ def forward(
             (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
             running_var.dtype,
         )
-    return SyncForward(BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var), total)
+    return SyncForward(
+        BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total
+    )
 
 
 def batch_norm(
@@ -409,21 +411,38 @@ def batch_norm_backward(
     else:
         local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
     xp, axis, channels, _ = local
-    cdt = compute_dtype(xp, x.dtype)
-    axes = reduction_axes(x.ndim, axis)
-    bshape = channel_shape(x.ndim, axis, channels)
-    dyc = _as(xp, dy, cdt)
-    invstd = _as(xp, invstd, cdt)
-    invstd_b = xp.reshape(invstd, bshape)
-    centered = _as(xp, x, cdt) - xp.reshape(_as(xp, mean, cdt), bshape)
-
-    sum_dy = xp.reshape(channel_sum(xp, dyc, axes), (channels,))
-    sum_dy_xhat = invstd * xp.reshape(channel_dot(xp, dyc, centered, axes), (channels,))
+    # The local sums, and dy * weight * invstd, from the core's eval backward (and its
+    # fast paths): with mean and invstd as constants, dweight = sum(dy * xhat) and
+    # dbias = sum(dy) over this shard.
+    local_grads = _local_batch_norm_backward(
+        dy, x, weight, mean, invstd, training=False, axis=axis, xp=xp
+    )
+    sum_dy, sum_dy_xhat = local_grads.dbias, local_grads.dweight
     sums = communicator.all_reduce(xp.concat([sum_dy, sum_dy_xhat]))
-    mean_dy = xp.reshape(sums[:channels], bshape) / total_count
-    mean_dy_xhat = xp.reshape(sums[channels:], bshape) / total_count
 
-    scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
-    # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), with xhat = centered * invstd
-    dx = scale * (dyc - mean_dy - centered * (invstd_b * mean_dy_xhat))
+    # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), scale = weight * invstd:
+    # the eval dx (scale * dy) less the two terms through the global statistics.
+    cdt = compute_dtype(xp, x.dtype)
+    invstd = _as(xp, invstd, cdt)
+    scale = invstd if weight is None else invstd * _as(xp, weight, cdt)
+    mean_dy, mean_dy_xhat = sums[:channels] / total_count, sums[channels:] / total_count
+    # The correction (x - mean) * (scale * invstd * mean_dy_xhat) + scale * mean_dy is
+    # the core's eval forward with running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is
+    # exactly 1), in one fused pass: (x - mean) * weight + bias.
+    correction = _local_batch_norm(
+        x,
+        _as(xp, mean, cdt),
+        xp.zeros_like(invstd),
+        scale * invstd * mean_dy_xhat,
+        scale * mean_dy,
+        training=False,
+        eps=1.0,
+        axis=axis,
+        xp=xp,
+    ).y
+    dx = local_grads.dx
+    if dx.dtype == correction.dtype and writeable(xp, dx):
+        dx -= correction
+    else:
+        dx = _as(xp, local_grads.dx, cdt) - _as(xp, correction, cdt)
     return BatchNormGrads(_as(xp, dx, x.dtype), sum_dy_xhat, sum_dy)
