@@ -77,7 +77,7 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(OMP_NUM_THREADS="1", ANYBN_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
 
 
