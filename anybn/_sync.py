@@ -9,15 +9,22 @@ Forward
     brings every rank's ``(mean, M2)``, and the exact Chan merge
     (:func:`anybn._stats.chan_merge`), done in rank order on every rank, gives the
     statistics of the concatenated batch, bit-identical on all ranks. Ranks with
-    an empty shard contribute nothing.
+    an empty shard contribute nothing. ``y`` is then the core's eval forward with
+    the global ``(mean, M2 / N)`` in place of the running statistics.
 Backward
     with ``xhat = (x - mean) * invstd`` the gradient needs two per-channel sums
     over the whole batch; one all-reduce of ``(sum_dy, sum_dy_xhat)`` gives them::
 
         dx = weight * invstd * (dy - SUM_dy / N - xhat * SUM_dy_xhat / N)
 
+    The local sums and ``weight * invstd * dy`` come from the core's eval backward
+    (mean and invstd held constant), the rest from one more eval forward.
     ``dweight`` and ``dbias`` stay this rank's own sums (DistributedDataParallel,
     or the user, sums parameter gradients over ranks), as in ``torch.nn.SyncBatchNorm``.
+
+Reusing the core's public functions for every pass over x keeps its checks and
+per-backend fast paths, and keeps the math of this module to the merge and the
+two global corrections.
 
 Before the statistics, the ranks exchange a small header of ints (operation,
 local check status, channel count, dtype, device type, local count) in a cheap
@@ -230,12 +237,13 @@ def _local_moments(
         zeros = xp.zeros((channels,), dtype=xc.dtype, device=compat.device(xc))
         return zeros, zeros
     axes = reduction_axes(xc.ndim, axis)
-    if compat.is_torch_array(xc) and not xc.requires_grad:
+    if compat.is_torch_array(xc):
         first_pass_mean = xc.sum(dim=axes, keepdim=True) / count
         centered = xc - first_pass_mean
-        correction = centered.sum(dim=axes) / count
-        m2 = centered.square_().sum(dim=axes) - count * correction * correction
-        return first_pass_mean.reshape(channels) + correction, m2
+        if writeable(xp, centered):  # not recorded by autograd
+            correction = centered.sum(dim=axes) / count
+            m2 = centered.square_().sum(dim=axes) - count * correction * correction
+            return first_pass_mean.reshape(channels) + correction, m2
     moments = centered_moments(xp, xc, axes, count)
     return xp.reshape(moments.mean, (channels,)), xp.reshape(moments.m2, (channels,))
 

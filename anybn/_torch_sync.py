@@ -148,6 +148,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return TorchComm(group)
 
     def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (channels on dimension 1), synchronized over the group in training.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            This rank's shard, ``(N, C, ...)``; ``N`` may differ between ranks, even be 0.
+
+        Returns
+        -------
+        torch.Tensor
+            The normalized shard, with input's shape and dtype.
+        """
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
