@@ -10,7 +10,8 @@ every rank times a training forward + backward with :func:`anybn.batch_norm` /
 (``comm=`` the group), the fastest of ``--repeat`` runs after 3 warm-up runs (the
 minimum, not the median: on a shared machine the other processes only ever add
 time), with one thread per rank; the table shows rank 0's times, the overhead
-``sync - local``, and the time of the four collectives of a functional step alone.
+``sync - local``, the synchronized code path in a group of one rank (its compute,
+without network or waiting), and the four collectives of a functional step alone.
 gloo runs carry torch CPU tensors, MPI runs NumPy arrays. Also shown: the bytes each
 rank sends per step. The ranks are processes of this machine talking over 127.0.0.1.
 """
@@ -61,7 +62,21 @@ def rank_main(engine: str, repeat: int) -> None:
         def make(a: np.ndarray) -> object:
             return a
 
-    from anybn.distributed import as_communicator
+    from anybn.distributed import Communicator, as_communicator
+
+    class Alone(Communicator):
+        """A group of one: the synchronized code path with no network and no waiting."""
+
+        rank, size, engine = 0, 1, "none"
+
+        def all_gather(self, a: object) -> object:
+            return a[None, :]  # type: ignore[index]
+
+        def all_reduce(self, a: object) -> object:
+            return a
+
+        def all_gather_ints(self, values: list[int], like: object = None) -> list[list[int]]:
+            return [list(values)]
 
     communicator = as_communicator(comm)
     rows = []
@@ -70,7 +85,7 @@ def rank_main(engine: str, repeat: int) -> None:
         x = make(rng.normal(size=shape).astype(np.float32))
         dy = make(rng.normal(size=shape).astype(np.float32))
         timings = {}
-        for mode, c in (("local", None), ("sync", comm)):
+        for mode, c in (("local", None), ("sync", comm), ("alone", Alone())):
             for _ in range(3):
                 _step(anybn, x, dy, c)
             runs = []
@@ -81,14 +96,15 @@ def rank_main(engine: str, repeat: int) -> None:
                 runs.append(time.perf_counter() - t0)
             timings[mode] = min(runs)
         channels = shape[1]
-        payload = make(np.zeros(2 * channels, dtype=np.float32))
+        stats = make(np.zeros(3 * channels, dtype=np.float32))
+        sums = make(np.zeros(2 * channels, dtype=np.float32))
 
-        def collectives(payload: object = payload) -> None:
+        def collectives(stats: object = stats, sums: object = sums) -> None:
             # what one functional forward + backward sends
-            communicator.all_gather_ints([0] * 7, like=payload)
-            communicator.all_gather(payload)
-            communicator.all_gather_ints([0] * 7, like=payload)
-            communicator.all_reduce(payload)
+            communicator.all_gather_ints([0] * 7, like=stats)
+            communicator.all_gather(stats)
+            communicator.all_gather_ints([0] * 7, like=sums)
+            communicator.all_reduce(sums)
 
         for _ in range(3):
             collectives()
@@ -99,8 +115,8 @@ def rank_main(engine: str, repeat: int) -> None:
             collectives()
             runs.append(time.perf_counter() - t0)
         timings["collectives"] = min(runs)
-        # two headers (7 int64), all-gather of 2C stats, all-reduce of 2C sums; float32
-        sent = 2 * 7 * 8 + 2 * channels * 4 + 2 * channels * 4
+        # two headers (7 int64), all-gather of 3C stats, all-reduce of 2C sums; float32
+        sent = 2 * 7 * 8 + 3 * channels * 4 + 2 * channels * 4
         rows.append({"shape": shape, **timings, "bytes": sent})
     if rank == 0:
         print(json.dumps(rows))
@@ -149,9 +165,9 @@ def main() -> None:
         return
     print(
         "| engine | shard shape (float32) | local fwd+bwd | synchronized fwd+bwd | overhead "
-        "| of which the 4 collectives alone | bytes sent per rank per step |"
+        "| sync code path, one rank | the 4 collectives alone | bytes sent per rank per step |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for engine in args.engines.split(","):
         for row in launch(engine, args.repeat):
             local, sync = row["local"] * 1e3, row["sync"] * 1e3
@@ -159,7 +175,8 @@ def main() -> None:
             print(
                 f"| {engine} | {shape} | {local:.2f} ms | {sync:.2f} ms "
                 f"| {sync - local:+.2f} ms ({100 * (sync - local) / local:+.0f}%) "
-                f"| {row['collectives'] * 1e3:.2f} ms | {row['bytes']} |"
+                f"| {row['alone'] * 1e3:.2f} ms | {row['collectives'] * 1e3:.2f} ms "
+                f"| {row['bytes']} |"
             )
 
 
