@@ -16,6 +16,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import NamedTuple
 
+import array_api_compat as compat
+
 from . import _fastpaths
 from ._stats import centered_moments, channel_dot, channel_sum
 from ._validation import (
@@ -33,11 +35,19 @@ from ._xp import (
     normalize_axis,
     reduction_axes,
     resolve_namespace,
+    stop_gradient,
     values_per_channel,
     writeable,
 )
 
-__all__ = ["BatchNormGrads", "BatchNormOutput", "batch_norm", "batch_norm_backward"]
+__all__ = [
+    "BatchNormGrads",
+    "BatchNormOutput",
+    "backward",
+    "batch_norm",
+    "batch_norm_backward",
+    "forward",
+]
 
 
 class BatchNormOutput(NamedTuple):
@@ -238,7 +248,7 @@ def batch_norm(
             + ("running_mean" if running_var is None else "running_var")
         )
     count = values_per_channel(tuple(x.shape), axis)
-    if training and count <= 1:
+    if training and count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
@@ -247,15 +257,100 @@ def batch_norm(
             "running_mean and running_var are required when training=False "
             "(or pass training=True to normalize with batch statistics)"
         )
+    return forward(
+        xp, x, running_mean, running_var, weight, bias,
+        training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+    )  # fmt: skip
 
-    if _fastpaths.enabled():
-        fast = _fastpaths.batch_norm(
-            xp, x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis,
-        )  # fmt: skip
+
+def forward(
+    xp: ModuleType,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    count: int,
+) -> BatchNormOutput:
+    """:func:`batch_norm` on validated arguments: the entry point of the adapters.
+
+    ``axis`` is non-negative and ``count`` the number of values per channel. The
+    adapters check arguments by their own rules (``anybn.torch`` by PyTorch's,
+    which allow momentum outside [0, 1] and ``eps=0`` in eval) and call this.
+
+    The running statistics returned are never differentiable (cut from any
+    autograd graph), and ``mean`` never aliases ``running_mean``: a later
+    in-place update of the buffers cannot reach what a caller saved.
+    """
+    if training and count == 0:
+        out = _empty_batch(xp, x, running_mean, running_var, axis)
+    else:
+        fast = None
+        if _fastpaths.enabled():
+            fast = _fastpaths.batch_norm(
+                xp, x, running_mean, running_var, weight, bias,
+                training=training, momentum=momentum, eps=eps, axis=axis,
+            )  # fmt: skip
         if fast is not None:
-            return BatchNormOutput(*fast)
+            out = BatchNormOutput(*fast)
+        else:
+            out = _generic_forward(
+                xp, x, running_mean, running_var, weight, bias,
+                training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+            )  # fmt: skip
+    mean = out.mean
+    if mean is running_mean:
+        mean = xp.asarray(mean, copy=True)
+    if training and running_mean is not None:
+        return out._replace(
+            mean=mean,
+            new_running_mean=stop_gradient(out.new_running_mean),
+            new_running_var=stop_gradient(out.new_running_var),
+        )
+    return out._replace(mean=mean)
 
+
+def _empty_batch(
+    xp: ModuleType,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    axis: int,
+) -> BatchNormOutput:
+    """Training on a batch with no values: an empty y, NaN statistics, running ones kept.
+
+    As PyTorch does: the running statistics are left as they are (returned as
+    copies), and the backward gives zero dweight and dbias.
+    """
+    nan = xp.full(
+        (x.shape[axis],), float("nan"), dtype=compute_dtype(xp, x.dtype), device=compat.device(x)
+    )
+    rm = None if running_mean is None else xp.asarray(running_mean, copy=True)
+    rv = None if running_var is None else xp.asarray(running_var, copy=True)
+    return BatchNormOutput(x * 0.0, nan, xp.asarray(nan, copy=True), rm, rv)
+
+
+def _generic_forward(
+    xp: ModuleType,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+    count: int,
+) -> BatchNormOutput:
+    """The array-API implementation every fast path is tested against."""
+    channels = x.shape[axis]
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)
     bshape = channel_shape(x.ndim, axis, channels)
@@ -287,7 +382,9 @@ def batch_norm(
     if training and running_mean is not None and running_var is not None:
         unbiased = xp.reshape(moments.m2 / (count - 1), (channels,))
         new_running_mean = _as(
-            xp, (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean, running_mean.dtype
+            xp,
+            (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean,
+            running_mean.dtype,
         )
         new_running_var = _as(
             xp,
@@ -375,6 +472,9 @@ def batch_norm_backward(
         return _sync.batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
         )
+    for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
+        if a is None:
+            raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got None")
     xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
     check_input(xp, x)
     check_floating(xp, dy, "dy")
@@ -388,14 +488,54 @@ def batch_norm_backward(
         check_channel_vector(xp, a, name, channels, x.dtype)
     training = check_training(training)
     count = values_per_channel(tuple(x.shape), axis)
+    return backward(
+        xp, dy, x, weight, mean, invstd, training=training, axis=axis, count=count
+    )
 
+
+def backward(
+    xp: ModuleType,
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool,
+    axis: int,
+    count: int,
+) -> BatchNormGrads:
+    """:func:`batch_norm_backward` on validated arguments: the adapters' entry point."""
+    if count == 0:
+        zeros = xp.zeros(
+            (x.shape[axis],), dtype=compute_dtype(xp, x.dtype), device=compat.device(x)
+        )
+        return BatchNormGrads(_as(xp, dy * 0.0, x.dtype), zeros, xp.asarray(zeros, copy=True))
     if _fastpaths.enabled():
         fast = _fastpaths.batch_norm_backward(
             xp, dy, x, weight, mean, invstd, training=training, axis=axis
         )
         if fast is not None:
             return BatchNormGrads(*fast)
+    return _generic_backward(
+        xp, dy, x, weight, mean, invstd, training=training, axis=axis, count=count
+    )
 
+
+def _generic_backward(
+    xp: ModuleType,
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool,
+    axis: int,
+    count: int,
+) -> BatchNormGrads:
+    """The array-API implementation every fast path is tested against."""
+    channels = x.shape[axis]
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)
     bshape = channel_shape(x.ndim, axis, channels)

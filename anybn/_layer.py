@@ -10,7 +10,9 @@ how to update them are PyTorch's ``nn.BatchNorm*d`` rules.
 
 from __future__ import annotations
 
+import importlib
 import numbers
+import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -19,12 +21,29 @@ import array_api_compat as compat
 import numpy as np
 
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
-from ._validation import check_eps, check_input, check_momentum, check_training
-from ._xp import Array, compute_dtype, dtype_name, normalize_axis
+from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
+from ._xp import (
+    Array,
+    check_namespace,
+    compute_dtype,
+    dtype_name,
+    normalize_axis,
+    stop_gradient,
+)
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "IncompatibleKeys"]
 
 _COUNTER = "num_batches_tracked"
+
+#: ``num_batches_tracked`` is stored as int64, as torch stores it.
+_COUNTER_MAX = 2**63 - 1
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` returns, as torch's ``load_state_dict`` does."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class _Arrays(NamedTuple):
@@ -60,12 +79,6 @@ class _Saved(NamedTuple):
 def _describe(a: object) -> str:
     t = type(a)
     return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _check_num_features(num_features: object) -> int | None:
@@ -146,10 +159,19 @@ def _source_vector(value: Any, key: str) -> Array:
     """A state-dict entry for a per-channel array, checked to be a 1-D real array."""
     a = value
     if not compat.is_array_api_obj(a):
-        if isinstance(a, (list, tuple)):
-            a = np.asarray(a)
-        else:
+        if not isinstance(a, (list, tuple)):
             raise TypeError(f"state_dict[{key!r}] must be an array, got {_describe(value)}")
+        try:
+            a = np.asarray(a)
+        except (ValueError, TypeError) as exc:  # ragged or non-numeric lists
+            raise ValueError(
+                f"state_dict[{key!r}] must be a flat list of numbers (one per channel): {exc}"
+            ) from None
+    if compat.is_numpy_array(a) and isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"state_dict[{key!r}] is a NumPy masked array, whose mask anybn does not "
+            "apply; pass .filled(value) or .data"
+        )
     xp = compat.array_namespace(a)
     if not xp.isdtype(a.dtype, ("real floating", "integral")):
         raise TypeError(f"state_dict[{key!r}] must have a real dtype, got {dtype_name(a.dtype)}")
@@ -177,8 +199,11 @@ def _source_counter(value: Any) -> int:
             f"state_dict[{_COUNTER!r}] must be a 0-d integer array or an int, "
             f"got {_describe(value)}"
         )
-    if count < 0:
-        raise ValueError(f"state_dict[{_COUNTER!r}] must be >= 0, got {count}")
+    if not 0 <= count <= _COUNTER_MAX:
+        raise ValueError(
+            f"state_dict[{_COUNTER!r}] must be >= 0 and < 2**63 (it is stored as int64), "
+            f"got {count}"
+        )
     return count
 
 
@@ -299,14 +324,14 @@ class BatchNorm:
         self.axis = _check_axis(axis)
         self.eps = check_eps(eps)
         self.momentum = None if momentum is None else check_momentum(momentum)
-        self.affine = _check_bool(affine, "affine")
-        self.track_running_stats = _check_bool(track_running_stats, "track_running_stats")
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.training = True
         self._device = device
         self._dtype = _check_dtype(dtype)
         self._storage: _Storage | None = None
         if xp is not None:
-            xp = _namespace_of(xp)
+            xp = _namespace_of(check_namespace(xp))
             floating = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
             self._storage = _Storage(
                 xp, device, floating if dtype is None else _resolve_dtype(xp, dtype)
@@ -316,7 +341,8 @@ class BatchNorm:
         self.running_mean: Array | None = None
         self.running_var: Array | None = None
         self.num_batches_tracked: int | None = 0 if self.track_running_stats else None
-        self._saved: _Saved | None = None
+        self._lock = threading.RLock()
+        self._local = threading.local()
         self.comm = comm
         if self.num_features is not None:
             self._set_arrays(self._fresh(self.num_features, self._placement()))
@@ -381,11 +407,41 @@ class BatchNorm:
             return self._arrays()
         return _Arrays(*(None if a is None else _convert(a, storage) for a in self._arrays()))
 
+    @property
+    def _saved(self) -> _Saved | None:
+        """What the calling thread's last successful forward left for :meth:`backward`."""
+        return getattr(self._local, "saved", None)
+
+    # --- copying and pickling ------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's state, picklable: the library by module name, no lock, no saved forward.
+
+        A copy (``copy.deepcopy``, ``pickle``) has the parameters, buffers,
+        counter and mode of the original; it needs a forward of its own before
+        ``backward``.
+        """
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"], state["_local"]
+        if self._storage is not None:
+            state["_storage"] = self._storage._replace(xp=self._storage.xp.__name__)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        storage = state.get("_storage")
+        if storage is not None:
+            xp = importlib.import_module(storage.xp)
+            state["_storage"] = storage._replace(xp=_namespace_of(xp))
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
     # --- mode ----------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (``mode=True``) or eval mode; return the layer."""
-        self.training = _check_bool(mode, "mode")
+        self.training = check_bool(mode, "mode")
         return self
 
     def eval(self) -> BatchNorm:
@@ -420,51 +476,56 @@ class BatchNorm:
             ``x`` with fewer than 2 dimensions, ``axis`` out of range, a channel
             count other than ``num_features``, one value per channel in training.
         """
-        storage = self._placement_for(x)
-        xp = storage.xp
-        axis = normalize_axis(self.axis, x.ndim)
-        channels = x.shape[axis]
-        if self.num_features is not None and channels != self.num_features:
-            raise ValueError(
-                f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
-                f"but this BatchNorm has num_features={self.num_features}"
+        with self._lock:  # read, compute, commit: one update at a time
+            storage = self._placement_for(x)
+            xp = storage.xp
+            axis = normalize_axis(self.axis, x.ndim)
+            channels = x.shape[axis]
+            if self.num_features is not None and channels != self.num_features:
+                raise ValueError(
+                    f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
+                    f"but this BatchNorm has num_features={self.num_features}"
+                )
+            training = check_training(self.training)
+            arrays = self._arrays_in(storage, channels)
+            update = training and self.track_running_stats
+            count = self.num_batches_tracked
+            factor = 0.0
+            if update:
+                assert count is not None
+                if count >= _COUNTER_MAX:
+                    raise OverflowError(
+                        f"num_batches_tracked is {count}: one more batch would not fit int64"
+                    )
+                count += 1
+                factor = 1.0 / count if self.momentum is None else self.momentum
+            use_batch_stats = training or not self.track_running_stats
+            comm = self.comm if training else None
+            out = batch_norm(
+                x,
+                arrays.running_mean,
+                arrays.running_var,
+                arrays.weight,
+                arrays.bias,
+                training=use_batch_stats,
+                momentum=factor,
+                eps=self.eps,
+                axis=axis,
+                comm=comm,
+                xp=xp,
             )
-        training = check_training(self.training)
-        arrays = self._arrays_in(storage, channels)
-        update = training and self.track_running_stats
-        count = self.num_batches_tracked
-        factor = 0.0
-        if update:
-            assert count is not None
-            count += 1
-            factor = 1.0 / count if self.momentum is None else self.momentum
-        use_batch_stats = training or not self.track_running_stats
-        comm = self.comm if training else None
-        out = batch_norm(
-            x,
-            arrays.running_mean,
-            arrays.running_var,
-            arrays.weight,
-            arrays.bias,
-            training=use_batch_stats,
-            momentum=factor,
-            eps=self.eps,
-            axis=axis,
-            comm=comm,
-            xp=xp,
-        )
-        # Everything succeeded: commit.
-        if update:
-            arrays = arrays._replace(
-                running_mean=out.new_running_mean, running_var=out.new_running_var
+            # Everything succeeded: commit.
+            if update:
+                arrays = arrays._replace(
+                    running_mean=out.new_running_mean, running_var=out.new_running_var
+                )
+                self.num_batches_tracked = count
+            self._storage = storage
+            self.num_features = channels
+            self._set_arrays(arrays)
+            self._local.saved = _Saved(
+                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm
             )
-            self.num_batches_tracked = count
-        self._storage = storage
-        self.num_features = channels
-        self._set_arrays(arrays)
-        self._saved = _Saved(
-            xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm
-        )
         return out.y
 
     def backward(self, dy: Array, /) -> BatchNormGrads:
@@ -566,33 +627,49 @@ class BatchNorm:
             )
         xp, device, _ = self._placement()
         state: dict[str, Array] = {}
-        for key, a in self._arrays()._asdict().items():
-            if a is not None:
-                state[key] = xp.asarray(a, copy=True)
-        if self.num_batches_tracked is not None:
-            state[_COUNTER] = xp.asarray(self.num_batches_tracked, dtype=xp.int64, device=device)
+        with self._lock:
+            for key, a in self._arrays()._asdict().items():
+                if a is not None:
+                    state[key] = xp.asarray(stop_gradient(a), copy=True)
+            if self.num_batches_tracked is not None:
+                state[_COUNTER] = xp.asarray(
+                    self.num_batches_tracked, dtype=xp.int64, device=device
+                )
         return {key: state[key] for key in keys}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], /) -> None:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], /, *, strict: bool = True
+    ) -> IncompatibleKeys:
         """Copy parameters and buffers from a state dict of any array library.
 
         Parameters
         ----------
         state_dict : mapping
-            Exactly the keys of :meth:`state_dict` (PyTorch's keys for the same
+            The keys of :meth:`state_dict` (PyTorch's keys for the same
             ``affine`` and ``track_running_stats``), with per-channel arrays of
             shape ``(num_features,)`` from any library (NumPy, torch tensors on
             any device, CuPy, ...) and ``num_batches_tracked`` as an int or 0-d
-            integer array. The values are converted to the layer's library,
-            device and dtype, and copied: later changes to them never reach the
-            layer. With ``num_features=None`` the shapes decide it.
+            integer array in [0, 2**63 - 1]. The values are converted to the
+            layer's library, device and dtype, and copied: later changes to them
+            never reach the layer. With ``num_features=None`` the shapes decide it.
+            A state dict without ``num_batches_tracked`` (PyTorch checkpoints
+            from before 0.4.1) loads and leaves the counter as it is, as torch does.
+        strict : bool, optional
+            Whether missing or unexpected keys are an error (True, the default),
+            or are reported in the result and skipped (False), as in torch.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, both empty after a strict load.
 
         Raises
         ------
         TypeError
             Not a mapping, or a value that is not a real array or counter.
         ValueError
-            Missing or unexpected keys, wrong shapes, a negative counter.
+            Missing or unexpected keys (with ``strict=True``), wrong shapes, a
+            counter outside int64's non-negative range, a ragged list.
 
         Examples
         --------
@@ -602,21 +679,26 @@ class BatchNorm:
         >>> bn.load_state_dict({"weight": [2.0, 3.0], "bias": np.zeros(2),
         ...                     "running_mean": np.ones(2), "running_var": np.ones(2),
         ...                     "num_batches_tracked": 7})
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
         >>> bn.weight, bn.num_batches_tracked
         (array([2., 3.]), 7)
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {_describe(state_dict)}")
+        strict = check_bool(strict, "strict")
         keys = self._state_keys()
-        missing = [k for k in keys if k not in state_dict]
+        # A missing counter is an old checkpoint's, not an error (torch's rule).
+        missing = [k for k in keys if k not in state_dict and k != _COUNTER]
         unexpected = [k for k in state_dict if k not in keys]
-        if missing or unexpected:
+        if strict and (missing or unexpected):
             raise ValueError(
                 f"state_dict does not match this BatchNorm (affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}): missing keys {missing}, "
                 f"unexpected keys {unexpected}"
             )
-        vectors = {k: _source_vector(state_dict[k], k) for k in keys if k != _COUNTER}
+        vectors = {
+            k: _source_vector(state_dict[k], k) for k in keys if k != _COUNTER and k in state_dict
+        }
         lengths = {k: a.shape[0] for k, a in vectors.items()}
         channels = self.num_features
         if channels is None and lengths:
@@ -627,13 +709,23 @@ class BatchNorm:
                 f"state_dict arrays must have shape ({channels},) for num_features={channels}; "
                 + ", ".join(f"{k!r} has shape ({n},)" for k, n in wrong.items())
             )
-        count = _source_counter(state_dict[_COUNTER]) if self.track_running_stats else None
-        storage = self._placement()
-        loaded = {k: _convert(a, storage) for k, a in vectors.items()}
-        # Everything is checked and converted: commit.
-        self.num_features = channels
-        self._set_arrays(_Arrays(*(loaded.get(k) for k in _Arrays._fields)))
-        self.num_batches_tracked = count
+        count = self.num_batches_tracked
+        if self.track_running_stats and _COUNTER in state_dict:
+            count = _source_counter(state_dict[_COUNTER])
+        with self._lock:
+            storage = self._placement()
+            loaded = {k: _convert(a, storage) for k, a in vectors.items()}
+            # Everything is checked and converted: commit.
+            if channels is not None:
+                current = (
+                    self._arrays()
+                    if self.num_features is not None
+                    else self._fresh(channels, storage)
+                )
+                self._set_arrays(current._replace(**loaded))
+            self.num_features = channels
+            self.num_batches_tracked = count
+        return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self) -> str:
         return (

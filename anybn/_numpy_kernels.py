@@ -97,27 +97,31 @@ def set_num_threads(n: int) -> int:
     """Use ``n`` threads (>= 1) for large arrays; returns the previous number.
 
     The default is ``$ANYBN_NUM_THREADS`` or the CPUs this process may run on,
-    at most 8. Results do not depend on it.
+    at most 8. Results do not depend on it. Safe to call while other threads
+    run anybn: a call already running keeps the pool it started with, and the
+    old pool's workers exit once nothing uses it.
     """
     global _threads, _pool
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of threads must be an int >= 1, got {type(n).__name__}")
+    if n < 1:
         raise ValueError(f"the number of threads must be an int >= 1, got {n!r}")
-    previous, _threads = _threads, n
     with _pool_lock:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-            _pool = None
+        previous, _threads = _threads, n
+        # Never shut the old pool down: a call on another thread may be about to
+        # submit to it. Dropped, it is garbage-collected and its workers exit.
+        _pool = None
     return previous
 
 
-def _executor() -> ThreadPoolExecutor:
-    """The worker pool, created on first use and again after a fork."""
+def _executor() -> tuple[ThreadPoolExecutor, int]:
+    """The worker pool and the thread count it serves, created on first use and after a fork."""
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="anybn")
+            _pool = ThreadPoolExecutor(max_workers=max(1, _threads - 1), thread_name_prefix="anybn")
             _pool_pid = os.getpid()
-        return _pool
+        return _pool, _threads
 
 
 # --- layout and blocks --------------------------------------------------------------------
@@ -343,7 +347,8 @@ def _run(
     """
     blocks = plan.blocks
     size = math.prod(plan.shape)
-    nthreads = min(_threads, len(blocks)) if size >= PARALLEL_MIN else 1
+    pool, threads = _executor() if size >= PARALLEL_MIN and len(blocks) > 1 else (None, 1)
+    nthreads = min(threads, len(blocks))
 
     def chunk(part: Sequence[tuple[int, tuple[slice, ...], slice]]) -> None:
         scratch = _Scratch(plan, dtype, nbuf, vectors)
@@ -361,7 +366,7 @@ def _run(
         return
     bounds = [len(blocks) * i // nthreads for i in range(nthreads + 1)]
     parts = [blocks[bounds[i] : bounds[i + 1]] for i in range(nthreads)]
-    pool = _executor()
+    assert pool is not None
     futures: list[Future[None]] = [pool.submit(chunk, part) for part in parts[1:]]
     try:
         chunk(parts[0])
@@ -373,6 +378,19 @@ def _run(
 def _block_size(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     """The number of values in ``view[index]`` for a view of ``shape``."""
     return math.prod(len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=True))
+
+
+def _memory_order(x: np.ndarray) -> tuple[int, ...] | None:
+    """The axes of x from the largest stride down, if that order is C-contiguous and not x's.
+
+    ``x.transpose(order)`` is then a C-ordered view of x's memory: a channels-last
+    ``(N, C, H, W)`` array gives ``(0, 2, 3, 1)``. None for C-ordered x, and for
+    layouts that no permutation makes C-ordered (slices, negative strides).
+    """
+    if x.flags.c_contiguous or x.ndim < 2:
+        return None
+    order = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))
+    return order if x.transpose(order).flags.c_contiguous else None
 
 
 # --- small inputs: one block, no plan, no threads -------------------------------------------
@@ -493,8 +511,18 @@ def forward(
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``.
 
-    Arguments are validated by the caller; ``axis`` is non-negative.
+    Arguments are validated by the caller; ``axis`` is non-negative. y is laid
+    out in memory like x wherever x is a permutation of a C-ordered array
+    (channels-last, transposed), at no cost: the kernels run on x's axes in
+    memory order.
     """
+    perm = _memory_order(x)
+    if perm is not None:
+        out = forward(
+            x.transpose(perm), running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=perm.index(axis), block=block,
+        )  # fmt: skip
+        return (out[0].transpose(np.argsort(perm)), *out[1:])
     if x.size <= SMALL:
         return _small_forward(
             x, running_mean, running_var, weight, bias, training, momentum, eps, axis
@@ -610,7 +638,14 @@ def backward(
     axis: int,
     block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dx, dweight, dbias)``; arguments validated by the caller."""
+    """``(dx, dweight, dbias)``; arguments validated by the caller; dx laid out like x."""
+    perm = _memory_order(x)
+    if perm is not None:
+        dx, dweight, dbias = backward(
+            dy.transpose(perm), x.transpose(perm), weight, mean, invstd,
+            training=training, axis=perm.index(axis), block=block,
+        )  # fmt: skip
+        return dx.transpose(np.argsort(perm)), dweight, dbias
     if x.size <= SMALL:
         return _small_backward(dy, x, weight, mean, invstd, training, axis)
     plan = _make_plan(x, axis, block)

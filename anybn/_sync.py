@@ -47,8 +47,10 @@ import array_api_compat as compat
 
 from ._comm import Communicator, as_communicator
 from ._functional import BatchNormGrads, BatchNormOutput
+from ._functional import backward as _core_backward
 from ._functional import batch_norm as _local_batch_norm
 from ._functional import batch_norm_backward as _local_batch_norm_backward
+from ._functional import forward as _core_forward
 from ._stats import centered_moments, chan_merge
 from ._validation import (
     check_channel_vector,
@@ -290,12 +292,18 @@ def forward(
     counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_zero(axis, x))
     assert local is not None
     total = sum(counts)
-    if total <= 1:
+    if total == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got "
             f"{total} over {len(counts)} ranks (local input size {tuple(x.shape)})"
         )
     xp, axis, channels, count = local
+    if total == 0:  # every shard empty: the core's empty batch (NaN statistics, as torch)
+        out = _core_forward(
+            xp, x, running_mean, running_var, weight, bias,
+            training=True, momentum=momentum, eps=eps, axis=axis, count=0,
+        )  # fmt: skip
+        return SyncForward(out, 0)
     cdt = compute_dtype(xp, x.dtype)
     pair_and_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
     gathered = communicator.all_gather(xp.concat(pair_and_m2))  # (ranks, 3C): m1, correction, M2
@@ -328,9 +336,10 @@ def forward(
     shift = -offset * scale
     if bias is not None:
         shift = shift + _as(xp, bias, cdt)
-    out = _local_batch_norm(
-        x, anchor, var, weight, shift, training=False, eps=eps, axis=axis, xp=xp
-    )
+    out = _core_forward(
+        xp, x, anchor, var, weight, shift,
+        training=False, momentum=0.0, eps=eps, axis=axis, count=count,
+    )  # fmt: skip
 
     new_running_mean, new_running_var = running_mean, running_var
     if running_mean is not None and running_var is not None:
@@ -438,12 +447,14 @@ def batch_norm_backward(
         assert local is not None
     else:
         local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
-    xp, axis, channels, _ = local
+    xp, axis, channels, count = local
+    if total_count == 0:  # every shard empty (NaN statistics): the core's zeros
+        return _core_backward(xp, dy, x, weight, mean, invstd, training=True, axis=axis, count=0)
     # The local sums, and dy * weight * invstd, from the core's eval backward (and its
     # fast paths): with mean and invstd as constants, dweight = sum(dy * xhat) and
     # dbias = sum(dy) over this shard.
-    local_grads = _local_batch_norm_backward(
-        dy, x, weight, mean, invstd, training=False, axis=axis, xp=xp
+    local_grads = _core_backward(
+        xp, dy, x, weight, mean, invstd, training=False, axis=axis, count=count
     )
     sum_dy, sum_dy_xhat = local_grads.dbias, local_grads.dweight
     sums = communicator.all_reduce(xp.concat([sum_dy, sum_dy_xhat]))
@@ -457,16 +468,18 @@ def batch_norm_backward(
     # The correction (x - mean) * (scale * invstd * mean_dy_xhat) + scale * mean_dy is
     # the core's eval forward with running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is
     # exactly 1), in one fused pass: (x - mean) * weight + bias.
-    correction = _local_batch_norm(
+    correction = _core_forward(
+        xp,
         x,
         _as(xp, mean, cdt),
         xp.zeros_like(invstd),
         scale * invstd * mean_dy_xhat,
         scale * mean_dy,
         training=False,
+        momentum=0.0,
         eps=1.0,
         axis=axis,
-        xp=xp,
+        count=count,
     ).y
     dx = local_grads.dx
     if dx.dtype == correction.dtype and writeable(xp, dx):

@@ -33,11 +33,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _numpy_kernels
+
 __all__ = ["RATIO", "backward", "forward", "supports"]
 
 #: Above this ``|mean| * invstd`` torch's ``x * alpha + beta`` loses more than
-#: about 4 ulps of y to cancellation, and anybn centres the input first.
-RATIO = 8.0
+#: about 4 ulps of y to cancellation, and anybn centres the input first: the
+#: same bound as the NumPy kernels'.
+RATIO = _numpy_kernels.RATIO
 
 Tensor = Any
 
@@ -91,8 +94,13 @@ def _exact_native_stats(xt: Tensor) -> bool:
     return bool(xt.numel() // xt.shape[1] <= NATIVE_STATS_COUNT)
 
 
-def _ratio(mean: Tensor, invstd: Tensor) -> float:
-    return float((mean.abs() * invstd).max())
+def _near_zero(mean: Tensor, invstd: Tensor) -> bool:
+    """Whether every channel's ``|mean| * invstd`` is at most :data:`RATIO`.
+
+    False when any channel is NaN or infinite: one non-finite channel must not
+    turn exact centring off for the others.
+    """
+    return bool(float((mean.abs() * invstd).max()) <= RATIO)
 
 
 def _centre(xt: Tensor, mean: Tensor) -> Tensor:
@@ -140,7 +148,7 @@ def _own_stats_forward(
     # One x-sized temporary at a time: torch's CPU allocator returns freed large
     # blocks to the system, and every fresh one costs its page faults (about a pass).
     del c
-    if _ratio(m1, invstd) <= RATIO:
+    if _near_zero(m1, invstd):
         # y = x * scale + (shift - m1 * scale): cancels by at most ~2 * RATIO ulps
         ones = torch.ones_like(m1)
         y = torch.ops.aten.native_batch_norm(xt, scale32, shift32, m1, ones, False, 0.0, 0.0)[0]
@@ -182,7 +190,7 @@ def forward(
         elif training:
             new_rm, new_rv = _clone(running_mean), _clone(running_var)
             y, mean, invstd = native(xt, weight, bias, new_rm, new_rv, True, momentum, eps)
-            if _ratio(mean, invstd) > RATIO:
+            if not _near_zero(mean, invstd):
                 m1 = mean
                 centred = _centre(xt, m1)  # x - m1, exactly
                 new_rm, new_rv = _clone(running_mean), _clone(running_var)
@@ -197,7 +205,7 @@ def forward(
             mean = running_mean
             invstd = torch.rsqrt(running_var + eps)
             new_rm, new_rv = running_mean, running_var
-            if _ratio(running_mean, invstd) <= RATIO:
+            if _near_zero(running_mean, invstd):
                 y = native(xt, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
             else:
                 scale = invstd if weight is None else invstd * weight
@@ -222,7 +230,7 @@ def backward(
 
     with torch.no_grad():
         xt = _channel1(x, axis)
-        if not _exact_native_stats(xt) and _ratio(mean, invstd) > RATIO:
+        if not _exact_native_stats(xt) and not _near_zero(mean, invstd):
             xt, mean = _centre(xt, mean), torch.zeros_like(mean)
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             _channel1(dy, axis), xt, weight, None, None, mean, invstd, True, 0.0, [True, True, True]

@@ -10,9 +10,18 @@ import math
 import numbers
 from types import ModuleType
 
-from ._xp import Array, check_floating, compute_dtype, dtype_name
+import numpy as np
 
-__all__ = ["check_channel_vector", "check_eps", "check_input", "check_momentum", "check_training"]
+from ._xp import Array, check_floating, compute_dtype, dtype_name, same_dtype
+
+__all__ = [
+    "check_bool",
+    "check_channel_vector",
+    "check_eps",
+    "check_input",
+    "check_momentum",
+    "check_training",
+]
 
 
 def check_input(xp: ModuleType, x: Array, name: str = "x") -> None:
@@ -45,7 +54,7 @@ def check_channel_vector(
     allowed = (x_dtype, compute_dtype(xp, x_dtype))
     # Compare with ==, not set membership: NumPy's xp.float32 is the scalar type,
     # which equals np.dtype("float32") but does not hash like it.
-    if not any(a.dtype == d for d in allowed):
+    if not any(same_dtype(a.dtype, d) for d in allowed):
         expected = " or ".join(sorted({dtype_name(d) for d in allowed}))
         raise TypeError(
             f"{name} must have dtype {expected} for x of dtype {dtype_name(x_dtype)}, "
@@ -53,28 +62,45 @@ def check_channel_vector(
         )
 
 
+def _short(value: object) -> str:
+    """``repr(value)``, shortened for huge ints (``10**400``) in messages."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} digits)"
+
+
+def _real(value: object, name: str, expected: str) -> float:
+    """``value`` as a float: a real number (not a bool), or TypeError/ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range, 10**400
+        raise ValueError(f"{name} must be a finite float, got {_short(value)}") from None
+
+
 def check_eps(eps: object) -> float:
     """``eps`` must be a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    value = float(eps)
+    value = _real(eps, "eps", "a float")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise ValueError(f"eps must be a finite number > 0, got {_short(eps)}")
     return value
 
 
 def check_momentum(momentum: object) -> float:
     """``momentum`` must be a number in [0, 1]."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
-    value = float(momentum)
+    value = _real(momentum, "momentum", "a float in [0, 1]")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        raise ValueError(f"momentum must be in [0, 1], got {_short(momentum)}")
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` must be a bool; NumPy's ``np.True_``/``np.False_`` count as bools."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_training(training: object) -> bool:
-    """``training`` must be a bool."""
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    return training
+    """``training`` must be a bool (or a NumPy bool)."""
+    return check_bool(training, "training")

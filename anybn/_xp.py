@@ -17,12 +17,15 @@ __all__ = [
     "Array",
     "channel_shape",
     "check_floating",
+    "check_namespace",
     "compute_dtype",
     "dtype_name",
     "is_half",
     "normalize_axis",
     "reduction_axes",
     "resolve_namespace",
+    "same_dtype",
+    "stop_gradient",
     "values_per_channel",
     "writeable",
 ]
@@ -35,6 +38,32 @@ def _describe(a: object) -> str:
     """Return ``module.Type`` for an object, for error messages."""
     t = type(a)
     return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
+def _check_array(a: object, name: str) -> None:
+    """Raise TypeError unless ``a`` is an array anybn can process as it is.
+
+    NumPy masked arrays pass as arrays, but NumPy's functions apply their mask
+    only in part (a masked value is left out of a sum, yet counted): refuse them
+    rather than return statistics of the wrong values.
+    """
+    if not compat.is_array_api_obj(a):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(a)}")
+    if compat.is_numpy_array(a) and type(a).__module__.startswith("numpy.ma"):
+        raise TypeError(
+            f"{name} is a NumPy masked array, whose mask anybn does not apply; pass "
+            f"{name}.filled(value) or {name}.data for the values to use"
+        )
+
+
+def check_namespace(xp: object, name: str = "xp") -> ModuleType:
+    """``xp`` must be an array namespace module (``numpy``, ``array_api_compat.torch``, ...)."""
+    if not isinstance(xp, ModuleType) or not hasattr(xp, "asarray"):
+        raise TypeError(
+            f"{name} must be an array namespace module (numpy, torch, cupy, "
+            f"array_api_strict, ...), got {_describe(xp)}"
+        )
+    return xp
 
 
 def resolve_namespace(
@@ -70,19 +99,16 @@ def resolve_namespace(
     ValueError
         If another argument lives on a different device than ``x``.
     """
-    if not compat.is_array_api_obj(x):
-        raise TypeError(
-            f"{x_name} must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(x)}"
-        )
-    if xp is None:
-        xp = compat.array_namespace(x)
+    _check_array(x, x_name)
+    xp = compat.array_namespace(x) if xp is None else check_namespace(xp)
     x_type = type(x)
     x_device = None
     for name, a in others.items():
         if a is None:
             continue
         if type(a) is not x_type:
-            if not compat.is_array_api_obj(a) or compat.array_namespace(a) is not xp:
+            _check_array(a, name)
+            if compat.array_namespace(a) is not compat.array_namespace(x):
                 raise TypeError(
                     f"{name} must be an array of the same library as {x_name} "
                     f"({_describe(x)}), got {_describe(a)}"
@@ -99,8 +125,19 @@ def resolve_namespace(
 
 
 def dtype_name(dtype: object) -> str:
-    """Return a short name for a dtype (``float32``, ``bfloat16``, ...)."""
+    """Return a short name for a dtype (``float32``, ``bfloat16``, ...).
+
+    NumPy dtypes of either byte order give their name (``>f4`` is ``float32``).
+    """
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str) and name:
+        return name
     return str(dtype).rsplit(".", 1)[-1].strip("'>")
+
+
+def same_dtype(a: object, b: object) -> bool:
+    """Whether two dtypes are the same type of number (byte order aside)."""
+    return bool(a == b) or dtype_name(a) == dtype_name(b)
 
 
 def check_floating(xp: ModuleType, a: Array, name: str) -> None:
@@ -156,6 +193,21 @@ def values_per_channel(shape: tuple[int | None, ...], axis: int) -> int:
             "anybn needs the shape of x to be known (got a lazy array of unknown shape)"
         )
     return math.prod(dims)  # type: ignore[arg-type]
+
+
+def stop_gradient(a: Array) -> Array:
+    """``a`` cut from any autograd graph (running statistics are never differentiable).
+
+    PyTorch: ``detach()``; JAX: ``jax.lax.stop_gradient``; other libraries have
+    no autograd and get ``a`` back.
+    """
+    if compat.is_torch_array(a):
+        return a.detach()
+    if compat.is_jax_array(a):
+        import jax
+
+        return jax.lax.stop_gradient(a)
+    return a
 
 
 def writeable(xp: ModuleType, a: Array) -> bool:

@@ -20,29 +20,42 @@ already incremented it; ``torch.jit.script`` is not supported.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._functional import batch_norm as _forward
-from ._functional import batch_norm_backward as _backward
+from . import _fastpaths, _functional, _torch_ops
+from ._torch_ops import _xp
 from ._torch_sync import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 
 
-class _BatchNormFunction(torch.autograd.Function):
-    """y = batch_norm(x, ...) with anybn's analytic, twice-differentiable backward.
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast along dim 1 of ``x``."""
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
-    Returns ``(y, new_running_mean, new_running_var)``; the running statistics
-    are None unless updated (training with running statistics) and never
-    differentiable.
+
+class _BatchNormBase(torch.autograd.Function):
+    """y = batch_norm(x, ...) with anybn's analytic backward and forward-mode derivative.
+
+    ``forward`` is the ``anybn::batch_norm`` operator and returns its five
+    outputs; only y is differentiable. The first backward is the
+    ``anybn::batch_norm_backward`` operator. When that backward is itself
+    differentiated (double backward, ``gradgradcheck``, forward-over-reverse) it
+    runs the core's generic array-API code on the tensors instead, which
+    autograd traces, with the batch statistics recomputed as functions of x. The
+    vmap rule is generated from these methods and the operators' vmap rules.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -51,38 +64,207 @@ class _BatchNormFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        out = _forward(
-            x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, out.mean, out.invstd)
-        ctx.training, ctx.eps = training, eps
-        if not (training and running_mean is not None):
-            return out.y, None, None
-        ctx.mark_non_differentiable(out.new_running_mean, out.new_running_var)
-        return out.y, out.new_running_mean, out.new_running_var
+    ) -> tuple[Tensor, ...]:
+        return tuple(
+            torch.ops.anybn.batch_norm(
+                x, weight, bias, running_mean, running_var, training, momentum, eps
+            )
+        )
 
     @staticmethod
-    def backward(
-        ctx: Any, dy: Tensor, _d_running_mean: Any, _d_running_var: Any
-    ) -> tuple[Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, bias, _, _, training, _, eps = inputs
+        _, mean, invstd, new_mean, new_var = output
+        ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        if ctx.training and x.requires_grad and torch.is_grad_enabled():
-            # create_graph=True: this gradient will be differentiated again, and in
-            # training the batch statistics are functions of x. Recompute them under
-            # autograd (the core is plain array-API code that autograd traces) so the
-            # second derivative sees that dependence; the saved ones are constants.
-            stats = _forward(x, training=True, eps=ctx.eps)
-            mean, invstd = stats.mean, stats.invstd
-        dx, dweight, dbias = _backward(dy, x, weight, mean, invstd, training=ctx.training)
+        if torch.is_grad_enabled() or _has_tangent(dy, x, weight):
+            dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
+        else:
+            dx, dweight, dbias = torch.ops.anybn.batch_norm_backward(
+                dy, x, weight, mean, invstd, ctx.training
+            )
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
-            dweight if need_weight else None,
-            dbias if need_bias else None,
+            dweight.to(ctx.weight_dtype) if need_weight else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
             None, None, None, None, None,
         )  # fmt: skip
+
+class _BatchNormFunction(_BatchNormBase):
+    """:class:`_BatchNormBase` with forward-mode AD (``jvp``), for eager mode.
+
+    ``torch.compile`` does not trace an ``autograd.Function`` with a custom
+    ``jvp``, so compiled code uses the parent class (forward-mode AD is an eager
+    feature there too).
+    """
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        x_t: Tensor | None,
+        weight_t: Tensor | None,
+        bias_t: Tensor | None,
+        *_unused: Any,
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        parts = []
+        if x_t is not None:
+            # The Jacobian of y with respect to x is symmetric (training and eval),
+            # so its product with x_t is the backward's dx for dy = x_t.
+            parts.append(
+                torch.ops.anybn.batch_norm_backward(x_t, x, weight, mean, invstd, ctx.training)[0]
+            )
+        if weight_t is not None:
+            xhat = (x - _channel_view(mean, x)) * _channel_view(invstd, x)
+            parts.append((xhat * _channel_view(weight_t, x)).to(x.dtype))
+        if bias_t is not None:
+            parts.append(_channel_view(bias_t, x).expand_as(x).to(x.dtype))
+        y_t = None
+        for part in parts:
+            y_t = part if y_t is None else y_t + part
+        return y_t, None, None, None, None
+
+
+
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD is tracking any of these tensors."""
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _differentiable_backward(
+    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward by the core's generic path, on tensors that autograd traces."""
+    count = x.numel() // x.shape[1]
+    with _fastpaths.fast_paths(False):
+        if ctx.training:
+            # In training the batch statistics are functions of x: recompute them
+            # under autograd, so the second derivative sees that dependence.
+            stats = _functional.forward(
+                _xp, x, None, None, None, None,
+                training=True, momentum=0.0, eps=ctx.eps, axis=1, count=count,
+            )  # fmt: skip
+            mean, invstd = stats.mean, stats.invstd
+        return tuple(  # type: ignore[return-value]
+            _functional.backward(
+                _xp, dy, x, weight, mean, invstd, training=ctx.training, axis=1, count=count
+            )
+        )
+
+
+# --- PyTorch's argument rules --------------------------------------------------------------
+
+
+def _verify_batch_size(size: torch.Size) -> None:
+    """PyTorch's ``_verify_batch_size``: one value per channel cannot be trained on."""
+    size_prods = size[0]
+    for extent in size[2:]:
+        size_prods *= extent
+    if size_prods == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """``Long``, ``Float``, ``ComplexFloat``: the names in PyTorch's dtype errors."""
+    return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def _check_arguments(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: object,
+    momentum: object,
+    eps: object,
+) -> tuple[bool, float, float]:
+    """PyTorch's checks, in its order, with its exception types and messages."""
+    for position, name, value in (
+        (1, "input", input),
+        (2, "running_mean", running_mean),
+        (3, "running_var", running_var),
+        (4, "weight", weight),
+        (5, "bias", bias),
+    ):
+        if not (value is None and position > 1) and not isinstance(value, Tensor):
+            raise TypeError(
+                f"batch_norm(): argument '{name}' (position {position}) must be Tensor, "
+                f"not {type(value).__name__}"
+            )
+    for name, value, kinds in (
+        ("training", training, (bool, np.bool_)),
+        ("momentum", momentum, (int, float, np.integer, np.floating)),
+        ("eps", eps, (int, float, np.integer, np.floating)),
+    ):
+        if not isinstance(value, kinds) or (name != "training" and isinstance(value, bool)):
+            expected = "bool" if name == "training" else "float"
+            raise TypeError(
+                f"batch_norm(): argument '{name}' must be {expected}, not {type(value).__name__}"
+            )
+    if training:
+        _verify_batch_size(input.size())
+    if training and eps <= 0.0:  # type: ignore[operator]
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:  # type: ignore[operator]
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    training, momentum, eps = bool(training), float(momentum), float(eps)  # type: ignore[arg-type]
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None"
+        )
+    return training, momentum, eps
+
+
+def _check_tensors(
+    input: Tensor, vectors: dict[str, Tensor | None], training: bool
+) -> dict[str, Tensor | None]:
+    """Shapes, dtypes and devices as ``torch.batch_norm`` checks them; vectors made 1-D."""
+    if not input.dtype.is_floating_point:
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for \'{_scalar_type_name(input.dtype)}\''
+        )
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"batch_norm: expected input with at least 2 dimensions (N, C, ...), "
+            f"got input of size {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    out: dict[str, Tensor | None] = {}
+    for name, v in vectors.items():
+        if v is None:
+            if not training and name.startswith("running_"):
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+            out[name] = None
+            continue
+        if v.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {v.numel()}")
+        if v.device != input.device:
+            raise RuntimeError(
+                f"Tensor on device {v.device} is not on the expected device {input.device}!"
+            )
+        out[name] = v.reshape(channels) if v.dim() != 1 else v
+    dtypes = {v.dtype for v in out.values() if v is not None}
+    if dtypes and dtypes != {input.dtype}:
+        half = input.dtype in (torch.float16, torch.bfloat16)
+        if not (half and dtypes == {torch.float32}):
+            raise RuntimeError(
+                "mixed dtype (CPU): all inputs must share same datatype."
+                if input.dtype == torch.float64
+                else "mixed dtype (CPU): expect parameter to have scalar type of Float"
+            )
+    return out
 
 
 def batch_norm(
@@ -97,8 +279,11 @@ def batch_norm(
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.batch_norm`, computed by anybn.
 
-    Same signature and semantics: in training the running statistics, if given,
-    are updated in place; the channels are on dimension 1.
+    Same signature, semantics and argument rules (exception types and messages
+    included): in training the running statistics, if given, are updated in
+    place; the channels are on dimension 1; ``momentum`` may be any number (it
+    is ignored in eval), and ``eps`` may be 0 in eval. An empty batch gives an
+    empty output and leaves the running statistics as they are.
 
     Examples
     --------
@@ -113,14 +298,38 @@ def batch_norm(
     >>> rm
     tensor([0.2000, 2.0000])
     """
-    y, new_mean, new_var = _BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
+    training, momentum, eps = _check_arguments(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
     )
-    if new_mean is not None:
-        assert running_mean is not None and running_var is not None
+    if input.numel() == 0:
+        # PyTorch's rule for an empty batch: no statistics, no update; the output
+        # stays connected to weight and bias so that their gradients are zeros.
+        out = input.clone()
+        if weight is not None:
+            out = out * weight.reshape(-1)[0]
+        if bias is not None:
+            out = out + bias.reshape(-1)[0]
+        return out
+    vectors = _check_tensors(
+        input,
+        {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
+        training,
+    )
+    function = _BatchNormBase if torch.compiler.is_compiling() else _BatchNormFunction
+    y, _, _, new_mean, new_var = function.apply(
+        input,
+        vectors["weight"],
+        vectors["bias"],
+        vectors["running_mean"],
+        vectors["running_var"],
+        training,
+        momentum,
+        eps,
+    )
+    if training and running_mean is not None and running_var is not None:
         with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+            running_mean.copy_(new_mean.view_as(running_mean))
+            running_var.copy_(new_var.view_as(running_var))
     return y
 
 
@@ -151,6 +360,14 @@ class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
         if tracked is not None:
             tracked.add_(1)
         return y
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: say that TorchScript is not supported."""
+        raise RuntimeError(
+            f"{type(self).__module__}.{type(self).__qualname__} does not support "
+            "torch.jit.script: TorchScript cannot compile anybn's Python core. Use "
+            "torch.compile (supported, fullgraph=True included) or torch.export instead"
+        )
 
 
 class BatchNorm1d(_AnyBNForward, nn.BatchNorm1d):
@@ -224,10 +441,11 @@ def convert(module: nn.Module) -> nn.Module:
     In the spirit of ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new
     modules take over the very ``Parameter`` and buffer objects of the old ones
     (so an optimizer built before the conversion keeps working), their
-    train/eval mode and (sync) their ``process_group``. Only modules whose type
-    is exactly ``nn.BatchNorm1d``, ``nn.BatchNorm2d``, ``nn.BatchNorm3d`` or
-    ``nn.SyncBatchNorm`` are replaced: subclasses (whose behaviour may differ)
-    and lazy batch norms are left alone.
+    train/eval mode, their other attributes (a sync batch norm's ``process_group``
+    included) and their hooks (forward, forward pre-, backward and state-dict hooks).
+    Only modules whose type is exactly ``nn.BatchNorm1d``, ``nn.BatchNorm2d``,
+    ``nn.BatchNorm3d`` or ``nn.SyncBatchNorm`` are replaced: subclasses (whose
+    behaviour may differ) and lazy batch norms are left alone.
 
     Parameters
     ----------
@@ -255,23 +473,15 @@ def convert(module: nn.Module) -> nn.Module:
     converted = module
     drop_in = _DROP_INS.get(type(module))
     if drop_in is not None:
-        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        converted = drop_in(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            device="meta",  # placeholders: every tensor is replaced below
-        )
-        converted.weight, converted.bias = module.weight, module.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(converted, name, getattr(module, name))
-        converted.train(module.training)
-        if hasattr(module, "qconfig"):
-            converted.qconfig = module.qconfig
-        if isinstance(module, nn.SyncBatchNorm):
-            converted.process_group = module.process_group  # type: ignore[assignment]
+        # The same module under the drop-in's class: every attribute carried over
+        # (parameters, buffers, mode, bias=False, qconfig, anything a user set), the
+        # hook dicts shared so that hooks and their handles keep working.
+        converted = drop_in.__new__(drop_in)
+        state = module.__dict__.copy()
+        for name in ("_parameters", "_buffers", "_modules"):
+            state[name] = state[name].copy()
+        state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+        converted.__dict__.update(state)
     for name, child in module.named_children():
         converted.add_module(name, convert(child))
     return converted

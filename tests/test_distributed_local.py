@@ -296,3 +296,22 @@ def test_float32_large_mean_stays_at_rounding(offset: float) -> None:
 
     y = np.concatenate(_values(ThreadGroup(2).run(rank_fn)))
     np.testing.assert_allclose(y, exact, rtol=0, atol=1e-6)
+
+
+def test_every_shard_empty_is_the_core_empty_batch() -> None:
+    """No values anywhere: NaN statistics and running statistics kept, as the core (and
+    PyTorch) do for an empty batch; the backward gives zeros."""
+    rm, rv = np.zeros(3), np.ones(3)
+
+    def rank_fn(comm: Communicator) -> Any:
+        x = np.ones((0, 3, 2))
+        out = anybn.batch_norm(x, rm, rv, training=True, comm=comm)
+        grads = anybn.batch_norm_backward(x, x, None, out.mean, out.invstd, comm=comm)
+        return out, grads
+
+    ref = anybn.batch_norm(np.ones((0, 3, 2)), rm, rv, training=True)
+    for out, grads in _values(ThreadGroup(2).run(rank_fn)):
+        assert out.y.shape == (0, 3, 2) and np.isnan(out.mean).all()
+        np.testing.assert_array_equal(out.new_running_mean, ref.new_running_mean)
+        np.testing.assert_array_equal(out.new_running_var, ref.new_running_var)
+        np.testing.assert_array_equal(grads.dweight, np.zeros(3))
