@@ -6,12 +6,13 @@ Usage (from the repository root; needs torch, and mpi4py + mpiexec for the MPI r
 
 For each shape (each rank's shard: ``(32, 64, 56, 56)`` and ``(256, 512)``, float32)
 every rank times a training forward + backward with :func:`anybn.batch_norm` /
-:func:`anybn.batch_norm_backward`, first local (``comm=None``) and then synchronized
-(``comm=`` the group), the fastest of ``--repeat`` runs after 3 warm-up runs (the
-minimum, not the median: on a shared machine the other processes only ever add
-time), with one thread per rank; the table shows rank 0's times, the overhead
-``sync - local``, the synchronized code path in a group of one rank (its compute,
-without network or waiting), and the four collectives of a functional step alone.
+:func:`anybn.batch_norm_backward` three ways, interleaved so that load from elsewhere
+hits all three alike: local (``comm=None``), synchronized (``comm=`` the group), and
+the synchronized code path in a group of one rank (its compute, without network or
+waiting). Each figure is the fastest of ``--repeat`` runs after 3 warm-up runs (the
+minimum, not the median: on a shared machine other processes only ever add time), one
+thread per rank. The table shows rank 0's times, the overhead ``sync - local``, and
+the four collectives of a functional step timed alone.
 gloo runs carry torch CPU tensors, MPI runs NumPy arrays. Also shown: the bytes each
 rank sends per step. The ranks are processes of this machine talking over 127.0.0.1.
 """
@@ -84,17 +85,16 @@ def rank_main(engine: str, repeat: int) -> None:
     for shape in SHAPES:
         x = make(rng.normal(size=shape).astype(np.float32))
         dy = make(rng.normal(size=shape).astype(np.float32))
-        timings = {}
-        for mode, c in (("local", None), ("sync", comm), ("alone", Alone())):
-            for _ in range(3):
-                _step(anybn, x, dy, c)
-            runs = []
-            for _ in range(repeat):
+        modes = {"local": None, "sync": comm, "alone": Alone()}
+        runs: dict[str, list[float]] = {mode: [] for mode in modes}
+        for i in range(3 + repeat):  # interleaved, so that load from elsewhere hits all three
+            for mode, c in modes.items():
                 barrier()
                 t0 = time.perf_counter()
                 _step(anybn, x, dy, c)
-                runs.append(time.perf_counter() - t0)
-            timings[mode] = min(runs)
+                if i >= 3:  # warm-up
+                    runs[mode].append(time.perf_counter() - t0)
+        timings = {mode: min(r) for mode, r in runs.items()}
         channels = shape[1]
         stats = make(np.zeros(3 * channels, dtype=np.float32))
         sums = make(np.zeros(2 * channels, dtype=np.float32))
