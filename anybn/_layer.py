@@ -21,6 +21,7 @@ import array_api_compat as compat
 import numpy as np
 
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
+from ._sync import reports_failures
 from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
 from ._xp import (
     Array,
@@ -454,6 +455,7 @@ class BatchNorm:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
+    @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
     def forward(self, x: Array, /) -> Array:
         """Normalize ``x``, updating the running statistics in training mode.
 

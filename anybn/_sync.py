@@ -40,8 +40,12 @@ input, float64 for float64 input.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import array_api_compat as compat
 
@@ -71,7 +75,14 @@ from ._xp import (
     writeable,
 )
 
-__all__ = ["SyncForward", "batch_norm", "batch_norm_backward", "forward"]
+__all__ = [
+    "SyncForward",
+    "batch_norm",
+    "batch_norm_backward",
+    "failures_reported",
+    "forward",
+    "reports_failures",
+]
 
 _MAGIC = 0x616E7962  # "anyb": a header from anybn's sync, not from some other collective
 _FORWARD, _BACKWARD = 1, 2
@@ -147,6 +158,7 @@ def _agree(
     (ValueError); a rank whose own checks failed (its own error there, RuntimeError
     on the others).
     """
+    _exchanges.count = getattr(_exchanges, "count", 0) + 1
     rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
     where = f"anybn synchronized batch norm ({comm.engine}, {len(rows)} ranks)"
     if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
@@ -185,6 +197,49 @@ def _axis_or_zero(axis: object, x: Any) -> int:
         return normalize_axis(axis, x.ndim)
     except Exception:
         return 0
+
+
+#: Per thread: how many header exchanges this thread has entered (see failures_reported).
+_exchanges = threading.local()
+
+
+@contextmanager
+def failures_reported(comm: object, x: Any, axis: object = 1) -> Iterator[None]:
+    """Make an error raised before this rank reached the header exchange fail every rank.
+
+    Callers that check their own arguments before calling :func:`forward` (the
+    layer's channel count, the torch module's input rank) run those checks in
+    this context: if one raises before any header was exchanged, this rank still
+    takes part in the exchange, as a failed rank, so that the other ranks raise
+    too instead of waiting in the collective. Then the error propagates.
+    """
+    before = getattr(_exchanges, "count", 0)
+    try:
+        yield
+    except Exception as exc:
+        if getattr(_exchanges, "count", 0) == before:
+            _agree(as_communicator(comm), _FORWARD, None, exc, x, _axis_or_zero(axis, x))
+        raise
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def reports_failures(method: _Method) -> _Method:
+    """Decorate a layer's ``forward(self, x)``: :func:`failures_reported` when it syncs.
+
+    It syncs when ``self.comm`` is set and ``self.training`` is true.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, x: Any, /) -> Any:
+        comm = getattr(self, "comm", None)
+        if comm is None or not getattr(self, "training", False):
+            return method(self, x)
+        with failures_reported(comm, x, getattr(self, "axis", 1)):
+            return method(self, x)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_forward(

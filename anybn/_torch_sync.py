@@ -160,6 +160,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         torch.Tensor
             The normalized shard, with input's shape and dtype.
         """
+        comm = self._sync_comm() if self.training else None
+        if comm is None:
+            return self._forward(input, None)
+        # A rank whose input fails the checks below still tells the others.
+        with _sync.failures_reported(comm, input):
+            return self._forward(input, comm)
+
+    def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
@@ -170,7 +178,6 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        comm = self._sync_comm() if self.training else None
         if comm is None:
             from .torch import batch_norm
 

@@ -249,6 +249,8 @@ def run_faults(r: Rank, data: dict) -> None:
     bn(rng.normal(size=(4, 3)))
     before = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked)
     r.attempt("layer_dtype", lambda: bn(rng.normal(size=(4, 3)).astype(other)))
+    # The layer's own check (channels vs num_features) fails on one rank: all raise.
+    r.attempt("layer_channels", lambda: bn(rng.normal(size=(4, 4 if last else 3))))
     r.report["layer_unchanged"] = bool(
         np.array_equal(before[0], bn.running_mean)
         and np.array_equal(before[1], bn.running_var)
@@ -265,6 +267,9 @@ def run_faults(r: Rank, data: dict) -> None:
         state = {k: v.clone() for k, v in m.state_dict().items()}
         x = torch.from_numpy(rng.normal(size=(4, 4 if last else 3, 2)))
         r.attempt("module_channels", lambda: m(x))
+        # The module's own input check fails on one rank (1-D input): all raise.
+        x1 = torch.from_numpy(rng.normal(size=(3,) if last else (4, 3, 2)))
+        r.attempt("module_ndim", lambda: m(x1))
         r.report["module_unchanged"] = all(
             torch.equal(state[k], v) for k, v in m.state_dict().items()
         )

@@ -231,6 +231,8 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
         assert "more than 1 value per channel" in report["count"][1]
         assert report["backward_channels"][0] == "ValueError"
         assert report["layer_dtype"][0] == "TypeError"
+        assert report["layer_channels"][0] == "ValueError"
+        assert "same number of channels" in report["layer_channels"][1]
         assert report["layer_unchanged"]
         np.testing.assert_array_equal(arrays["running_mean"], np.zeros(3))
         np.testing.assert_array_equal(arrays["running_var"], np.ones(3))
@@ -238,6 +240,13 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
         if engine == "gloo":
             assert report["module_channels"][0] == "ValueError"
             assert "same number of channels" in report["module_channels"][1]
+            if rank == size - 1:
+                assert report["module_ndim"] == [
+                    "ValueError",
+                    "expected at least 2D input (got 1D input)",
+                ]
+            else:
+                assert report["module_ndim"][0] == "RuntimeError"
             assert report["module_unchanged"]
 
 
