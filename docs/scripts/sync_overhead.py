@@ -3,6 +3,7 @@
 Usage (from the repository root; needs torch, and mpi4py + mpiexec for the MPI rows)::
 
     python docs/scripts/sync_overhead.py [--repeat 15] [--engines gloo,mpi]
+    OMP_NUM_THREADS=1 ANYBN_NUM_THREADS=1 python docs/scripts/sync_overhead.py --one-process
 
 For each shape (each rank's shard: ``(32, 64, 56, 56)`` and ``(256, 512)``, float32)
 every rank times a training forward + backward with :func:`anybn.batch_norm` /
@@ -38,6 +39,57 @@ def _step(anybn: object, x: object, dy: object, comm: object) -> None:
     anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, comm=comm)  # type: ignore[attr-defined]
 
 
+def _alone_class() -> type:
+    from anybn.distributed import Communicator
+
+    class Alone(Communicator):
+        """A group of one: the synchronized code path with no network and no waiting."""
+
+        rank, size, engine = 0, 1, "none"
+
+        def all_gather(self, a: object) -> object:
+            return a[None, :]  # type: ignore[index]
+
+        def all_reduce(self, a: object) -> object:
+            return a
+
+        def all_gather_ints(self, values: list[int], like: object = None) -> list[list[int]]:
+            return [list(values)]
+
+    return Alone
+
+
+def one_process(repeat: int) -> None:
+    """The compute of the synchronized path against the local one, in this process alone."""
+    import numpy as np
+    import torch
+
+    import anybn
+
+    torch.set_num_threads(1)
+    alone = _alone_class()()
+    print("| library | shape (float32) | local fwd+bwd | synchronized code path, one rank |")
+    print("|---|---|---|---|")
+    for lib in ("torch", "numpy"):
+        for shape in SHAPES:
+            rng = np.random.default_rng(0)
+            x = rng.normal(size=shape).astype(np.float32)
+            dy = rng.normal(size=shape).astype(np.float32)
+            if lib == "torch":
+                x, dy = torch.from_numpy(x), torch.from_numpy(dy)
+            runs: dict[str, list[float]] = {"local": [], "alone": []}
+            for i in range(3 + repeat):
+                for mode, c in (("local", None), ("alone", alone)):
+                    t0 = time.perf_counter()
+                    _step(anybn, x, dy, c)
+                    if i >= 3:
+                        runs[mode].append(time.perf_counter() - t0)
+            local, sync = min(runs["local"]) * 1e3, min(runs["alone"]) * 1e3
+            shape_text = "(" + ", ".join(map(str, shape)) + ")"
+            ratio = f"{sync:.2f} ms ({sync / local:.2f}x)"
+            print(f"| {lib} | {shape_text} | {local:.2f} ms | {ratio} |")
+
+
 def rank_main(engine: str, repeat: int) -> None:
     import numpy as np
 
@@ -63,22 +115,9 @@ def rank_main(engine: str, repeat: int) -> None:
         def make(a: np.ndarray) -> object:
             return a
 
-    from anybn.distributed import Communicator, as_communicator
+    from anybn.distributed import as_communicator
 
-    class Alone(Communicator):
-        """A group of one: the synchronized code path with no network and no waiting."""
-
-        rank, size, engine = 0, 1, "none"
-
-        def all_gather(self, a: object) -> object:
-            return a[None, :]  # type: ignore[index]
-
-        def all_reduce(self, a: object) -> object:
-            return a
-
-        def all_gather_ints(self, values: list[int], like: object = None) -> list[list[int]]:
-            return [list(values)]
-
+    Alone = _alone_class()
     communicator = as_communicator(comm)
     rows = []
     rng = np.random.default_rng(rank)
@@ -158,10 +197,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--engines", default="gloo,mpi")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time only the compute of the synchronized path, in this process (one thread)",
+    )
     parser.add_argument("--rank-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_of:
         rank_main(args.rank_of, args.repeat)
+        return
+    if args.one_process:
+        one_process(args.repeat)
         return
     print(
         "| engine | shard shape (float32) | local fwd+bwd | synchronized fwd+bwd | overhead "
