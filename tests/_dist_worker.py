@@ -12,6 +12,7 @@ Scenarios
 ``faults``  the recoverable fault cases, one after another on the same group.
 ``dead``    the last rank exits before the collective; the others must raise.
 ``ddp``     20 DistributedDataParallel steps of :func:`make_cnn` with SyncBatchNorm.
+``single``  a group of one rank: everything behaves as local batch norm.
 """
 
 from __future__ import annotations
@@ -293,6 +294,23 @@ def run_dead(r: Rank, data: dict) -> None:
     r.arrays["running_mean"], r.arrays["running_var"] = rm, rv
 
 
+def run_single(r: Rank, data: dict) -> None:
+    """A group of one rank: the module is local batch norm; comm= the group equals None."""
+    import torch
+
+    import anybn
+    import anybn.torch as abt
+
+    x = data["x3"]
+    sync, local = abt.SyncBatchNorm(3).double(), abt.BatchNorm1d(3).double()
+    xt = torch.from_numpy(x)
+    r.arrays["module:y"], r.arrays["local:y"] = to_numpy(sync(xt)), to_numpy(local(xt))
+    r.arrays["module:running_var"] = to_numpy(sync.running_var)
+    r.arrays["local:running_var"] = to_numpy(local.running_var)
+    out = anybn.batch_norm(x, training=True, comm=r.comm)
+    r.arrays["comm:y"], r.arrays["none:y"] = out.y, anybn.batch_norm(x, training=True).y
+
+
 def run_ddp(r: Rank, data: dict) -> None:
     import torch
 
@@ -306,7 +324,13 @@ def main() -> None:
     engine, scenario, workdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     r = Rank(engine, workdir)
     data = dict(np.load(workdir / "inputs.npz")) if (workdir / "inputs.npz").exists() else {}
-    {"exact": run_exact, "faults": run_faults, "dead": run_dead, "ddp": run_ddp}[scenario](r, data)
+    {
+        "exact": run_exact,
+        "faults": run_faults,
+        "dead": run_dead,
+        "ddp": run_ddp,
+        "single": run_single,
+    }[scenario](r, data)
     r.report["done"] = True
     r.save()
     if engine == "gloo":

@@ -288,3 +288,15 @@ def test_ddp_matches_single_process(tmp_path: Path) -> None:
             assert sorted(got.files) == sorted(expected)
             for k, v in expected.items():
                 assert_close(got[k], v, 1e-10, f"rank {rank}: {k}")
+
+
+@pytest.mark.skipif(not _has_gloo(), reason="torch.distributed gloo missing")
+def test_group_of_one_is_local(tmp_path: Path) -> None:
+    """World size 1: SyncBatchNorm is BatchNorm, and comm= the group gives the local result."""
+    np.savez(tmp_path / "inputs.npz", **worker.make_inputs([5]))
+    codes = launch("gloo", 1, "single", tmp_path)
+    assert codes == [0], f"exit codes {codes}"
+    with np.load(tmp_path / "rank0.npz") as got:
+        for a, b in (("module:y", "local:y"), ("module:running_var", "local:running_var")):
+            np.testing.assert_array_equal(got[a], got[b])
+        np.testing.assert_allclose(got["comm:y"], got["none:y"], rtol=1e-12, atol=1e-12)
