@@ -8,10 +8,12 @@ PyTorch, array-api-strict and any other conforming library.
 from ._functional import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._layer import BatchNorm
 from ._stats import chan_merge
+from ._typing import AnyArray
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyArray",
     "BatchNorm",
     "BatchNormGrads",
     "BatchNormOutput",

@@ -11,11 +11,12 @@ with the same (or better) numerics and are tested against the generic path:
   lose accuracy, :mod:`anybn._torch_kernels`. Small tensors (a few torch calls
   cost more than the work) and float16 CPU tensors run the NumPy kernels on NumPy
   views of the tensors (no copies).
-* CuPy arrays: fused elementwise and reduction kernels,
-  :mod:`anybn._cupy_kernels`.
+* CuPy arrays and PyTorch CUDA tensors that autograd does not track
+  (float16/32/64): numba-cuda kernels, :mod:`anybn._kernels.cuda`, when
+  numba-cuda is installed (``pip install anybn[cuda]``).
 
 Everything else (array-api-strict, JAX, Dask, torch tensors that require grad,
-bfloat16, CUDA tensors) takes the generic path.
+bfloat16, GPU arrays without numba-cuda) takes the generic path.
 
 Switching
 ---------
@@ -133,6 +134,35 @@ def _to_torch(results: tuple[Any, ...], inputs: dict[int, Array]) -> tuple[Any, 
     )
 
 
+# --- CuPy arrays and torch CUDA tensors: numba-cuda kernels ---------------------------------
+
+_cuda_module: ModuleType | bool | None = False  # False: not imported yet; None: unavailable
+
+
+def _cuda_kernels(arrays: tuple[Array | None, ...]) -> ModuleType | None:
+    """:mod:`anybn._kernels.cuda` if it serves these arrays, else None (generic path).
+
+    Torch tensors that autograd tracks stay on the generic path (autograd traces it);
+    without numba-cuda every GPU array does.
+    """
+    global _cuda_module
+    if _cuda_module is False:
+        from ._kernels import cuda as module
+
+        _cuda_module = module if module.AVAILABLE else None  # numba-cuda installed?
+    if _cuda_module is None:
+        return None
+    x = arrays[0] if arrays[0] is not None else arrays[1]
+    if compat.is_torch_array(x):
+        import torch
+
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
+            return None
+    present = [a for a in arrays if a is not None]
+    cuda: Any = _cuda_module
+    return cuda if cuda.supports(present[0], *present[1:]) else None
+
+
 # --- dispatch -----------------------------------------------------------------------------
 
 
@@ -156,6 +186,14 @@ def batch_norm(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
+    if compat.is_cupy_array(x) or (compat.is_torch_array(x) and x.device.type == "cuda"):
+        cuda = _cuda_kernels(args)
+        if cuda is None:
+            return None
+        return cuda.forward(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis,
+        )  # fmt: skip
     if compat.is_torch_array(x):
         if _torch_kernels.wanted(x, axis) and _torch_kernels.supports(*args):
             return _torch_kernels.forward(
@@ -170,13 +208,6 @@ def batch_norm(
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
         return _to_torch(out, {id(v): a for v, a in zip(views, args, strict=True) if v is not None})
-    if compat.is_cupy_array(x):
-        from . import _cupy_kernels
-
-        return _cupy_kernels.forward(
-            x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis,
-        )  # fmt: skip
     return None
 
 
@@ -194,6 +225,11 @@ def batch_norm_backward(
     """The backward on a fast path, or None; arguments are already validated."""
     if _numpy_kernels.supports(x) and _numpy_kernels.supports(dy):
         return _numpy_kernels.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
+    if compat.is_cupy_array(x) or (compat.is_torch_array(x) and x.device.type == "cuda"):
+        cuda = _cuda_kernels((dy, x, weight, mean, invstd))
+        if cuda is None:
+            return None
+        return cuda.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
     if compat.is_torch_array(x):
         if (
             training
@@ -211,8 +247,4 @@ def batch_norm_backward(
             views[0], views[1], views[2], views[3], views[4], training=training, axis=axis
         )
         return _to_torch(out, {})
-    if compat.is_cupy_array(x):
-        from . import _cupy_kernels
-
-        return _cupy_kernels.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
     return None

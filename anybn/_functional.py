@@ -20,6 +20,7 @@ import array_api_compat as compat
 
 from . import _fastpaths
 from ._stats import centered_moments, channel_dot, channel_sum
+from ._typing import AnyArray
 from ._validation import (
     check_channel_vector,
     check_eps,
@@ -130,11 +131,11 @@ def _affine(xp: ModuleType, centered: Array, scale: Array, shift: Array | None) 
 
 
 def batch_norm(
-    x: Array,
-    running_mean: Array | None = None,
-    running_var: Array | None = None,
-    weight: Array | None = None,
-    bias: Array | None = None,
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
     *,
     training: bool = False,
     momentum: float = 0.1,
@@ -395,11 +396,11 @@ def _generic_forward(
 
 
 def batch_norm_backward(
-    dy: Array,
-    x: Array,
-    weight: Array | None,
-    mean: Array,
-    invstd: Array,
+    dy: AnyArray,
+    x: AnyArray,
+    weight: AnyArray | None,
+    mean: AnyArray,
+    invstd: AnyArray,
     *,
     training: bool = True,
     axis: int = 1,
@@ -472,6 +473,7 @@ def batch_norm_backward(
         return _sync.batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
         )
+    a: AnyArray | None  # (annotation only: the loops below bind it to optional arrays)
     for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
         if a is None:
             raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got None")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
 from ._sync import reports_failures
+from ._typing import AnyArray, ArrayT
 from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
 from ._xp import (
     Array,
@@ -286,6 +287,13 @@ class BatchNorm:
     forward) leaves the layer exactly as it was: parameters, running
     statistics, counter, library and the forward saved for ``backward``.
 
+    Threads may share a layer: each forward reads the state, computes and
+    commits under the layer's lock, so no update is lost (forwards on one layer
+    run one at a time; its array work is multi-threaded inside), and
+    ``backward`` pairs with the last forward *of the calling thread*. Copies
+    (``copy.deepcopy``, ``pickle``) carry the parameters, buffers, counter and
+    mode, not the saved forward.
+
     Examples
     --------
     >>> import numpy as np
@@ -425,15 +433,16 @@ class BatchNorm:
         with self._lock:
             state = self.__dict__.copy()
         del state["_lock"], state["_local"]
-        if self._storage is not None:
-            state["_storage"] = self._storage._replace(xp=self._storage.xp.__name__)
+        if self._storage is not None:  # modules do not pickle: the namespace by name
+            xp, device, dtype = self._storage
+            state["_storage"] = (xp.__name__, device, dtype)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        storage = state.get("_storage")
-        if storage is not None:
-            xp = importlib.import_module(storage.xp)
-            state["_storage"] = storage._replace(xp=_namespace_of(xp))
+        if state.get("_storage") is not None:
+            name, device, dtype = state["_storage"]
+            xp = _namespace_of(importlib.import_module(name))
+            state["_storage"] = _Storage(xp, device, dtype)
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -451,12 +460,12 @@ class BatchNorm:
 
     # --- forward and backward ------------------------------------------------------------
 
-    def __call__(self, x: Array, /) -> Array:
+    def __call__(self, x: ArrayT, /) -> ArrayT:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
     @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
-    def forward(self, x: Array, /) -> Array:
+    def forward(self, x: ArrayT, /) -> ArrayT:
         """Normalize ``x``, updating the running statistics in training mode.
 
         Parameters
@@ -530,7 +539,7 @@ class BatchNorm:
             )
         return out.y
 
-    def backward(self, dy: Array, /) -> BatchNormGrads:
+    def backward(self, dy: AnyArray, /) -> BatchNormGrads:
         """Gradients of the last forward with respect to its input and parameters.
 
         Parameters

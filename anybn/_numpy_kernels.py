@@ -36,13 +36,14 @@ products, on the contiguous axis.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -66,6 +67,26 @@ PARALLEL_MIN = 1 << 18
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NUMPY2 = int(np.__version__.split(".", 1)[0]) >= 2
+
+
+#: Non-finite input gives non-finite output in its channel (inf - inf is NaN), as in
+#: the generic path and in PyTorch, without a RuntimeWarning from anybn's internals.
+#: (np.errstate also restores the ufunc buffer size that a block loop sets.) A new
+#: errstate per use: one instance entered on two threads at once would mix up their states.
+def _quiet() -> np.errstate:
+    return np.errstate(invalid="ignore", divide="ignore", over="ignore")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _quietly(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _quiet():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # --- threads ------------------------------------------------------------------------------
@@ -352,12 +373,9 @@ def _run(
 
     def chunk(part: Sequence[tuple[int, tuple[slice, ...], slice]]) -> None:
         scratch = _Scratch(plan, dtype, nbuf, vectors)
-        if plan.bufsize:
-            with np.errstate():
+        with _quiet():  # error state is per thread: the workers need it too
+            if plan.bufsize:
                 np.setbufsize(plan.bufsize)
-                for row, index, cs in part:
-                    work(row, index, cs, scratch)
-        else:
             for row, index, cs in part:
                 work(row, index, cs, scratch)
 
@@ -496,6 +514,7 @@ def _f64(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+@_quietly
 def forward(
     x: np.ndarray,
     running_mean: np.ndarray | None,
@@ -627,6 +646,7 @@ def forward(
     return y, mean, invstd, new_rm, new_rv
 
 
+@_quietly
 def backward(
     dy: np.ndarray,
     x: np.ndarray,

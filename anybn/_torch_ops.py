@@ -14,8 +14,6 @@ statistics are not updated, the last two outputs are empty tensors.
 schemas are inferred from the annotations, which must be real types.)
 """
 
-from typing import Optional
-
 import array_api_compat
 import torch
 from torch import Tensor
@@ -50,10 +48,10 @@ def _count(x: Tensor) -> int:
 @torch.library.custom_op("anybn::batch_norm", mutates_args=())
 def batch_norm(
     input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool,
     momentum: float,
     eps: float,
@@ -71,16 +69,17 @@ def batch_norm(
         new_mean, new_var = out.new_running_mean, out.new_running_var
     else:  # two tensors: outputs may not alias each other
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
-    return _layout_like(out.y, input), out.mean, out.invstd, new_mean, new_var
+    y: Tensor = _layout_like(out.y, input)
+    return y, out.mean, out.invstd, new_mean, new_var  # type: ignore[return-value]
 
 
 @batch_norm.register_fake
 def _batch_norm_fake(
     input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     training: bool,
     momentum: float,
     eps: float,
@@ -97,7 +96,7 @@ def _batch_norm_fake(
 def batch_norm_backward(
     grad_output: Tensor,
     input: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     training: bool,
@@ -114,7 +113,7 @@ def batch_norm_backward(
 def _batch_norm_backward_fake(
     grad_output: Tensor,
     input: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     training: bool,
@@ -129,7 +128,7 @@ def _batch_norm_backward_fake(
 # (B, N, C, ...) is normalized as (N, B*C, ...): the per-channel vectors become B*C long.
 
 
-def _batched(t: Tensor, dim: Optional[int], size: int) -> Tensor:
+def _batched(t: Tensor, dim: int | None, size: int) -> Tensor:
     """``t`` with its vmapped dimension first (expanded to ``size`` where it has none)."""
     return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
@@ -146,11 +145,13 @@ def _unfold(x: Tensor, size: int) -> Tensor:
     return x.reshape(n, size, bc // size, *x.shape[2:]).movedim(1, 0)
 
 
-def _fold_vector(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+def _fold_vector(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
     return None if t is None else _batched(t, dim, size).reshape(-1)
 
 
-def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps):  # type: ignore[no-untyped-def]  # noqa: E501
+def _batch_norm_vmap(
+    info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps
+):
     size = info.batch_size
     x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
     y, mean, invstd, new_mean, new_var = batch_norm(
@@ -172,7 +173,7 @@ def _batch_norm_vmap(info, in_dims, input, weight, bias, running_mean, running_v
     return (_unfold(y, size), *stats, *running), (0, 0, 0, *running_dims)
 
 
-def _batch_norm_backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, training):  # type: ignore[no-untyped-def]  # noqa: E501
+def _batch_norm_backward_vmap(info, in_dims, grad_output, input, weight, mean, invstd, training):
     size = info.batch_size
     g_dim, x_dim, w_dim, m_dim, i_dim = in_dims[:5]
     dx, dweight, dbias = batch_norm_backward(

@@ -214,11 +214,15 @@ def writeable(xp: ModuleType, a: Array) -> bool:
     """Whether a freshly computed temporary ``a`` may be updated in place.
 
     NumPy and CuPy arrays can; PyTorch tensors can unless autograd records
-    them (an in-place update would invalidate tensors saved for backward);
-    immutable libraries (JAX, array-api-strict's read-only policy) cannot.
+    them (an in-place update would invalidate tensors saved for backward) or a
+    ``torch.func`` transform is active (under vmap an unbatched temporary cannot
+    absorb a batched operand in place); immutable libraries (JAX,
+    array-api-strict's read-only policy) cannot.
     """
     if compat.is_numpy_array(a) or compat.is_cupy_array(a):
         return True
     if compat.is_torch_array(a):
-        return not a.requires_grad
+        from torch._C import _functorch
+
+        return not a.requires_grad and _functorch.maybe_current_level() is None
     return False

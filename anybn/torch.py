@@ -20,7 +20,6 @@ already incremented it; ``torch.jit.script`` is not supported.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from . import _fastpaths, _functional, _torch_ops
+from . import _fastpaths, _functional
 from ._torch_ops import _xp
 from ._torch_sync import SyncBatchNorm
 
@@ -99,6 +98,7 @@ class _BatchNormBase(torch.autograd.Function):
             None, None, None, None, None,
         )  # fmt: skip
 
+
 class _BatchNormFunction(_BatchNormBase):
     """:class:`_BatchNormBase` with forward-mode AD (``jvp``), for eager mode.
 
@@ -134,7 +134,6 @@ class _BatchNormFunction(_BatchNormBase):
         return y_t, None, None, None, None
 
 
-
 def _has_tangent(*tensors: Tensor | None) -> bool:
     """Whether forward-mode AD is tracking any of these tensors."""
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
@@ -154,7 +153,7 @@ def _differentiable_backward(
                 training=True, momentum=0.0, eps=ctx.eps, axis=1, count=count,
             )  # fmt: skip
             mean, invstd = stats.mean, stats.invstd
-        return tuple(  # type: ignore[return-value]
+        return tuple(
             _functional.backward(
                 _xp, dy, x, weight, mean, invstd, training=ctx.training, axis=1, count=count
             )
@@ -203,15 +202,16 @@ def _check_arguments(
                 f"batch_norm(): argument '{name}' (position {position}) must be Tensor, "
                 f"not {type(value).__name__}"
             )
-    for name, value, kinds in (
+    for option, given, kinds in (
         ("training", training, (bool, np.bool_)),
         ("momentum", momentum, (int, float, np.integer, np.floating)),
         ("eps", eps, (int, float, np.integer, np.floating)),
     ):
-        if not isinstance(value, kinds) or (name != "training" and isinstance(value, bool)):
-            expected = "bool" if name == "training" else "float"
+        if not isinstance(given, kinds) or (option != "training" and isinstance(given, bool)):
+            expected = "bool" if option == "training" else "float"
             raise TypeError(
-                f"batch_norm(): argument '{name}' must be {expected}, not {type(value).__name__}"
+                f"batch_norm(): argument '{option}' must be {expected}, "
+                f"not {type(given).__name__}"
             )
     if training:
         _verify_batch_size(input.size())
@@ -221,9 +221,7 @@ def _check_arguments(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     training, momentum, eps = bool(training), float(momentum), float(eps)  # type: ignore[arg-type]
     if training and (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "running_mean and running_var must either both be None or neither be None"
-        )
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     return training, momentum, eps
 
 
@@ -233,7 +231,7 @@ def _check_tensors(
     """Shapes, dtypes and devices as ``torch.batch_norm`` checks them; vectors made 1-D."""
     if not input.dtype.is_floating_point:
         raise NotImplementedError(
-            f'"batch_norm" not implemented for \'{_scalar_type_name(input.dtype)}\''
+            f"\"batch_norm\" not implemented for '{_scalar_type_name(input.dtype)}'"
         )
     if input.dim() < 2:
         raise RuntimeError(

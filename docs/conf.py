@@ -28,6 +28,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax 3 from the wheel, copied to _static/mathjax/
     "sphinx.ext.viewcode",
     "numpydoc",
     "anybn_api",
@@ -70,3 +71,16 @@ html_theme_options = {
     "source_branch": "main",
     "source_directory": "docs/",
 }
+
+
+def setup(app: object) -> None:
+    """Render math with the bundled MathJax, offline.
+
+    ``sphinx-mathjax-offline`` copies its MathJax 3 into ``_static/mathjax/`` and points
+    ``mathjax_path`` at the CHTML build, whose web fonts a browser may refuse to load from
+    ``file://``; the SVG build carries its glyphs inside the script, so the formulas render
+    from a plain checkout, a file:// URL or a server, with no network. (This runs after
+    the extensions' own ``setup``.) ``.ci/check_site.py`` opens the pages in headless
+    Chromium and fails on unrendered math or a request that leaves the machine.
+    """
+    app.config.mathjax_path = "mathjax/tex-svg.js"  # type: ignore[attr-defined]

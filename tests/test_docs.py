@@ -18,7 +18,8 @@ Rules for code blocks in ``docs/**/*.md`` (checked here):
 
 Also checked: every public name has a docstring with an ``Examples`` section,
 the hand-made intersphinx inventories match ``docs/scripts/make_inventories.py``,
-and (when Sphinx is installed) the site builds with ``-W``.
+and (when Sphinx is installed) the site builds with ``-W`` and loads no script or
+stylesheet from the network (the MathJax is bundled).
 """
 
 from __future__ import annotations
@@ -287,3 +288,13 @@ def test_sphinx_build_is_clean(tmp_path: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The site works offline: no page loads a script or a stylesheet from another host (a
+    # CDN MathJax left the formulas as raw TeX offline). .ci/check_site.py checks the pages
+    # in Chromium; this is the same promise where no browser is installed.
+    remote = re.compile(
+        r"<script[^>]*\ssrc=\"(?:https?:)?//|<link[^>]*rel=\"stylesheet\"[^>]*href=\"(?:https?:)?//"
+    )
+    pages = sorted((tmp_path / "html").rglob("*.html"))
+    offenders = [str(p.relative_to(tmp_path)) for p in pages if remote.search(p.read_text())]
+    assert not offenders, f"pages that load scripts or styles from the network: {offenders}"
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-svg.js").is_file()

@@ -3,8 +3,10 @@
 Every backend of the matrix runs each case twice, with ``fast_paths(True)`` and
 ``fast_paths(False)``; the results must agree to the dtype's tolerance (the
 generic path is the reference the fast paths are held to, and the float64 NumPy
-reference checks both). On a machine with a GPU this is where the CuPy kernels
-and torch's CUDA path are tested.
+reference checks both). On a machine with a GPU this is where the CUDA kernels
+(anybn._kernels.cuda, for CuPy arrays and torch CUDA tensors) are tested through
+the public functions; tests/test_gpu_kernels.py runs them directly, also in the
+simulator.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from anybn import _fastpaths, _numpy_kernels
 from anybn._backends import Backend, get_backend
 from anybn._fastpaths import fast_paths
 from anybn._reference import reference_backward, reference_forward
+
+
+def _has_numba_cuda() -> bool:
+    """numba-cuda is installed (found without importing numba: the simulator switch is
+    read when numba is first imported, see tests/test_gpu_kernels.py)."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba_cuda") is not None
+
+
+#: Backends with a fast path: GPU arrays take anybn._kernels.cuda when numba-cuda is there.
+FAST_BACKENDS = ("numpy", "torch") + (("cupy", "torch:cuda") if _has_numba_cuda() else ())
 
 TOL = {"float64": 1e-10, "float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
@@ -154,7 +168,7 @@ def test_fast_path_exact_on_offset_data(
     err_fast = np.max(np.abs(_host(fast["y"]) - ref.y))
     err_generic = np.max(np.abs(_host(generic["y"]) - ref.y))
     assert err_fast <= max(2 * err_generic, 2e-6), (err_fast, err_generic)
-    if backend.id in ("numpy", "torch", "cupy"):  # the backends with a fast path
+    if backend.id in FAST_BACKENDS:  # the backends with a fast path
         assert err_fast <= 2e-6, (err_fast, err_generic)
 
 
@@ -378,3 +392,98 @@ def test_set_num_threads_validates() -> None:
     with pytest.raises(ValueError, match="threads"):
         _numpy_kernels.set_num_threads(0)
     assert _numpy_kernels.set_num_threads(previous) == previous
+
+
+# --- GPU arrays: CuPy and torch CUDA tensors (anybn._kernels.cuda) -----------------------
+
+
+def _gpu_backend(backend: Backend) -> None:
+    if backend.id not in ("cupy", "torch:cuda"):
+        pytest.skip("GPU backends only")
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+
+
+def test_gpu_arrays_take_the_cuda_kernels(backend: Backend) -> None:
+    """CuPy arrays and untracked torch CUDA tensors dispatch to anybn._kernels.cuda."""
+    _gpu_backend(backend)
+    x = backend.asarray(np.ones((4, 3, 5)), "float32")
+    assert _fastpaths._cuda_kernels((x, None, None, None, None)) is not None
+    if backend.id == "torch:cuda":
+        x.requires_grad_(True)
+        assert _fastpaths._cuda_kernels((x,)) is None  # autograd traces the generic path
+        x = backend.asarray(np.ones((4, 3, 5)), "bfloat16")
+        assert _fastpaths._cuda_kernels((x,)) is None  # no bfloat16 in numba
+
+
+def test_torch_cuda_no_host_sync_and_channels_last(backend: Backend) -> None:
+    """torch CUDA: no host synchronisation (torch's sync debug mode) and channels_last kept."""
+    _gpu_backend(backend)
+    if backend.id != "torch:cuda":
+        pytest.skip("torch:cuda only")
+    import torch
+
+    rng = np.random.default_rng(4)
+    x = backend.asarray(rng.standard_normal((4, 8, 5, 5)) + 100, "float32")
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    rm, rv = torch.zeros(8, device=x.device), torch.ones(8, device=x.device)
+    anybn.batch_norm(x, rm, rv, training=True)  # compile and warm up first
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = anybn.batch_norm(x, rm, rv, training=True)
+        grads = anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert out.y.is_contiguous(memory_format=torch.channels_last)
+    assert grads.dx.is_contiguous(memory_format=torch.channels_last)
+    with fast_paths(False):
+        ref = anybn.batch_norm(x.double(), rm.double(), rv.double(), training=True)
+    torch.testing.assert_close(out.y.double(), ref.y, rtol=0, atol=2e-6)
+
+
+def test_gpu_kernels_use_the_callers_stream(backend: Backend) -> None:
+    """Work queued on a non-default stream: anybn's kernels run after it, on that stream."""
+    _gpu_backend(backend)
+    rng = np.random.default_rng(6)
+    host_x = (rng.standard_normal((64, 16, 32, 32)) + 10).astype(np.float32)
+    lib = backend.lib
+    if backend.id == "cupy":
+        stream = lib.cuda.Stream(non_blocking=True)
+        with stream:
+            x = lib.asarray(host_x) * 2  # queued on `stream`
+            out = anybn.batch_norm(x, training=True)
+        stream.synchronize()
+    else:
+        stream = lib.cuda.Stream()
+        with lib.cuda.stream(stream):
+            x = lib.from_numpy(host_x).cuda() * 2
+            out = anybn.batch_norm(x, training=True)
+        stream.synchronize()
+    y = backend.to_numpy(out.y).astype(np.float64)
+    ref = reference_forward(host_x * 2, training=True)
+    assert np.max(np.abs(y - ref.y)) <= 2e-6
+
+
+def test_gpu_kernels_run_on_the_arrays_device(backend: Backend) -> None:
+    """With two GPUs, x on device 1 while device 0 is current: outputs on device 1."""
+    _gpu_backend(backend)
+    lib = backend.lib
+    count = lib.cuda.runtime.getDeviceCount() if backend.id == "cupy" else lib.cuda.device_count()
+    if count < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(8)
+    host_x = (rng.standard_normal((8, 4, 6, 6)) + 5).astype(np.float32)
+    if backend.id == "cupy":
+        with lib.cuda.Device(1):
+            x = lib.asarray(host_x)
+        with lib.cuda.Device(0):
+            out = anybn.batch_norm(x, training=True)
+        assert out.y.device.id == 1 and out.mean.device.id == 1
+    else:
+        x = lib.from_numpy(host_x).to("cuda:1")
+        with lib.cuda.device(0):
+            out = anybn.batch_norm(x, training=True)
+        assert out.y.device.index == 1 and out.mean.device.index == 1
+    ref = reference_forward(host_x, training=True)
+    assert np.max(np.abs(backend.to_numpy(out.y) - ref.y)) <= 2e-6

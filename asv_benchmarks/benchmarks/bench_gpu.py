@@ -1,9 +1,13 @@
-"""GPU targets on (64, 256, 56, 56) float32: bandwidth against a device copy, and torch.
+"""GPU targets (issue 11): bandwidth against a device copy, and the ratio to torch CUDA.
 
-Skipped without a GPU. The fractions count the minimum memory traffic (DESIGN.md):
-the forward (train) reads x twice and writes y (3 x-sized transfers), the backward
-reads x and dy twice and writes dx (5); a device-to-device copy moves 2. A fraction
-of 1.0 means anybn moves its bytes as fast as the copy does.
+Shapes (32, 64, 56, 56), (128, 64, 112, 112), (4096, 1024) and channels-last,
+float32. Skipped without a GPU. ``python -m anybn gpu-check`` measures the same
+targets (and float16, accuracy) in one command; this is the asv view of them.
+
+The fractions count the minimum memory traffic (DESIGN.md): the forward (train)
+reads x twice and writes y (3 x-sized transfers), the backward reads x and dy
+twice and writes dx (5); a device-to-device copy moves 2. A fraction of 1.0 means
+anybn moves its bytes as fast as the copy does.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import anybn
 
 from .common import BACKENDS, Shape, make_data, require
 
-SHAPE = Shape((64, 256, 56, 56))
+SHAPES = {
+    "32x64x56x56": Shape((32, 64, 56, 56)),
+    "128x64x112x112": Shape((128, 64, 112, 112)),
+    "4096x1024": Shape((4096, 1024)),
+    "32x64x56x56-cl": Shape((32, 64, 56, 56), channels_last=True),
+}
 
 
 def _best(fn: Callable[[], Any], sync: Callable[[], None], repeat: int = 20) -> float:
@@ -35,16 +44,16 @@ def _best(fn: Callable[[], Any], sync: Callable[[], None], repeat: int = 20) -> 
 class GPUBandwidth:
     """anybn's fused kernels on the GPU: copy-bandwidth fractions and ratio to torch."""
 
-    params = ([b for b in BACKENDS if b in ("cupy", "torch:cuda")] or ["cupy"],)
-    param_names = ("backend",)
+    params = ([b for b in BACKENDS if b in ("cupy", "torch:cuda")] or ["cupy"], list(SHAPES))
+    param_names = ("backend", "shape")
     timeout = 600
     unit = "fraction"
 
-    def setup(self, backend: str) -> None:
+    def setup(self, backend: str, shape: str) -> None:
         if backend not in BACKENDS:
             raise NotImplementedError(f"{backend} is not among ANYBN_BENCH_BACKENDS")
         self.backend = require(backend, "float32")
-        self.d = make_data(self.backend, SHAPE, "float32")
+        self.d = make_data(self.backend, SHAPES[shape], "float32")
         sync = self.backend.synchronize
         x = self.d.x
         copy = (lambda: x.copy()) if backend == "cupy" else (lambda: x.clone())
