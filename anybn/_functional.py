@@ -141,6 +141,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
+    comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormOutput:
     r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
@@ -175,6 +176,14 @@ def batch_norm(
         Added to the variance for stability; must be > 0.
     axis : int, optional
         The channel axis; negative values count from the end (-1 for channels-last).
+    comm : optional
+        Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
+        mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
+        (``COMM_WORLD``) or an :class:`anybn.distributed.Communicator`. In
+        training every rank must call with its shard of the batch; the batch
+        statistics (and the running-statistics update) are then those of the
+        concatenated batch, on every rank. Ignored in eval. None: local.
+        See :mod:`anybn.distributed`.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -204,6 +213,13 @@ def batch_norm(
     >>> out.mean
     array([ 2., 20.])
     """
+    if comm is not None:
+        from . import _sync
+
+        return _sync.batch_norm(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
+        )  # fmt: skip
     xp = resolve_namespace(
         x,
         {
@@ -388,6 +404,7 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: int = 1,
+    comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormGrads:
     r"""Gradients of :func:`batch_norm` with respect to x, weight and bias.
@@ -419,6 +436,11 @@ def batch_norm_backward(
         Whether the forward call normalized with batch statistics.
     axis : int, optional
         The channel axis used in the forward call.
+    comm : optional
+        The communicator of a synchronized forward (see :func:`batch_norm`):
+        in training the two sums are all-reduced over its ranks and ``dx`` is
+        the gradient through the global statistics; ``dweight`` and ``dbias``
+        stay this rank's own sums. Ignored in eval. None: local.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -445,6 +467,12 @@ def batch_norm_backward(
     >>> bool(np.allclose(g.dx, 0.0))
     True
     """
+    if comm is not None:
+        from . import _sync
+
+        return _sync.batch_norm_backward(
+            dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
+        )
     a: AnyArray | None  # (annotation only: the loops below bind it to optional arrays)
     for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
         if a is None:

@@ -21,6 +21,7 @@ import array_api_compat as compat
 import numpy as np
 
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
+from ._sync import reports_failures
 from ._typing import AnyArray, ArrayT
 from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
 from ._xp import (
@@ -74,6 +75,7 @@ class _Saved(NamedTuple):
     invstd: Array
     training: bool
     axis: int
+    comm: Any = None
 
 
 def _describe(a: object) -> str:
@@ -253,6 +255,12 @@ class BatchNorm:
     dtype : dtype or str, optional
         The floating dtype of the parameters and buffers: a name (``"float32"``)
         or a dtype of any library, looked up by name in the layer's library.
+    comm : optional
+        Synchronize the batch statistics over processes in training (and the
+        gradient through them in :meth:`backward`): a ``torch.distributed``
+        ProcessGroup, an mpi4py communicator, ``"torch"``, ``"mpi"`` or an
+        :class:`anybn.distributed.Communicator`, as for :func:`anybn.batch_norm`.
+        Every rank then holds the same running statistics. None: local.
 
     Attributes
     ----------
@@ -319,6 +327,7 @@ class BatchNorm:
         xp: ModuleType | None = None,
         device: Any = None,
         dtype: Any = None,
+        comm: Any = None,
     ) -> None:
         self.num_features = _check_num_features(num_features)
         self.axis = _check_axis(axis)
@@ -343,6 +352,7 @@ class BatchNorm:
         self.num_batches_tracked: int | None = 0 if self.track_running_stats else None
         self._lock = threading.RLock()
         self._local = threading.local()
+        self.comm = comm
         if self.num_features is not None:
             self._set_arrays(self._fresh(self.num_features, self._placement()))
 
@@ -454,6 +464,7 @@ class BatchNorm:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
+    @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
     def forward(self, x: ArrayT, /) -> ArrayT:
         """Normalize ``x``, updating the running statistics in training mode.
 
@@ -500,6 +511,7 @@ class BatchNorm:
                 count += 1
                 factor = 1.0 / count if self.momentum is None else self.momentum
             use_batch_stats = training or not self.track_running_stats
+            comm = self.comm if training else None
             out = batch_norm(
                 x,
                 arrays.running_mean,
@@ -510,6 +522,7 @@ class BatchNorm:
                 momentum=factor,
                 eps=self.eps,
                 axis=axis,
+                comm=comm,
                 xp=xp,
             )
             # Everything succeeded: commit.
@@ -522,7 +535,7 @@ class BatchNorm:
             self.num_features = channels
             self._set_arrays(arrays)
             self._local.saved = _Saved(
-                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis
+                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm
             )
         return out.y
 
@@ -563,6 +576,7 @@ class BatchNorm:
             saved.invstd,
             training=saved.training,
             axis=saved.axis,
+            comm=saved.comm,
             xp=saved.xp,
         )
 

@@ -96,12 +96,16 @@ class CenteredMoments(NamedTuple):
         ``x - m1``, a fresh array of x's shape that callers may reuse.
     correction : array
         ``mean(x - m1)``: subtract it from ``centered`` to centre exactly on ``mean``.
+    first_pass_mean : array
+        ``m1`` itself: ``m1 + correction`` is the mean to more digits than ``mean``
+        holds (the synchronized forward merges that pair across ranks).
     """
 
     mean: Array
     m2: Array
     centered: Array
     correction: Array
+    first_pass_mean: Array
 
 
 def centered_moments(
@@ -128,7 +132,7 @@ def centered_moments(
     centered = x - m1
     correction = channel_sum(xp, centered, axes) / count
     m2 = channel_dot(xp, centered, centered, axes) - count * correction * correction
-    return CenteredMoments(m1 + correction, m2, centered, correction)
+    return CenteredMoments(m1 + correction, m2, centered, correction, m1)
 
 
 def chan_merge(

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from . import _fastpaths, _functional, _torch_ops
 from ._torch_ops import _xp
+from ._torch_sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -428,23 +429,25 @@ class BatchNorm3d(_AnyBNForward, nn.BatchNorm3d):
     """
 
 
-_DROP_INS: dict[type[nn.Module], type[_AnyBNForward]] = {
+_DROP_INS: dict[type[nn.Module], type[nn.modules.batchnorm._BatchNorm]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
 }
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by its anybn drop-in.
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by its drop-in.
 
     In the spirit of ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new
     modules take over the very ``Parameter`` and buffer objects of the old ones
     (so an optimizer built before the conversion keeps working), their
-    train/eval mode, their other attributes and their hooks (forward, forward
-    pre-, backward and state-dict hooks). Only modules whose type is exactly ``nn.BatchNorm1d``,
-    ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` are replaced: subclasses (whose
-    behaviour may differ), lazy and sync batch norms are left alone.
+    train/eval mode, their other attributes (a sync batch norm's ``process_group``
+    included) and their hooks (forward, forward pre-, backward and state-dict hooks).
+    Only modules whose type is exactly ``nn.BatchNorm1d``, ``nn.BatchNorm2d``,
+    ``nn.BatchNorm3d`` or ``nn.SyncBatchNorm`` are replaced: subclasses (whose
+    behaviour may differ) and lazy batch norms are left alone.
 
     Parameters
     ----------

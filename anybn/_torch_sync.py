@@ -1,0 +1,256 @@
+"""``anybn.torch.SyncBatchNorm``: torch.nn.SyncBatchNorm computed by anybn, on CPU and GPU.
+
+Same constructor as ``torch.nn.SyncBatchNorm`` (``process_group=``), same
+parameters, buffers, state-dict keys, input checks and ``convert_sync_batchnorm``;
+a subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so code that looks for
+batch norms by that base class (weight-decay groups, buffer handling) finds it.
+It is deliberately *not* a subclass of ``torch.nn.SyncBatchNorm``:
+DistributedDataParallel refuses every ``nn.SyncBatchNorm`` instance in a CPU
+module ("SyncBatchNorm layers only work with GPU modules",
+``DistributedDataParallel._passing_sync_batchnorm_handle`` in
+torch/nn/parallel/distributed.py), which would defeat the CPU support.
+
+In training with an initialized process group of more than one rank, it
+normalizes with the statistics of the batch concatenated over the group, through
+:mod:`anybn._sync`: CPU tensors over gloo, CUDA tensors over NCCL. In eval,
+without a process group, or with a group of one rank, it is
+:func:`anybn.torch.batch_norm`, local.
+
+Per training step: the forward exchanges a header of 7 int64 per rank and
+all-gathers ``2 * C`` statistics per rank; the backward all-reduces ``2 * C``
+sums (the global count is known from the forward, so no header). ``dweight``
+and ``dbias`` are this rank's own sums, as in PyTorch: DistributedDataParallel
+averages them over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import _sync
+from ._comm import TorchComm
+
+__all__ = ["SyncBatchNorm"]
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = batch_norm over the ranks of a group, with the synchronized analytic backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        comm: TorchComm,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        out, total = _sync.forward(
+            x, running_mean, running_var, weight, bias,
+            momentum=momentum, eps=eps, axis=1, xp=None, comm=comm,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, out.mean, out.invstd)
+        ctx.comm, ctx.total = comm, total
+        if running_mean is None:
+            return out.y, None, None
+        ctx.mark_non_differentiable(out.new_running_mean, out.new_running_var)
+        return out.y, out.new_running_mean, out.new_running_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, dy: Tensor, _d_running_mean: Any, _d_running_var: Any
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        # Every rank must take part in the all-reduce, even one that needs no dx.
+        dx, dweight, dbias = _sync.batch_norm_backward(
+            dy.contiguous(), x, weight, mean, invstd,
+            training=True, axis=1, comm=ctx.comm, total_count=ctx.total,
+        )  # fmt: skip
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dweight if need_weight else None,
+            dbias if need_bias else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` computed by anybn: CPU (gloo) and CUDA (NCCL).
+
+    Takes the arguments of ``torch.nn.SyncBatchNorm`` (``num_features, eps=1e-5,
+    momentum=0.1, affine=True, track_running_stats=True, process_group=None,
+    device=None, dtype=None, *, bias=True``) and behaves the same, except that
+    CPU tensors are accepted (under DistributedDataParallel too: this class is
+    not an ``nn.SyncBatchNorm`` subclass, which DDP rejects in CPU modules),
+    statistics of float64 inputs are combined in float64, and the per-rank
+    statistics are merged exactly (count-weighted Chan merge; a rank may hold
+    an empty batch). A forward that raises leaves
+    ``num_batches_tracked`` and the running statistics unchanged. Double
+    backward is not supported (as in PyTorch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import anybn.torch
+    >>> bn = anybn.torch.SyncBatchNorm(3)
+    >>> isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+    True
+    >>> bn(torch.randn(4, 3, 5)).shape  # no process group: local batch norm
+    torch.Size([4, 3, 5])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        # bias= only when False: torch before 2.10 has no such argument.
+        no_bias = {} if bias else {"bias": False}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats,
+            device=device, dtype=dtype, **no_bias,
+        )  # fmt: skip
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def _sync_comm(self) -> TorchComm | None:
+        """The communicator to synchronize over, or None for a local forward."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group else dist.group.WORLD
+        if dist.get_world_size(group) <= 1:
+            return None
+        return TorchComm(group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (channels on dimension 1), synchronized over the group in training.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            This rank's shard, ``(N, C, ...)``; ``N`` may differ between ranks, even be 0.
+
+        Returns
+        -------
+        torch.Tensor
+            The normalized shard, with input's shape and dtype.
+        """
+        comm = self._sync_comm() if self.training else None
+        if comm is None:
+            return self._forward(input, None)
+        # A rank whose input fails the checks below still tells the others.
+        with _sync.failures_reported(comm, input):
+            return self._forward(input, comm)
+
+    def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
+        factor = 0.0 if self.momentum is None else self.momentum
+        if tracked is not None and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / (float(tracked) + 1.0)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        if comm is None:
+            from .torch import batch_norm
+
+            y = batch_norm(
+                input, running_mean, running_var, self.weight, self.bias,
+                use_batch_stats, factor, self.eps,
+            )  # fmt: skip
+        else:
+            y, new_mean, new_var = _SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, factor, self.eps, comm
+            )
+            if new_mean is not None:
+                assert running_mean is not None and running_var is not None
+                with torch.no_grad():
+                    running_mean.copy_(new_mean)
+                    running_var.copy_(new_var)
+        if tracked is not None:
+            tracked.add_(1)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Replace every ``BatchNorm*D`` (and ``SyncBatchNorm``) in ``module`` by this class.
+
+        As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new modules
+        take over the parameters and buffers of the old ones, their mode and
+        ``qconfig``.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A model, or a single batch-norm module.
+        process_group : torch.distributed.ProcessGroup, optional
+            The group to synchronize over; the default (world) group by default.
+
+        Returns
+        -------
+        torch.nn.Module
+            ``module`` with its batch norms replaced, or the replacement of
+            ``module`` if it is one.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> import anybn.torch
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        >>> model = anybn.torch.SyncBatchNorm.convert_sync_batchnorm(model)
+        >>> type(model[1])
+        <class 'anybn.torch.SyncBatchNorm'>
+        """
+        converted = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                device="meta",  # placeholders: every tensor is replaced below
+                bias=not module.affine or module.bias is not None,
+            )
+            if module.affine:
+                converted.weight, converted.bias = module.weight, module.bias
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(converted, name, getattr(module, name))
+            converted.train(module.training)
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
+
+
+SyncBatchNorm.__module__ = "anybn.torch"
