@@ -10,6 +10,7 @@ how to update them are PyTorch's ``nn.BatchNorm*d`` rules.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import numbers
 import threading
@@ -423,13 +424,8 @@ class BatchNorm:
 
     # --- copying and pickling ------------------------------------------------------------
 
-    def __getstate__(self) -> dict[str, Any]:
-        """The layer's state, picklable: the library by module name, no lock, no saved forward.
-
-        A copy (``copy.deepcopy``, ``pickle``) has the parameters, buffers,
-        counter and mode of the original; it needs a forward of its own before
-        ``backward``.
-        """
+    def _copyable_state(self) -> dict[str, Any]:
+        """``__dict__`` less the lock and the saved forward, the library by module name."""
         with self._lock:
             state = self.__dict__.copy()
         del state["_lock"], state["_local"]
@@ -437,6 +433,33 @@ class BatchNorm:
             xp, device, dtype = self._storage
             state["_storage"] = (xp.__name__, device, dtype)
         return state
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's state, picklable: the library by module name, no lock, no saved forward.
+
+        A copy (``copy.deepcopy``, ``pickle``) has the parameters, buffers,
+        counter and mode of the original; it needs a forward of its own before
+        ``backward``. A deep copy shares the original's ``comm`` (a communicator
+        belongs to its process); pickling a layer whose ``comm`` is a
+        communicator object (not None, ``"torch"`` or ``"mpi"``) raises TypeError.
+        """
+        state = self._copyable_state()
+        comm = state.get("comm")
+        if comm is not None and not isinstance(comm, str):
+            raise TypeError(
+                f"cannot pickle a BatchNorm whose comm is a {type(comm).__name__}: a "
+                "communicator belongs to its process; set comm=None (or 'torch'/'mpi') "
+                "before pickling and attach the new process's communicator after loading"
+            )
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BatchNorm:
+        state = self._copyable_state()
+        comm = state.pop("comm", None)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__({**copy.deepcopy(state, memo), "comm": comm})
+        return clone
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if state.get("_storage") is not None:

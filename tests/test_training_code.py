@@ -500,3 +500,22 @@ def test_big_endian_and_numpy_bools_accepted() -> None:
     assert bn.training is False and bn.affine is True and bn.track_running_stats is False
     g = anybn.batch_norm_backward(x, x, None, x.mean(0), 1 / x.std(0), training=np.False_)
     np.testing.assert_allclose(g.dx, x / x.std(0))
+
+
+def test_layer_with_a_communicator_copies_and_refuses_pickle() -> None:
+    """A deep copy shares the communicator (it belongs to the process); pickling says why not."""
+
+    class Communicator:
+        def __reduce__(self) -> Any:
+            raise TypeError("a communicator does not pickle")
+
+    bn = anybn.BatchNorm(3)
+    bn.comm = Communicator()
+    x = np.random.default_rng(9).standard_normal((4, 3))
+    clone = copy.deepcopy(bn)
+    assert clone.comm is bn.comm
+    np.testing.assert_array_equal(clone.eval()(x), bn.eval()(x))
+    with pytest.raises(TypeError, match="cannot pickle a BatchNorm whose comm"):
+        pickle.dumps(bn)
+    bn.comm = "torch"  # names pickle
+    assert pickle.loads(pickle.dumps(bn)).comm == "torch"
