@@ -291,11 +291,13 @@ class _Compiled:
         g = dict(src.__globals__)
         g["_range"] = numba.prange if self.parallel else range
         fn = types.FunctionType(src.__code__, g, src.__name__)
+        # A name per variant: Numba's on-disk cache is keyed by the function's name.
+        fn.__qualname__ = src.__qualname__ + ("_parallel" if self.parallel else "_serial")
         return numba.njit(
             parallel=self.parallel,
             fastmath={"reassoc", "contract"},
             nogil=True,
-            cache=False,
+            cache=True,
             error_model="numpy",
         )(fn)
 
