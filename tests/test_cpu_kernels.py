@@ -103,7 +103,7 @@ def test_compiled_kernels_match_float64_reference(layout, offset, dtype):
 @pytest.mark.parametrize("layout", ["(N,C)", "(N,C,H,W)", "channels-last"])
 def test_compiled_kernels_do_not_depend_on_threads(layout, monkeypatch):
     shape, axis, how = LAYOUTS[layout]
-    shape = (shape[0] * 128, *shape[1:])  # above PARALLEL_MIN
+    shape = (shape[0] * 512, *shape[1:])  # above PARALLEL_MIN
     x, dy, w, b, axis = _data(shape, axis, how, "float32", 1e3)
     assert x.size >= cpu.PARALLEL_MIN
     outs = []

@@ -24,21 +24,23 @@ and ``sum(dy * (x - mean))`` accumulate in float64.
 
 The reductions are compiled with ``fastmath={"reassoc", "contract"}`` only (the
 float64 sums vectorise; NaN and inf keep their meaning, so a non-finite value
-stays in its channel). Small inputs run on the calling thread; large ones on
-Numba's threads (:func:`anybn._numpy_kernels.get_num_threads` of them), one
-call at a time (a call that finds the threads busy runs serially).
+stays in its channel). Small inputs run in one compiled call on the calling thread;
+large ones share each pass's work items among anybn's worker threads
+(:func:`anybn._fastpaths.set_num_threads`, the pool of :mod:`anybn._numpy_kernels`), the
+compiled code running without the GIL. Not Numba's own ``parallel=True`` threads:
+OpenMP workers spin between calls and, beside torch's, slowed a shared 2-core
+machine by up to 40x; anybn's pool sleeps.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from typing import Any
 
 import numpy as np
 
-from .._numpy_kernels import _memory_order, _quietly, get_num_threads
+from .._numpy_kernels import _executor, _memory_order, _quietly, get_num_threads
 
 __all__ = ["AVAILABLE", "PARALLEL_MIN", "backward", "forward", "supports"]
 
@@ -59,7 +61,7 @@ numba = _import_numba()
 AVAILABLE = numba is not None
 
 #: Inputs with at least this many values use Numba's threads.
-PARALLEL_MIN = 1 << 16
+PARALLEL_MIN = 1 << 18
 
 #: Values per work item of a reduction (a block that stays in L1/L2 while it is read).
 CHUNK = 1 << 14
@@ -72,70 +74,104 @@ def supports(x: Any) -> bool:
     return AVAILABLE and type(x) is np.ndarray and x.dtype in _FLOATS and x.size > 0
 
 
-#: The loop that the work items run in: ``range`` here and in the serial kernels,
-#: ``numba.prange`` in the parallel ones (:class:`_Compiled` rebinds it).
-_range = range
+def _jit(fn: Any) -> Any:
+    """Compile lazily on first call, cached on disk, GIL released (the pool threads run it)."""
+    if numba is None:
+        return fn
+    return numba.njit(
+        fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy"
+    )(fn)
 
 
-# --- kernels (plain Python, compiled twice: serial ``range`` and parallel ``prange``) -------
+# --- kernels ----------------------------------------------------------------------------------
 # x, dy, y, dx are (P, C, S) views; S == 1 is the rows layout, whose loops run over the
-# contiguous channel axis. Partial sums go to a table with a fixed place per work item
-# and are reduced serially in a fixed order (results independent of the thread count).
+# contiguous channel axis. A reduction's work items are (plane, channel, chunk of CHUNK values)
+# for planes and blocks of ``rows`` rows for rows; each writes its partial sums to a fixed
+# place of a table that ``*_finish`` reduces serially in a fixed order, so results do not
+# depend on how the items are shared among threads. Elementwise items: (plane, channel) or
+# blocks of rows. ``i0:i1`` is the range of items a call runs.
 
 
-def _forward_kernel(x, w, b, rm, rv, training, momentum, eps, chunk, rows,
-                    y, mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
+@_jit
+def _items(x, chunk, rows):  # pragma: no cover - compiled
+    """(reduction items, elementwise items) of the (P, C, S) view x."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        return p_ * c_ * ((s_ + chunk - 1) // chunk), p_ * c_
+    nb = (p_ + rows - 1) // rows
+    return nb, nb
+
+
+@_jit
+def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
+    """Partial sum(x - k) and sum((x - k)^2), k = the channel's first value, in float64."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        k_ = (s_ + chunk - 1) // chunk
+        for item in range(i0, i1):
+            p = item // (c_ * k_)
+            c = (item // k_) % c_
+            k = item % k_
+            piv = np.float64(x[0, c, 0])
+            t1 = 0.0
+            t2 = 0.0
+            for s in range(k * chunk, min(s_, (k + 1) * chunk)):
+                d = np.float64(x[p, c, s]) - piv
+                t1 += d
+                t2 += d * d
+            s1[item] = t1
+            s2[item] = t2
+    else:
+        t1 = np.empty(c_)
+        t2 = np.empty(c_)
+        piv = np.empty(c_)
+        for c in range(c_):
+            piv[c] = x[0, c, 0]
+        for blk in range(i0, i1):
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                for c in range(c_):
+                    d = np.float64(x[r, c, 0]) - piv[c]
+                    t1[c] += d
+                    t2[c] += d * d
+            for c in range(c_):
+                s1[blk * c_ + c] = t1[c]
+                s2[blk * c_ + c] = t2[c]
+
+
+@_jit
+def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
+    """Per-channel totals of a partial-sum table, in a fixed order."""
+    p_, c_, s_ = shape
+    a = np.zeros(c_)
+    q = np.zeros(c_)
+    if s_ > 1:
+        k_ = (s_ + chunk - 1) // chunk
+        for p in range(p_):
+            for c in range(c_):
+                for k in range(k_):
+                    i = (p * c_ + c) * k_ + k
+                    a[c] += s1[i]
+                    q[c] += s2[i]
+    else:
+        for blk in range(s1.shape[0] // c_):
+            for c in range(c_):
+                a[c] += s1[blk * c_ + c]
+                q[c] += s2[blk * c_ + c]
+    return a, q
+
+
+@_jit
+def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+                    mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
+    """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``."""
     p_, c_, s_ = x.shape
     n = p_ * s_
     mean = np.empty(c_)
     invstd = np.empty(c_)
     if training:
-        a = np.zeros(c_)
-        q = np.zeros(c_)
-        if s_ > 1:
-            k_ = (s_ + chunk - 1) // chunk
-            s1 = np.empty((p_, c_, k_))
-            s2 = np.empty((p_, c_, k_))
-            for item in _range(p_ * c_ * k_):
-                p = item // (c_ * k_)
-                c = (item // k_) % c_
-                k = item % k_
-                piv = np.float64(x[0, c, 0])
-                t1 = 0.0
-                t2 = 0.0
-                for s in range(k * chunk, min(s_, (k + 1) * chunk)):
-                    d = np.float64(x[p, c, s]) - piv
-                    t1 += d
-                    t2 += d * d
-                s1[p, c, k] = t1
-                s2[p, c, k] = t2
-            for p in range(p_):
-                for c in range(c_):
-                    for k in range(k_):
-                        a[c] += s1[p, c, k]
-                        q[c] += s2[p, c, k]
-        else:
-            nb = (p_ + rows - 1) // rows
-            s1 = np.empty((nb, c_))
-            s2 = np.empty((nb, c_))
-            for blk in _range(nb):
-                t1 = np.zeros(c_)
-                t2 = np.zeros(c_)
-                piv = np.empty(c_)
-                for c in range(c_):
-                    piv[c] = x[0, c, 0]
-                for r in range(blk * rows, min(p_, (blk + 1) * rows)):
-                    for c in range(c_):
-                        d = np.float64(x[r, c, 0]) - piv[c]
-                        t1[c] += d
-                        t2[c] += d * d
-                for c in range(c_):
-                    s1[blk, c] = t1[c]
-                    s2[blk, c] = t2[c]
-            for blk in range(nb):
-                for c in range(c_):
-                    a[c] += s1[blk, c]
-                    q[c] += s2[blk, c]
+        a, q = _reduce(x.shape, chunk, s1, s2)
         for c in range(c_):
             dmean = a[c] / n
             m2 = q[c] - a[c] * dmean
@@ -152,14 +188,20 @@ def _forward_kernel(x, w, b, rm, rv, training, momentum, eps, chunk, rows,
             invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     for c in range(c_):
         scale = invstd[c] * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
-        vec[0, c] = mean[c]  # the centre, mean rounded to x's dtype
+        vec[0, c] = mean[c]  # the centre: the mean rounded to x's dtype
         vec[1, c] = scale
         shift = -(mean[c] - np.float64(vec[0, c])) * scale
         vec[2, c] = shift + (np.float64(b[c]) if b.shape[0] > 0 else 0.0)
         mean_out[c] = mean[c]
         invstd_out[c] = invstd[c]
+
+
+@_jit
+def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
+    """y = (x - centre) * scale + shift."""
+    p_, c_, s_ = x.shape
     if s_ > 1:
-        for item in _range(p_ * c_):
+        for item in range(i0, i1):
             p = item // c_
             c = item % c_
             m = vec[0, c]
@@ -168,26 +210,22 @@ def _forward_kernel(x, w, b, rm, rv, training, momentum, eps, chunk, rows,
             for s in range(s_):
                 y[p, c, s] = (x[p, c, s] - m) * sc + sh
     else:
-        for blk in _range((p_ + rows - 1) // rows):
+        for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
                     y[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + vec[2, c]
 
 
-def _backward_kernel(dy, x, w, mean_in, invstd_in, training, chunk, rows,
-                     dx, dw_out, db_out, vec):  # fmt: skip  # pragma: no cover
+@_jit
+def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
+    """Partial sum(dy) and sum(dy * (x - mean)), in float64."""
     p_, c_, s_ = x.shape
-    n = p_ * s_
     mean = np.empty(c_)
     for c in range(c_):
         mean[c] = mean_in[c]
-    a = np.zeros(c_)
-    q = np.zeros(c_)
     if s_ > 1:
         k_ = (s_ + chunk - 1) // chunk
-        s1 = np.empty((p_, c_, k_))
-        s2 = np.empty((p_, c_, k_))
-        for item in _range(p_ * c_ * k_):
+        for item in range(i0, i1):
             p = item // (c_ * k_)
             c = (item // k_) % c_
             k = item % k_
@@ -198,138 +236,108 @@ def _backward_kernel(dy, x, w, mean_in, invstd_in, training, chunk, rows,
                 g = np.float64(dy[p, c, s])
                 t1 += g
                 t2 += g * (np.float64(x[p, c, s]) - m)
-            s1[p, c, k] = t1
-            s2[p, c, k] = t2
-        for p in range(p_):
-            for c in range(c_):
-                for k in range(k_):
-                    a[c] += s1[p, c, k]
-                    q[c] += s2[p, c, k]
+            s1[item] = t1
+            s2[item] = t2
     else:
-        nb = (p_ + rows - 1) // rows
-        s1 = np.empty((nb, c_))
-        s2 = np.empty((nb, c_))
-        for blk in _range(nb):
-            t1 = np.zeros(c_)
-            t2 = np.zeros(c_)
+        t1 = np.empty(c_)
+        t2 = np.empty(c_)
+        for blk in range(i0, i1):
+            t1[:] = 0.0
+            t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
                     g = np.float64(dy[r, c, 0])
                     t1[c] += g
                     t2[c] += g * (np.float64(x[r, c, 0]) - mean[c])
             for c in range(c_):
-                s1[blk, c] = t1[c]
-                s2[blk, c] = t2[c]
-        for blk in range(nb):
-            for c in range(c_):
-                a[c] += s1[blk, c]
-                q[c] += s2[blk, c]
+                s1[blk * c_ + c] = t1[c]
+                s2[blk * c_ + c] = t2[c]
+
+
+@_jit
+def _backward_finish(x, w, mean_in, invstd_in, training, chunk, s1, s2,
+                     dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
+    """dweight, dbias and the per-channel (centre, negk, mean dy, scale) in ``vec``."""
+    p_, c_, s_ = x.shape
+    n = p_ * s_
+    a, q = _reduce(x.shape, chunk, s1, s2)
     for c in range(c_):
         invstd = np.float64(invstd_in[c])
         scale = invstd * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
         sum_dy_xhat = invstd * q[c]
         dw_out[c] = sum_dy_xhat
         db_out[c] = a[c]
-        vec[0, c] = mean[c]
+        vec[0, c] = mean_in[c]
         vec[1, c] = -(scale * invstd * sum_dy_xhat) / n if training else 0.0
         vec[2, c] = a[c] / n if training else 0.0
         vec[3, c] = scale
-    if training:
-        if s_ > 1:
-            for item in _range(p_ * c_):
-                p = item // c_
-                c = item % c_
-                m = vec[0, c]
-                k = vec[1, c]
-                g = vec[2, c]
-                sc = vec[3, c]
+
+
+@_jit
+def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compiled
+    """dx = (x - mean) * negk + (dy - mean(dy)) * scale in training, dy * scale in eval."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        for item in range(i0, i1):
+            p = item // c_
+            c = item % c_
+            m = vec[0, c]
+            k = vec[1, c]
+            g = vec[2, c]
+            sc = vec[3, c]
+            if training:
                 for s in range(s_):
                     dx[p, c, s] = (x[p, c, s] - m) * k + (dy[p, c, s] - g) * sc
-        else:
-            for blk in _range((p_ + rows - 1) // rows):
-                for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+            else:
+                for s in range(s_):
+                    dx[p, c, s] = dy[p, c, s] * sc
+    else:
+        for blk in range(i0, i1):
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                if training:
                     for c in range(c_):
                         dx[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + (
                             dy[r, c, 0] - vec[2, c]
                         ) * vec[3, c]
-    elif s_ > 1:
-        for item in _range(p_ * c_):
-            p = item // c_
-            c = item % c_
-            sc = vec[3, c]
-            for s in range(s_):
-                dx[p, c, s] = dy[p, c, s] * sc
-    else:
-        for blk in _range((p_ + rows - 1) // rows):
-            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
-                for c in range(c_):
-                    dx[r, c, 0] = dy[r, c, 0] * vec[3, c]
+                else:
+                    for c in range(c_):
+                        dx[r, c, 0] = dy[r, c, 0] * vec[3, c]
 
 
-class _Compiled:
-    """The kernels compiled lazily, serial (``range``) and parallel (``prange``)."""
-
-    def __init__(self, parallel: bool) -> None:
-        self.parallel = parallel
-        self._done: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        with self._lock:
-            fn = self._done.get(name)
-            if fn is None:
-                fn = self._done[name] = self._compile(name)
-        return fn
-
-    def _compile(self, name: str) -> Any:
-        import types
-
-        src = globals()["_" + name + "_kernel"]
-        # The same source with ``_range`` bound to range or numba.prange.
-        g = dict(src.__globals__)
-        g["_range"] = numba.prange if self.parallel else range
-        fn = types.FunctionType(src.__code__, g, src.__name__)
-        # A name per variant: Numba's on-disk cache is keyed by the function's name.
-        fn.__qualname__ = src.__qualname__ + ("_parallel" if self.parallel else "_serial")
-        return numba.njit(
-            parallel=self.parallel,
-            fastmath={"reassoc", "contract"},
-            nogil=True,
-            cache=True,
-            error_model="numpy",
-        )(fn)
+@_jit
+def _forward_serial(x, w, b, rm, rv, training, momentum, eps, chunk, rows, s1, s2,
+                    y, mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
+    """The whole forward on the calling thread: one call, for small inputs."""
+    nr, ne = _items(x, chunk, rows)
+    if training:
+        _stats(x, chunk, rows, 0, nr, s1, s2)
+    _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+                    mean_out, invstd_out, rm_out, rv_out, vec)  # fmt: skip
+    _affine(x, vec, rows, 0, ne, y)
 
 
-_serial = _Compiled(parallel=False) if AVAILABLE else None
-_parallel = _Compiled(parallel=True) if AVAILABLE else None
-_parallel_lock = threading.Lock()
-_numba_threads = 0
+@_jit
+def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows, s1, s2,
+                     dx, dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
+    """The whole backward on the calling thread: one call, for small inputs."""
+    nr, ne = _items(x, chunk, rows)
+    _sums(dy, x, mean, chunk, rows, 0, nr, s1, s2)
+    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, dw_out, db_out, vec)
+    _grad(dy, x, vec, rows, training, 0, ne, dx)
 
 
-class _Kernels:
-    """The serial or the parallel kernels for one call, holding the parallel lock."""
-
-    def __init__(self, size: int) -> None:
-        self.held = False
-        threads = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        if size >= PARALLEL_MIN and threads > 1 and _parallel_lock.acquire(blocking=False):
-            self.held = True
-            global _numba_threads
-            if _numba_threads != threads:
-                numba.set_num_threads(threads)
-                _numba_threads = threads
-            self.k: Any = _parallel
-        else:
-            self.k = _serial
-
-    def __enter__(self) -> Any:
-        return self.k
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            _parallel_lock.release()
+def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
+    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among anybn's threads (no GIL held)."""
+    pool, threads = _executor()
+    parts = min(threads, items)
+    bounds = [items * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(fn, *head, bounds[i], bounds[i + 1], *tail) for i in range(1, parts)]
+    # The caller's share runs here; results never depend on the split (fixed table places).
+    try:
+        fn(*head, bounds[0], bounds[1], *tail)
+    finally:
+        for f in futures:
+            f.result()
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -354,7 +362,20 @@ def _rows_per_block(channels: int) -> int:
     return max(1, CHUNK // channels)
 
 
-# --- forward and backward ---------------------------------------------------------------------
+def _table(v: np.ndarray, rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(reduction items, elementwise items, and the two partial-sum tables) of a view."""
+    p_, c_, s_ = v.shape
+    if s_ > 1:
+        nr, ne = p_ * c_ * ((s_ + CHUNK - 1) // CHUNK), p_ * c_
+        size = nr
+    else:
+        nr = ne = (p_ + rows - 1) // rows
+        size = nr * c_
+    return nr, ne, np.empty(size), np.empty(size)
+
+
+def _threaded(size: int) -> bool:
+    return size >= PARALLEL_MIN and get_num_threads() > 1
 
 
 _EMPTY = {dt: np.empty(0, dtype=dt) for dt in (np.float32, np.float64)}
@@ -385,21 +406,29 @@ def forward(
     v = _view3(xc, ax)
     dt = x.dtype
     channels = v.shape[1]
+    rows = _rows_per_block(channels)
     y = np.empty(xc.shape, dtype=dt)
+    yv = _view3(y, ax)
     stats = np.empty((2, channels), dtype=dt)
     update = training and running_mean is not None and running_var is not None
     new = np.empty((2, channels), dtype=np.float64) if update else None
     rm = _vector(running_mean if (update or not training) else None, dt)
     rv = _vector(running_var if (update or not training) else None, dt)
-    with _Kernels(x.size) as k:
-        k.forward(
-            v, _vector(weight, dt), _vector(bias, dt), rm, rv, bool(training),
-            float(momentum), float(eps), CHUNK, _rows_per_block(channels),
-            _view3(y, ax), stats[0], stats[1],
-            new[0] if new is not None else _EMPTY[np.float64],
-            new[1] if new is not None else _EMPTY[np.float64],
-            np.empty((3, channels), dtype=dt),
-        )  # fmt: skip
+    w, b = _vector(weight, dt), _vector(bias, dt)
+    nr, ne, s1, s2 = _table(v, rows)
+    new_rm_out = new[0] if new is not None else _EMPTY[np.float64]
+    new_rv_out = new[1] if new is not None else _EMPTY[np.float64]
+    vec = np.empty((3, channels), dtype=dt)
+    training, momentum, eps = bool(training), float(momentum), float(eps)
+    if not _threaded(x.size):
+        _forward_serial(v, w, b, rm, rv, training, momentum, eps, CHUNK, rows, s1, s2,
+                        yv, stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
+    else:
+        if training:
+            _parallel(_stats, nr, (v, CHUNK, rows), (s1, s2))
+        _forward_finish(v, w, b, rm, rv, training, momentum, eps, CHUNK, s1, s2,
+                        stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
+        _parallel(_affine, ne, (v, vec, rows), (yv,))
     if perm is not None:
         y = y.transpose(np.argsort(perm))
     new_rm, new_rv = running_mean, running_var
@@ -427,16 +456,23 @@ def backward(
     dyc = dy.transpose(perm) if perm is not None else dy
     if not dyc.flags.c_contiguous or dyc.dtype != dt:
         dyc = np.ascontiguousarray(dyc, dtype=dt)
-    v = _view3(xc, ax)
+    v, g = _view3(xc, ax), _view3(dyc, ax)
     channels = v.shape[1]
+    rows = _rows_per_block(channels)
     dx = np.empty(xc.shape, dtype=dt)
+    dxv = _view3(dx, ax)
     grads = np.empty((2, channels), dtype=dt)
-    with _Kernels(x.size) as k:
-        k.backward(
-            _view3(dyc, ax), v, _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt),
-            bool(training), CHUNK, _rows_per_block(channels),
-            _view3(dx, ax), grads[0], grads[1], np.empty((4, channels), dtype=dt),
-        )  # fmt: skip
+    w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
+    nr, ne, s1, s2 = _table(v, rows)
+    vec = np.empty((4, channels), dtype=dt)
+    training = bool(training)
+    if not _threaded(x.size):
+        _backward_serial(g, v, w, m, s, training, CHUNK, rows, s1, s2,
+                         dxv, grads[0], grads[1], vec)  # fmt: skip
+    else:
+        _parallel(_sums, nr, (g, v, m, CHUNK, rows), (s1, s2))
+        _backward_finish(v, w, m, s, training, CHUNK, s1, s2, grads[0], grads[1], vec)
+        _parallel(_grad, ne, (g, v, vec, rows, training), (dxv,))
     if perm is not None:
         dx = dx.transpose(np.argsort(perm))
     return dx, grads[0], grads[1]
