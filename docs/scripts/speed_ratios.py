@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "asv_benchmarks"))
 
-import anybn  # noqa: E402
-import anybn.torch as abt  # noqa: E402
-from anybn import _numpy_kernels  # noqa: E402
-from benchmarks.bench_peers import textbook_backward, textbook_forward  # noqa: E402
+from benchmarks.bench_peers import textbook_backward, textbook_forward
+
+import anybn
+import anybn.torch as abt
+from anybn import _numpy_kernels
 
 SHAPES = {
     "(8,16)": ((8, 16), False),
