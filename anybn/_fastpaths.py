@@ -45,6 +45,7 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat as compat
+import numpy as _np
 
 from . import _numpy_kernels, _torch_kernels
 from ._numpy_kernels import get_num_threads, set_num_threads
@@ -124,6 +125,12 @@ def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
     return out
 
 
+def _torch_half() -> Any:
+    import torch
+
+    return torch.float16
+
+
 def _to_torch(results: tuple[Any, ...], inputs: dict[int, Array]) -> tuple[Any, ...]:
     """Wrap NumPy results as tensors; a result that *is* an input returns that input."""
     import torch
@@ -163,6 +170,37 @@ def _cuda_kernels(arrays: tuple[Array | None, ...]) -> ModuleType | None:
     return cuda if cuda.supports(present[0], *present[1:]) else None
 
 
+# --- NumPy arrays and torch CPU tensors: compiled (Numba) kernels ---------------------------
+
+_cpu_module: ModuleType | bool | None = False  # False: not imported yet; None: unavailable
+
+
+def _cpu_kernels() -> ModuleType | None:
+    """:mod:`anybn._kernels.cpu` when Numba is installed (and ``ANYBN_NUMBA`` is not 0)."""
+    global _cpu_module
+    if _cpu_module is False:
+        from ._kernels import cpu as module
+
+        _cpu_module = module if module.AVAILABLE else None
+    cpu: Any = _cpu_module
+    return cpu
+
+
+def _numpy_module(*arrays: Any) -> Any:
+    """The kernels for these NumPy arrays: compiled where they serve them, else NumPy's."""
+    cpu = _cpu_kernels()
+    if cpu is not None and all(cpu.supports(a) for a in arrays):
+        return cpu
+    return _numpy_kernels
+
+
+def _native_order(a: Array) -> Array:
+    """A float NumPy array in the machine's byte order (a copy only for a swapped one)."""
+    if type(a) is _np.ndarray and a.dtype.kind == "f" and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
 # --- dispatch -----------------------------------------------------------------------------
 
 
@@ -180,9 +218,10 @@ def batch_norm(
     axis: int,
 ) -> tuple[Any, ...] | None:
     """The forward on a fast path, or None; arguments are already validated."""
+    x = _native_order(x)
     args = (x, running_mean, running_var, weight, bias)
     if _numpy_kernels.supports(x):
-        return _numpy_kernels.forward(
+        return _numpy_module(x).forward(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
@@ -195,6 +234,15 @@ def batch_norm(
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
     if compat.is_torch_array(x):
+        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
+        views = _torch_as_numpy(args) if compiled else None
+        if views is not None and _numpy_module(views[0]) is not _numpy_kernels:
+            out = _numpy_module(views[0]).forward(
+                views[0], views[1], views[2], views[3], views[4],
+                training=training, momentum=momentum, eps=eps, axis=axis,
+            )  # fmt: skip
+            inputs = {id(v): a for v, a in zip(views, args, strict=True) if v is not None}
+            return _to_torch(out, inputs)
         if _torch_kernels.wanted(x, axis) and _torch_kernels.supports(*args):
             return _torch_kernels.forward(
                 x, running_mean, running_var, weight, bias,
@@ -223,14 +271,26 @@ def batch_norm_backward(
     axis: int,
 ) -> tuple[Any, ...] | None:
     """The backward on a fast path, or None; arguments are already validated."""
+    x, dy = _native_order(x), _native_order(dy)
     if _numpy_kernels.supports(x) and _numpy_kernels.supports(dy):
-        return _numpy_kernels.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
+        return _numpy_module(x, dy).backward(
+            dy, x, weight, mean, invstd, training=training, axis=axis
+        )
     if compat.is_cupy_array(x) or (compat.is_torch_array(x) and x.device.type == "cuda"):
         cuda = _cuda_kernels((dy, x, weight, mean, invstd))
         if cuda is None:
             return None
         return cuda.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
     if compat.is_torch_array(x):
+        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
+        views = _torch_as_numpy((dy, x, weight, mean, invstd)) if compiled else None
+        if views is not None and _numpy_module(views[0], views[1]) is not _numpy_kernels:
+            return _to_torch(
+                _numpy_module(views[0], views[1]).backward(
+                    views[0], views[1], views[2], views[3], views[4], training=training, axis=axis
+                ),
+                {},
+            )
         if (
             training
             and dy.dtype == x.dtype

@@ -20,6 +20,7 @@ already incremented it; ``torch.jit.script`` is not supported.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,12 @@ class _BatchNormFunction(_BatchNormBase):
         for part in parts:
             y_t = part if y_t is None else y_t + part
         return y_t, None, None, None, None
+
+
+# torch's Function.apply binds its arguments with inspect.signature(forward) on every call when
+# setup_context is defined (torch/autograd/function.py, bind_default_args): a precomputed
+# __signature__ turns that into an attribute lookup (~10 us of the ~70 us a (8,16) call costs).
+_BatchNormBase.forward.__signature__ = inspect.signature(_BatchNormBase.forward)  # type: ignore[attr-defined]
 
 
 def _has_tangent(*tensors: Tensor | None) -> bool:

@@ -11,9 +11,19 @@ from typing import Any
 
 import anybn
 
-from .common import BACKENDS, DTYPES, SHAPE_NAMES, SHAPES, make_data, require, set_threads
+from .common import (
+    BACKENDS,
+    DTYPES,
+    SHAPE_NAMES,
+    SHAPES,
+    make_data,
+    require,
+    set_threads,
+    timing,
+)
 
 
+@timing
 class BatchNorm:
     """``anybn.batch_norm`` and ``anybn.batch_norm_backward`` (the default fast paths)."""
 
@@ -69,6 +79,7 @@ class BatchNorm:
         self.backend.synchronize()
 
 
+@timing
 class NumPyTemporaryMemory:
     """Peak temporary memory of a NumPy forward+backward, in units of x's size.
 

@@ -4,6 +4,10 @@
   backward (what a PyTorch user runs), on the CPU and on CUDA.
 * ``TextbookNumPy``: batch norm the way people write it by hand in NumPy
   (``x.mean``, ``x.var``, ``xhat``, and the three-sum backward), no upcasting.
+* ``TorchModule``: the ``anybn.torch`` drop-in modules against ``nn.BatchNorm1d/2d``
+  (forward and ``backward()``, training mode), what a PyTorch user swaps.
+* ``JaxJit``: ``jax.jit`` of a plain ``jax.numpy`` batch norm and its ``jax.vjp``
+  (CPU), where JAX is installed.
 
 The methods and parameters mirror :class:`bench_batchnorm.BatchNorm`, so the
 plotting script pairs them by (shape, dtype).
@@ -15,12 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from .common import BACKENDS, DTYPES, SHAPE_NAMES, SHAPES, make_data, require, set_threads
+from .common import (
+    BACKENDS,
+    DTYPES,
+    SHAPE_NAMES,
+    SHAPES,
+    make_data,
+    require,
+    set_threads,
+    timing,
+)
 
 EPS = 1e-5
 MOMENTUM = 0.1
 
 
+@timing
 class TorchNative:
     """``F.batch_norm`` + autograd, torch's own fused kernels (CPU and CUDA)."""
 
@@ -124,6 +138,7 @@ def textbook_backward(dy: np.ndarray, cache: tuple[Any, ...]) -> tuple[np.ndarra
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
 
 
+@timing
 class TextbookNumPy:
     """The NumPy batch norm people write by hand, for the '2x faster than NumPy' ratio."""
 
@@ -161,3 +176,97 @@ class TextbookNumPy:
     def peakmem_forward_backward(self, *_: str) -> None:
         _, cache = self._forward(training=True)
         textbook_backward(self.d.dy, cache)
+
+
+@timing
+class TorchModule:
+    """``anybn.torch.BatchNorm1d/2d`` against ``nn.BatchNorm1d/2d``: forward + ``backward()``."""
+
+    params = (["anybn", "torch"], SHAPE_NAMES, list(DTYPES))
+    param_names = ("module", "shape", "dtype")
+    timeout = 300
+
+    def setup(self, module: str, shape: str, dtype: str) -> None:
+        if "torch" not in BACKENDS:
+            raise NotImplementedError("torch is not among ANYBN_BENCH_BACKENDS")
+        import torch
+
+        backend = require("torch", dtype)
+        set_threads()
+        spec = SHAPES[shape]
+        d = make_data(backend, spec, dtype)
+        if module == "anybn":
+            import anybn.torch as abt
+
+            classes = {2: abt.BatchNorm1d, 4: abt.BatchNorm2d}
+        else:
+            classes = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+        self.m = classes[len(spec.dims)](spec.channels).to(d.x.dtype)
+        self.x, self.dy = d.x, d.dy
+        self.time_forward_backward()
+
+    def time_forward_backward(self, *_: str) -> None:
+        x = self.x.detach().requires_grad_()
+        self.m(x).backward(self.dy)
+
+    def time_forward_train(self, *_: str) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.m(self.x)
+
+
+def jax_batch_norm(x: Any, weight: Any, bias: Any, axis: int) -> Any:
+    """The plain jax.numpy batch norm (training): y, and the batch mean and variance."""
+    import jax.numpy as jnp
+
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(axis=axes, keepdims=True)
+    var = xf.var(axis=axes, keepdims=True)
+    y = (xf - mean) * (weight.reshape(shape) / jnp.sqrt(var + EPS)) + bias.reshape(shape)
+    return y.astype(x.dtype)
+
+
+@timing
+class JaxJit:
+    """``jax.jit`` of :func:`jax_batch_norm` and of its VJP (forward + backward), on the CPU."""
+
+    params = (SHAPE_NAMES, list(DTYPES))
+    param_names = ("shape", "dtype")
+    timeout = 300
+
+    def setup(self, shape: str, dtype: str) -> None:
+        try:
+            import jax
+            import jax.numpy as jnp
+        except ImportError as e:
+            raise NotImplementedError(f"jax is not installed ({e})") from e
+        self.jax = jax
+        backend = require("numpy", dtype)
+        d = make_data(backend, SHAPES[shape], dtype)
+        axis = d.axis
+        to = jax.device_put
+        self.x, self.dy = to(d.x), to(d.dy)
+        self.w, self.b = to(d.weight), to(d.bias)
+
+        def fwd(x: Any, w: Any, b: Any) -> Any:
+            return jax_batch_norm(x, w, b, axis)
+
+        def fwd_bwd(x: Any, w: Any, b: Any, dy: Any) -> Any:
+            y, vjp = jax.vjp(fwd, x, w, b)
+            return y, vjp(dy)
+
+        self.fwd = jax.jit(fwd)
+        self.fwd_bwd = jax.jit(fwd_bwd)
+        jax.block_until_ready(self.fwd(self.x, self.w, self.b))
+        jax.block_until_ready(self.fwd_bwd(self.x, self.w, self.b, self.dy))
+        del jnp
+
+    def time_forward_train(self, *_: str) -> None:
+        self.jax.block_until_ready(self.fwd(self.x, self.w, self.b))
+
+    def time_forward_backward(self, *_: str) -> None:
+        self.jax.block_until_ready(self.fwd_bwd(self.x, self.w, self.b, self.dy))

@@ -7,7 +7,13 @@ Environment variables (read at import, so that asv sees the filtered parameters)
     ``numpy,torch,array_api_strict``. A backend that is not installed, or whose
     device is missing, is skipped anyway (``NotImplementedError`` in ``setup``).
 ``ANYBN_BENCH_SHAPES``
-    Comma-separated shape names (default: all of ``SHAPES``).
+    Shape names separated by commas (default: all of ``SHAPES``; with the quick
+    profile, :data:`QUICK_SHAPES`). Names contain commas themselves, so the value is
+    split only at commas outside parentheses: ``"(8,16),(256,512)"`` names two shapes.
+``ANYBN_BENCH_PROFILE``
+    ``full`` (default) or ``quick``: every benchmark on the small and mid-size shapes with
+    short timing (one round, a few repeats), so that the whole suite runs on a 2-core
+    machine in under 10 minutes (``asv run --quick`` on top of it: about 3). CI uses it.
 ``ANYBN_BENCH_THREADS``
     CPU threads for torch and for anybn's NumPy kernels (default 2). NumPy's own
     BLAS is not on anybn's hot path; set ``OPENBLAS_NUM_THREADS`` to match if you
@@ -41,6 +47,8 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "(32,64,56,56)": Shape((32, 64, 56, 56)),
+    "(8,256,14,14)": Shape((8, 256, 14, 14)),
+    "(256,512)": Shape((256, 512)),
     "(32,64,56,56)-channels-last": Shape((32, 64, 56, 56), channels_last=True),
     "(4096,1024)": Shape((4096, 1024)),
     "(8,16)": Shape((8, 16)),
@@ -48,19 +56,71 @@ SHAPES: dict[str, Shape] = {
 DTYPES = ("float32", "float16")
 
 
-def _selected(env: str, default: tuple[str, ...]) -> list[str]:
+#: The quick profile's shapes: per-call overhead and the two mid sizes.
+QUICK_SHAPES = ("(8,16)", "(256,512)", "(8,256,14,14)")
+
+
+def split_names(value: str) -> list[str]:
+    """``value`` split at the commas outside parentheses: ``"(8,16),a"`` -> ``["(8,16)", "a"]``."""
+    names, depth, current = [], 0, []
+    for ch in value:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            names.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    names.append("".join(current).strip())
+    return [n for n in names if n]
+
+
+def _selected(
+    env: str, known: tuple[str, ...], default: tuple[str, ...] | None = None
+) -> list[str]:
     value = os.environ.get(env, "").strip()
     if not value:
-        return list(default)
-    chosen = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = sorted(set(chosen) - set(default))
+        return list(known if default is None else default)
+    chosen = split_names(value)
+    unknown = sorted(set(chosen) - set(known))
     if unknown:
-        raise ValueError(f"{env}: unknown {unknown}; known: {list(default)}")
+        raise ValueError(f"{env}: unknown {unknown}; known: {list(known)}")
     return chosen
 
 
+PROFILE = os.environ.get("ANYBN_BENCH_PROFILE", "full").strip().lower() or "full"
+if PROFILE not in ("full", "quick"):
+    raise ValueError(f"ANYBN_BENCH_PROFILE must be 'full' or 'quick', got {PROFILE!r}")
+QUICK = PROFILE == "quick"
+
 BACKENDS = _selected("ANYBN_BENCH_BACKENDS", ALL_BACKENDS)
-SHAPE_NAMES = _selected("ANYBN_BENCH_SHAPES", tuple(SHAPES))
+SHAPE_NAMES = _selected("ANYBN_BENCH_SHAPES", tuple(SHAPES), QUICK_SHAPES if QUICK else None)
+
+#: asv timing attributes for every timing class: the quick profile takes one round of a few
+#: short repeats (asv's defaults: 2 rounds, up to 10 repeats, a warm-up of up to 10 s).
+TIMING: dict[str, object] = (
+    {"rounds": 1, "repeat": (1, 3, 1.0), "warmup_time": 0.05, "min_run_count": 1} if QUICK else {}
+)
+
+
+if QUICK:
+    # asv forks every benchmark from a server that imported this module: importing torch
+    # and loading anybn's compiled kernels here, once, saves seconds per benchmark.
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    from anybn import _fastpaths
+
+    _fastpaths._cpu_kernels()
+
+
+def timing(cls: type) -> type:
+    """Apply :data:`TIMING` to a benchmark class (a no-op in the full profile)."""
+    for k, v in TIMING.items():
+        setattr(cls, k, v)
+    return cls
+
+
 THREADS = int(os.environ.get("ANYBN_BENCH_THREADS", "2"))
 
 

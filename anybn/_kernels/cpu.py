@@ -1,0 +1,478 @@
+"""The compiled CPU fast path: Numba kernels for float32/float64 NumPy arrays and CPU tensors.
+
+Optional: used when Numba is installed (``pip install anybn[numba]``) and
+``ANYBN_NUMBA`` is not ``0``; without it :mod:`anybn._numpy_kernels` serves the
+same arrays. The kernels read and write memory the minimum number of times:
+
+* forward, training: one pass reads x for the statistics, one reads x and writes y;
+* backward: one pass reads x and dy for the two sums, one reads them and writes dx.
+
+x is viewed without a copy as ``(P, C, S)`` in memory order (``S > 1``:
+"planes", the NC... layout; ``S == 1``: "rows", channels last or (N, C)).
+
+Numerics (anybn's rules, DESIGN.md): statistics are a *shifted single pass*. Every
+value of a channel is shifted by the channel's first value (the pivot ``k``),
+``d = x - k``, and ``sum(d)`` and ``sum(d * d)`` are accumulated in float64 per
+work item, so that ``mean = k + sum(d) / n`` and ``M2 = sum(d^2) - sum(d)^2 / n``
+lose about ``(mean - k)^2 / var`` ulps of float64 only, nothing for data that is
+not wildly spread, however large its offset. The work items have a fixed place
+in a partial-sum table that is reduced in a fixed order, so results do not
+depend on the number of threads. y is ``(x - centre) * scale + shift`` in the
+compute dtype with ``centre`` the mean rounded to it and ``shift = bias - (mean -
+centre) * scale`` (no cancellation on offset data); the backward's ``sum(dy)``
+and ``sum(dy * (x - mean))`` accumulate in float64.
+
+The reductions are compiled with ``fastmath={"reassoc", "contract"}`` only (the
+float64 sums vectorise; NaN and inf keep their meaning, so a non-finite value
+stays in its channel). Small inputs run in one compiled call on the calling thread;
+large ones share each pass's work items among anybn's worker threads
+(:func:`anybn._fastpaths.set_num_threads`, the pool of :mod:`anybn._numpy_kernels`), the
+compiled code running without the GIL. Not Numba's own ``parallel=True`` threads:
+OpenMP workers spin between calls and, beside torch's, slowed a shared 2-core
+machine by up to 40x; anybn's pool sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .._numpy_kernels import _executor, _memory_order, _quietly, get_num_threads
+
+__all__ = ["AVAILABLE", "PARALLEL_MIN", "backward", "forward", "supports"]
+
+
+def _import_numba() -> Any:
+    if os.environ.get("ANYBN_NUMBA", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
+numba = _import_numba()
+
+#: Whether the compiled kernels are available (Numba installed, ``ANYBN_NUMBA`` not 0).
+AVAILABLE = numba is not None
+
+#: Inputs with at least this many values use Numba's threads.
+PARALLEL_MIN = 1 << 18
+
+#: Values per work item of a reduction (a block that stays in L1/L2 while it is read).
+CHUNK = 1 << 14
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def supports(x: Any) -> bool:
+    """Whether the compiled kernels serve ``x``: a non-empty float32/float64 NumPy array."""
+    return AVAILABLE and type(x) is np.ndarray and x.dtype in _FLOATS and x.size > 0
+
+
+def _jit(fn: Any) -> Any:
+    """Compile lazily on first call, cached on disk, GIL released (the pool threads run it)."""
+    if numba is None:
+        return fn
+    return numba.njit(
+        fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy"
+    )(fn)
+
+
+# --- kernels ----------------------------------------------------------------------------------
+# x, dy, y, dx are (P, C, S) views; S == 1 is the rows layout, whose loops run over the
+# contiguous channel axis. A reduction's work items are (plane, channel, chunk of CHUNK values)
+# for planes and blocks of ``rows`` rows for rows; each writes its partial sums to a fixed
+# place of a table that ``*_finish`` reduces serially in a fixed order, so results do not
+# depend on how the items are shared among threads. Elementwise items: (plane, channel) or
+# blocks of rows. ``i0:i1`` is the range of items a call runs.
+
+
+@_jit
+def _items(x, chunk, rows):  # pragma: no cover - compiled
+    """(reduction items, elementwise items) of the (P, C, S) view x."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        return p_ * c_ * ((s_ + chunk - 1) // chunk), p_ * c_
+    nb = (p_ + rows - 1) // rows
+    return nb, nb
+
+
+@_jit
+def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
+    """Partial sum(x - k) and sum((x - k)^2), k = the channel's first value, in float64."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        k_ = (s_ + chunk - 1) // chunk
+        for item in range(i0, i1):
+            p = item // (c_ * k_)
+            c = (item // k_) % c_
+            k = item % k_
+            piv = np.float64(x[0, c, 0])
+            t1 = 0.0
+            t2 = 0.0
+            for s in range(k * chunk, min(s_, (k + 1) * chunk)):
+                d = np.float64(x[p, c, s]) - piv
+                t1 += d
+                t2 += d * d
+            s1[item] = t1
+            s2[item] = t2
+    else:
+        t1 = np.empty(c_)
+        t2 = np.empty(c_)
+        piv = np.empty(c_)
+        for c in range(c_):
+            piv[c] = x[0, c, 0]
+        for blk in range(i0, i1):
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                for c in range(c_):
+                    d = np.float64(x[r, c, 0]) - piv[c]
+                    t1[c] += d
+                    t2[c] += d * d
+            for c in range(c_):
+                s1[blk * c_ + c] = t1[c]
+                s2[blk * c_ + c] = t2[c]
+
+
+@_jit
+def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
+    """Per-channel totals of a partial-sum table, in a fixed order."""
+    p_, c_, s_ = shape
+    a = np.zeros(c_)
+    q = np.zeros(c_)
+    if s_ > 1:
+        k_ = (s_ + chunk - 1) // chunk
+        for p in range(p_):
+            for c in range(c_):
+                for k in range(k_):
+                    i = (p * c_ + c) * k_ + k
+                    a[c] += s1[i]
+                    q[c] += s2[i]
+    else:
+        for blk in range(s1.shape[0] // c_):
+            for c in range(c_):
+                a[c] += s1[blk * c_ + c]
+                q[c] += s2[blk * c_ + c]
+    return a, q
+
+
+@_jit
+def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+                    mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
+    """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``."""
+    p_, c_, s_ = x.shape
+    n = p_ * s_
+    mean = np.empty(c_)
+    invstd = np.empty(c_)
+    if training:
+        a, q = _reduce(x.shape, chunk, s1, s2)
+        for c in range(c_):
+            dmean = a[c] / n
+            m2 = q[c] - a[c] * dmean
+            if m2 < 0.0:
+                m2 = 0.0
+            mean[c] = np.float64(x[0, c, 0]) + dmean
+            invstd[c] = 1.0 / np.sqrt(m2 / n + eps)
+            if rm.shape[0] > 0:
+                rm_out[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
+                rv_out[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2 / (n - 1))
+    else:
+        for c in range(c_):
+            mean[c] = rm[c]
+            invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+    for c in range(c_):
+        scale = invstd[c] * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
+        vec[0, c] = mean[c]  # the centre: the mean rounded to x's dtype
+        vec[1, c] = scale
+        shift = -(mean[c] - np.float64(vec[0, c])) * scale
+        vec[2, c] = shift + (np.float64(b[c]) if b.shape[0] > 0 else 0.0)
+        mean_out[c] = mean[c]
+        invstd_out[c] = invstd[c]
+
+
+@_jit
+def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
+    """y = (x - centre) * scale + shift."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        for item in range(i0, i1):
+            p = item // c_
+            c = item % c_
+            m = vec[0, c]
+            sc = vec[1, c]
+            sh = vec[2, c]
+            for s in range(s_):
+                y[p, c, s] = (x[p, c, s] - m) * sc + sh
+    else:
+        for blk in range(i0, i1):
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                for c in range(c_):
+                    y[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + vec[2, c]
+
+
+@_jit
+def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
+    """Partial sum(dy) and sum(dy * (x - mean)), in float64."""
+    p_, c_, s_ = x.shape
+    mean = np.empty(c_)
+    for c in range(c_):
+        mean[c] = mean_in[c]
+    if s_ > 1:
+        k_ = (s_ + chunk - 1) // chunk
+        for item in range(i0, i1):
+            p = item // (c_ * k_)
+            c = (item // k_) % c_
+            k = item % k_
+            m = mean[c]
+            t1 = 0.0
+            t2 = 0.0
+            for s in range(k * chunk, min(s_, (k + 1) * chunk)):
+                g = np.float64(dy[p, c, s])
+                t1 += g
+                t2 += g * (np.float64(x[p, c, s]) - m)
+            s1[item] = t1
+            s2[item] = t2
+    else:
+        t1 = np.empty(c_)
+        t2 = np.empty(c_)
+        for blk in range(i0, i1):
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                for c in range(c_):
+                    g = np.float64(dy[r, c, 0])
+                    t1[c] += g
+                    t2[c] += g * (np.float64(x[r, c, 0]) - mean[c])
+            for c in range(c_):
+                s1[blk * c_ + c] = t1[c]
+                s2[blk * c_ + c] = t2[c]
+
+
+@_jit
+def _backward_finish(x, w, mean_in, invstd_in, training, chunk, s1, s2,
+                     dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
+    """dweight, dbias and the per-channel (centre, negk, mean dy, scale) in ``vec``."""
+    p_, c_, s_ = x.shape
+    n = p_ * s_
+    a, q = _reduce(x.shape, chunk, s1, s2)
+    for c in range(c_):
+        invstd = np.float64(invstd_in[c])
+        scale = invstd * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
+        sum_dy_xhat = invstd * q[c]
+        dw_out[c] = sum_dy_xhat
+        db_out[c] = a[c]
+        vec[0, c] = mean_in[c]
+        vec[1, c] = -(scale * invstd * sum_dy_xhat) / n if training else 0.0
+        vec[2, c] = a[c] / n if training else 0.0
+        vec[3, c] = scale
+
+
+@_jit
+def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compiled
+    """dx = (x - mean) * negk + (dy - mean(dy)) * scale in training, dy * scale in eval."""
+    p_, c_, s_ = x.shape
+    if s_ > 1:
+        for item in range(i0, i1):
+            p = item // c_
+            c = item % c_
+            m = vec[0, c]
+            k = vec[1, c]
+            g = vec[2, c]
+            sc = vec[3, c]
+            if training:
+                for s in range(s_):
+                    dx[p, c, s] = (x[p, c, s] - m) * k + (dy[p, c, s] - g) * sc
+            else:
+                for s in range(s_):
+                    dx[p, c, s] = dy[p, c, s] * sc
+    else:
+        for blk in range(i0, i1):
+            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                if training:
+                    for c in range(c_):
+                        dx[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + (
+                            dy[r, c, 0] - vec[2, c]
+                        ) * vec[3, c]
+                else:
+                    for c in range(c_):
+                        dx[r, c, 0] = dy[r, c, 0] * vec[3, c]
+
+
+@_jit
+def _forward_serial(x, w, b, rm, rv, training, momentum, eps, chunk, rows, s1, s2,
+                    y, mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
+    """The whole forward on the calling thread: one call, for small inputs."""
+    nr, ne = _items(x, chunk, rows)
+    if training:
+        _stats(x, chunk, rows, 0, nr, s1, s2)
+    _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+                    mean_out, invstd_out, rm_out, rv_out, vec)  # fmt: skip
+    _affine(x, vec, rows, 0, ne, y)
+
+
+@_jit
+def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows, s1, s2,
+                     dx, dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
+    """The whole backward on the calling thread: one call, for small inputs."""
+    nr, ne = _items(x, chunk, rows)
+    _sums(dy, x, mean, chunk, rows, 0, nr, s1, s2)
+    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, dw_out, db_out, vec)
+    _grad(dy, x, vec, rows, training, 0, ne, dx)
+
+
+def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
+    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among anybn's threads (no GIL held)."""
+    pool, threads = _executor()
+    parts = min(threads, items)
+    bounds = [items * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(fn, *head, bounds[i], bounds[i + 1], *tail) for i in range(1, parts)]
+    # The caller's share runs here; results never depend on the split (fixed table places).
+    try:
+        fn(*head, bounds[0], bounds[1], *tail)
+    finally:
+        for f in futures:
+            f.result()
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+
+def _canonical(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...] | None, int]:
+    """``(x in memory order, perm or None, axis in it)``; a C-ordered copy if x has no order."""
+    perm = _memory_order(x)
+    if perm is not None:
+        return x.transpose(perm), perm, perm.index(axis)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return x, None, axis
+
+
+def _view3(a: np.ndarray, axis: int) -> np.ndarray:
+    shape = a.shape
+    return a.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def _rows_per_block(channels: int) -> int:
+    return max(1, CHUNK // channels)
+
+
+def _table(v: np.ndarray, rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(reduction items, elementwise items, and the two partial-sum tables) of a view."""
+    p_, c_, s_ = v.shape
+    if s_ > 1:
+        nr, ne = p_ * c_ * ((s_ + CHUNK - 1) // CHUNK), p_ * c_
+        size = nr
+    else:
+        nr = ne = (p_ + rows - 1) // rows
+        size = nr * c_
+    return nr, ne, np.empty(size), np.empty(size)
+
+
+def _threaded(size: int) -> bool:
+    return size >= PARALLEL_MIN and get_num_threads() > 1
+
+
+_EMPTY = {dt: np.empty(0, dtype=dt) for dt in (np.float32, np.float64)}
+
+
+def _vector(a: np.ndarray | None, dt: np.dtype) -> np.ndarray:
+    """A per-channel vector for the kernels; None becomes an empty array (the kernels' "absent")."""
+    if a is None:
+        return _EMPTY[dt.type]
+    return a if type(a) is np.ndarray and a.dtype in _FLOATS else np.asarray(a, dtype=dt)
+
+
+@_quietly
+def forward(
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    axis: int,
+) -> tuple[Any, ...]:
+    """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x."""
+    xc, perm, ax = _canonical(x, axis)
+    v = _view3(xc, ax)
+    dt = x.dtype
+    channels = v.shape[1]
+    rows = _rows_per_block(channels)
+    y = np.empty(xc.shape, dtype=dt)
+    yv = _view3(y, ax)
+    stats = np.empty((2, channels), dtype=dt)
+    update = training and running_mean is not None and running_var is not None
+    new = np.empty((2, channels), dtype=np.float64) if update else None
+    rm = _vector(running_mean if (update or not training) else None, dt)
+    rv = _vector(running_var if (update or not training) else None, dt)
+    w, b = _vector(weight, dt), _vector(bias, dt)
+    nr, ne, s1, s2 = _table(v, rows)
+    new_rm_out = new[0] if new is not None else _EMPTY[np.float64]
+    new_rv_out = new[1] if new is not None else _EMPTY[np.float64]
+    vec = np.empty((3, channels), dtype=dt)
+    training, momentum, eps = bool(training), float(momentum), float(eps)
+    if not _threaded(x.size):
+        _forward_serial(v, w, b, rm, rv, training, momentum, eps, CHUNK, rows, s1, s2,
+                        yv, stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
+    else:
+        if training:
+            _parallel(_stats, nr, (v, CHUNK, rows), (s1, s2))
+        _forward_finish(v, w, b, rm, rv, training, momentum, eps, CHUNK, s1, s2,
+                        stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
+        _parallel(_affine, ne, (v, vec, rows), (yv,))
+    if perm is not None:
+        y = y.transpose(np.argsort(perm))
+    new_rm, new_rv = running_mean, running_var
+    if new is not None:
+        assert running_mean is not None and running_var is not None
+        new_rm = new[0].astype(running_mean.dtype)
+        new_rv = new[1].astype(running_var.dtype)
+    return y, stats[0], stats[1], new_rm, new_rv
+
+
+@_quietly
+def backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    *,
+    training: bool,
+    axis: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx, dweight, dbias)``; dx laid out like x (dy is copied to x's layout if needed)."""
+    xc, perm, ax = _canonical(x, axis)
+    dt = x.dtype
+    dyc = dy.transpose(perm) if perm is not None else dy
+    if not dyc.flags.c_contiguous or dyc.dtype != dt:
+        dyc = np.ascontiguousarray(dyc, dtype=dt)
+    v, g = _view3(xc, ax), _view3(dyc, ax)
+    channels = v.shape[1]
+    rows = _rows_per_block(channels)
+    dx = np.empty(xc.shape, dtype=dt)
+    dxv = _view3(dx, ax)
+    grads = np.empty((2, channels), dtype=dt)
+    w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
+    nr, ne, s1, s2 = _table(v, rows)
+    vec = np.empty((4, channels), dtype=dt)
+    training = bool(training)
+    if not _threaded(x.size):
+        _backward_serial(g, v, w, m, s, training, CHUNK, rows, s1, s2,
+                         dxv, grads[0], grads[1], vec)  # fmt: skip
+    else:
+        _parallel(_sums, nr, (g, v, m, CHUNK, rows), (s1, s2))
+        _backward_finish(v, w, m, s, training, CHUNK, s1, s2, grads[0], grads[1], vec)
+        _parallel(_grad, ne, (g, v, vec, rows, training), (dxv,))
+    if perm is not None:
+        dx = dx.transpose(np.argsort(perm))
+    return dx, grads[0], grads[1]
