@@ -331,7 +331,9 @@ def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...])
     pool, threads = _executor()
     parts = min(threads, items)
     bounds = [items * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(fn, *head, bounds[i], bounds[i + 1], *tail) for i in range(1, parts)]
+    futures = [
+        pool.submit(fn, *(*head, bounds[i], bounds[i + 1], *tail)) for i in range(1, parts)
+    ]
     # The caller's share runs here; results never depend on the split (fixed table places).
     try:
         fn(*head, bounds[0], bounds[1], *tail)
