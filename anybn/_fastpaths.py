@@ -99,6 +99,24 @@ def fast_paths(on: bool) -> Iterator[None]:
 _torch_numpy_dtypes: tuple[Any, ...] = ()
 
 
+def _torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
+    """Whether torch.func or forward-mode AD is tracing these tensors.
+
+    The fast paths read tensors as NumPy views, call ``.item()`` and update
+    temporaries in place: under ``torch.func.vmap``/``grad``/``jvp`` that fails,
+    and forward-AD tangents would be dropped silently. The generic path's torch
+    operations compose with both.
+    """
+    from torch._C import _functorch
+    from torch.autograd import forward_ad
+
+    if _functorch.maybe_current_level() is not None:
+        return True
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered
+        return False
+    return any(a is not None and forward_ad.unpack_dual(a).tangent is not None for a in arrays)
+
+
 def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
     """NumPy views of CPU tensors that autograd does not track, or None."""
     global _torch_numpy_dtypes
@@ -220,6 +238,8 @@ def batch_norm(
     """The forward on a fast path, or None; arguments are already validated."""
     x = _native_order(x)
     args = (x, running_mean, running_var, weight, bias)
+    if compat.is_torch_array(x) and _torch_transformed(args):
+        return None
     if _numpy_kernels.supports(x):
         return _numpy_module(x).forward(
             x, running_mean, running_var, weight, bias,
@@ -272,6 +292,8 @@ def batch_norm_backward(
 ) -> tuple[Any, ...] | None:
     """The backward on a fast path, or None; arguments are already validated."""
     x, dy = _native_order(x), _native_order(dy)
+    if compat.is_torch_array(x) and _torch_transformed((dy, x, weight, mean, invstd)):
+        return None
     if _numpy_kernels.supports(x) and _numpy_kernels.supports(dy):
         return _numpy_module(x, dy).backward(
             dy, x, weight, mean, invstd, training=training, axis=axis

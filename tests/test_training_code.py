@@ -519,3 +519,34 @@ def test_layer_with_a_communicator_copies_and_refuses_pickle() -> None:
         pickle.dumps(bn)
     bn.comm = "torch"  # names pickle
     assert pickle.loads(pickle.dumps(bn)).comm == "torch"
+
+
+def test_core_on_tensors_under_torch_func_and_forward_ad() -> None:
+    """anybn.batch_norm called directly inside torch.func transforms and forward AD.
+
+    The fast paths (NumPy views, ``.item()``, in-place temporaries) step aside for
+    the generic path, whose torch operations compose with the transforms.
+    """
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jvp, vmap
+
+    def dx(xi: Any) -> Any:
+        out = anybn.batch_norm(xi, training=True)
+        return anybn.batch_norm_backward(xi * 0.5, xi, None, out.mean, out.invstd).dx
+
+    x = torch.randn(3, 64, 8, 5, dtype=torch.float64)  # large enough for the torch kernels
+    expected = torch.stack([dx(xi) for xi in x])
+    torch.testing.assert_close(vmap(dx)(x), expected)
+
+    def loss(xi: Any) -> Any:
+        return anybn.batch_norm(xi, training=True).y.pow(3).sum()
+
+    ref = x[0].clone().requires_grad_()
+    loss(ref).backward()
+    torch.testing.assert_close(grad(loss)(x[0]), ref.grad)
+    t = torch.randn_like(x[0])
+    _, tangent = jvp(lambda xi: anybn.batch_norm(xi, training=True).y, (x[0],), (t,))
+    with fwAD.dual_level():
+        y = anybn.batch_norm(fwAD.make_dual(x[0], t), training=True).y
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, tangent)
+    assert tangent.abs().sum() > 0
