@@ -445,16 +445,28 @@ def _generic_forward(
 
     n: Array | int = count
     if training:
-        if mask is None:
-            moments = centered_moments(xp, xc, axes, count)
+        if compat.is_dask_array(x):
+            # Out of core: per-chunk moments merged in a tree, y from a clone of x's graph
+            from . import _dask
+
+            n64, mean64, m2_64 = _dask.moments(xp, xc, mask, axis)
+            n = count if mask is None else _as(xp, n64, cdt)
+            mean_b, m2 = _as(xp, mean64, cdt), _as(xp, m2_64, cdt)
+            # centre on the rounded mean, fold its rounding error into the shift (as below)
+            corr = _as(xp, mean64 - _as(xp, mean_b, mean64.dtype), cdt)
+            centered = _dask.clone(xc) - mean_b
         else:
-            weights = xp.astype(mask, cdt)
-            n = counted_values(xp, weights, axes, tuple(x.shape))
-            moments = masked_centered_moments(xp, xc, weights, axes, n)
-        var = moments.m2 / n
+            if mask is None:
+                moments = centered_moments(xp, xc, axes, count)
+            else:
+                weights = xp.astype(mask, cdt)
+                n = counted_values(xp, weights, axes, tuple(x.shape))
+                moments = masked_centered_moments(xp, xc, weights, axes, n)
+            mean_b, m2 = moments.mean, moments.m2
+            centered, corr = moments.centered, moments.correction
+        var = m2 / n
         invstd_b = 1.0 / xp.sqrt(var + eps)
-        centered, corr = moments.centered, moments.correction
-        mean = xp.reshape(moments.mean, channels)
+        mean = xp.reshape(mean_b, channels)
         invstd = xp.reshape(invstd_b, channels)
     else:
         assert running_mean is not None and running_var is not None
@@ -474,7 +486,7 @@ def _generic_forward(
     new_running_mean, new_running_var = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
         denominator = n - 1 if var_estimator == "unbiased" else n
-        batch_var = xp.reshape(moments.m2 / denominator, channels)
+        batch_var = xp.reshape(m2 / denominator, channels)
         new_running_mean = _as(
             xp,
             (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean,
@@ -656,10 +668,23 @@ def _generic_backward(
     dyc = _as(xp, dy, cdt)
     invstd = _as(xp, invstd, cdt)
     invstd_b = xp.reshape(invstd, bshape)
-    centered = _as(xp, x, cdt) - xp.reshape(_as(xp, mean, cdt), bshape)
+    mean_b = xp.reshape(_as(xp, mean, cdt), bshape)
+    centered = _as(xp, x, cdt) - mean_b
 
-    sum_dy = channel_sum(xp, dyc, axes)
-    sum_dy_centered = channel_dot(xp, dyc, centered, axes)
+    if training and compat.is_dask_array(x):
+        # Out of core: the sums in one pass, dx from clones of the graphs of x, dy, mask
+        from . import _dask
+
+        sum_dy, sum_dy_centered = (
+            _as(xp, s, cdt) for s in _dask.backward_sums(xp, dyc, _as(xp, x, cdt), mean_b, axis)
+        )
+        if mask is not None:
+            mask = _dask.clone(mask)
+        x_again, dy_again = _dask.clone(x, dy)
+        centered, dyc = _as(xp, x_again, cdt) - mean_b, _as(xp, dy_again, cdt)
+    else:
+        sum_dy = channel_sum(xp, dyc, axes)
+        sum_dy_centered = channel_dot(xp, dyc, centered, axes)
     sum_dy_xhat = invstd_b * sum_dy_centered
     scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
 
