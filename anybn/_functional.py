@@ -465,6 +465,9 @@ def _generic_forward(
             mean_b, m2 = moments.mean, moments.m2
             centered, corr = moments.centered, moments.correction
         var = m2 / n
+        if mask is not None:
+            # Fewer than 2 counted values: eager arrays raised above; lazy ones get NaN
+            var = xp.where(n < 2, xp.asarray(float("nan"), dtype=cdt), var)
         invstd_b = 1.0 / xp.sqrt(var + eps)
         mean = xp.reshape(mean_b, channels)
         invstd = xp.reshape(invstd_b, channels)

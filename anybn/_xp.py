@@ -49,14 +49,18 @@ def _check_array(a: object, name: str) -> None:
 
     NumPy masked arrays pass as arrays, but NumPy's functions apply their mask
     only in part (a masked value is left out of a sum, yet counted): refuse them
-    rather than return statistics of the wrong values.
+    rather than return statistics of the wrong values, and name ``mask=``, which
+    does what their mask means (True there is a value that counts, the inverse
+    of NumPy's mask). Routing them silently would return a plain array where a
+    masked one came in.
     """
     if not compat.is_array_api_obj(a):
         raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(a)}")
     if compat.is_numpy_array(a) and type(a).__module__.startswith("numpy.ma"):
         raise TypeError(
             f"{name} is a NumPy masked array, whose mask anybn does not apply; pass "
-            f"{name}.filled(value) or {name}.data for the values to use"
+            f"{name}.data with mask=~numpy.ma.getmaskarray({name}) to leave its masked "
+            f"values out of the statistics, or {name}.filled(value)"
         )
 
 
