@@ -467,7 +467,7 @@ def _generic_forward(
         var = m2 / n
         if mask is not None:
             # Fewer than 2 counted values: eager arrays raised above; lazy ones get NaN
-            var = xp.where(n < 2, xp.asarray(float("nan"), dtype=cdt), var)
+            var = xp.where(n < 2, xp.asarray(float("nan"), dtype=cdt, device=compat.device(x)), var)
         invstd_b = 1.0 / xp.sqrt(var + eps)
         mean = xp.reshape(mean_b, channels)
         invstd = xp.reshape(invstd_b, channels)

@@ -223,3 +223,28 @@ def test_host_helper_is_shared() -> None:
     """One host conversion: the tests' ``host`` is anybn's ``to_host``."""
     a = np.arange(3.0)
     assert np.array_equal(host(a), a)
+
+
+def test_layer_mask_tuple_axis_and_estimator(rng: np.random.Generator) -> None:
+    """BatchNorm(axis=(1, 2), var_estimator='biased')(x, mask=...) is the functional call."""
+    import pickle
+
+    x = rng.normal(size=(6, 3, 4))
+    dy = rng.normal(size=x.shape)
+    mask = rng.random((6, 1, 1)) < 0.6
+    mask[:2] = True
+    bn = anybn.BatchNorm(axis=(1, 2), var_estimator="biased", momentum=MOMENTUM, eps=EPS)
+    y = bn(x, mask=mask)
+    want = oracle(x, dy, np.ones((3, 4)), np.zeros((3, 4)), mask, (1, 2), "biased")
+    assert bn.num_features == (3, 4)
+    assert_close(y, want["y"], name="y")
+    assert_close(bn.running_var, want["running_var"], name="running_var")
+    assert_close(bn.backward(dy).dx, want["dx"], name="dx")
+    copy = pickle.loads(pickle.dumps(bn))
+    assert copy.var_estimator == "biased" and copy.axis == (1, 2)
+    fresh = anybn.BatchNorm(axis=(1, 2))
+    fresh.load_state_dict(bn.state_dict())
+    assert fresh.num_features == (3, 4)
+    with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+        fresh.load_state_dict({**bn.state_dict(), "bias": np.zeros((4, 3))})
+    assert "var_estimator='biased'" in repr(bn)
