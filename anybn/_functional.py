@@ -14,7 +14,7 @@ device. Notation, per channel ``c`` over the ``n`` values ``x_i`` of that channe
 from __future__ import annotations
 
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import array_api_compat as compat
 
@@ -163,8 +163,9 @@ def batch_norm(
     where ``var`` is the biased batch variance and ``n`` the number of values
     per channel (``var_estimator="biased"`` stores ``var`` itself, as Keras and
     Flax do). With ``mask``, ``mean``, ``var`` and ``n`` are those of the values
-    where the mask is True; ``y`` is still computed at every position. With ``training=False`` the running statistics are used in
-    place of ``mean`` and ``var`` and are returned unchanged. This matches
+    where the mask is True; ``y`` is still computed at every position. With
+    ``training=False`` the running statistics are used in place of ``mean`` and
+    ``var`` and are returned unchanged. This matches
     :func:`torch.nn.functional.batch_norm`.
 
     Parameters
@@ -242,7 +243,8 @@ def batch_norm(
         _check_sync_options(axis, mask, var_estimator)
         return _sync.batch_norm(
             x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
+            training=training, momentum=momentum, eps=eps, axis=cast(int, axis), xp=xp,
+            comm=comm,
         )  # fmt: skip
     xp = resolve_namespace(
         x,
@@ -261,7 +263,7 @@ def batch_norm(
     )
     axes = normalize_axes(axis, x.ndim)
     count = values_per_channel(tuple(x.shape), axes)
-    channels = param_shape(tuple(x.shape), axes)
+    channels: Any = param_shape(tuple(x.shape), axes)
     if len(axes) == 1:
         channels = channels[0]
     for name, a in (
@@ -355,7 +357,7 @@ def forward(
         if _fastpaths.enabled() and _plain(axis, mask) and var_estimator == "unbiased":
             fast = _fastpaths.batch_norm(
                 xp, x, running_mean, running_var, weight, bias,
-                training=training, momentum=momentum, eps=eps, axis=axis,
+                training=training, momentum=momentum, eps=eps, axis=cast(int, axis),
             )  # fmt: skip
         if fast is not None:
             out = BatchNormOutput(*fast)
@@ -395,7 +397,10 @@ def _empty_batch(
     copies), and the backward gives zero dweight and dbias.
     """
     nan = xp.full(
-        param_shape(tuple(x.shape), axis), float("nan"), dtype=compute_dtype(xp, x.dtype), device=compat.device(x)
+        param_shape(tuple(x.shape), axis),
+        float("nan"),
+        dtype=compute_dtype(xp, x.dtype),
+        device=compat.device(x),
     )
     rm = None if running_mean is None else xp.asarray(running_mean, copy=True)
     rv = None if running_var is None else xp.asarray(running_var, copy=True)
@@ -467,7 +472,8 @@ def _generic_forward(
         var = m2 / n
         if mask is not None:
             # Fewer than 2 counted values: eager arrays raised above; lazy ones get NaN
-            var = xp.where(n < 2, xp.asarray(float("nan"), dtype=cdt, device=compat.device(x)), var)
+            nan = xp.asarray(float("nan"), dtype=cdt, device=compat.device(x))
+            var = xp.where(n < 2, nan, var)
         invstd_b = 1.0 / xp.sqrt(var + eps)
         mean = xp.reshape(mean_b, channels)
         invstd = xp.reshape(invstd_b, channels)
@@ -587,8 +593,9 @@ def batch_norm_backward(
 
         _check_sync_options(axis, mask, "unbiased")
         return _sync.batch_norm_backward(
-            dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
-        )
+            dy, x, weight, mean, invstd, training=training, axis=cast(int, axis), xp=xp,
+            comm=comm,
+        )  # fmt: skip
     a: AnyArray | None  # (annotation only: the loops below bind it to optional arrays)
     for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
         if a is None:
@@ -597,7 +604,9 @@ def batch_norm_backward(
         x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd, "mask": mask}, xp=xp
     )
     check_input(xp, x)
-    dy, weight, mean, invstd, mask = (adopt(xp, x, a) for a in (dy, weight, mean, invstd, mask))
+    dy, weight, mean, invstd, mask = (  # type: ignore[assignment]
+        adopt(xp, x, a) for a in (dy, weight, mean, invstd, mask)
+    )
     check_floating(xp, dy, "dy")
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(
@@ -641,7 +650,7 @@ def backward(
         mask = None  # eval: the statistics are constants, the mask plays no part
     if _fastpaths.enabled() and _plain(axis, mask):
         fast = _fastpaths.batch_norm_backward(
-            xp, dy, x, weight, mean, invstd, training=training, axis=axis
+            xp, dy, x, weight, mean, invstd, training=training, axis=cast(int, axis)
         )
         if fast is not None:
             return BatchNormGrads(*fast)

@@ -38,7 +38,7 @@ class _Static(NamedTuple):
     momentum: float
     eps: float
     axis: int | tuple[int, ...]
-    count: int
+    n_values: int
     var_estimator: str
 
 
@@ -69,7 +69,7 @@ def _train_fwd(
     out = _generic_forward(
         jnp, x, running_mean, running_var, weight, bias,
         training=True, momentum=static.momentum, eps=static.eps, axis=static.axis,
-        count=static.count, mask=mask, var_estimator=static.var_estimator,
+        count=static.n_values, mask=mask, var_estimator=static.var_estimator,
     )  # fmt: skip
     residuals = (x, weight, out.mean, out.invstd, mask, running_mean, running_var, bias)
     return tuple(out), residuals
@@ -92,14 +92,14 @@ def _train_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[An
     dy, dmean, dinvstd = cotangents[:3]
     grads = _generic_backward(
         jnp, dy, x, weight, mean, invstd,
-        training=True, axis=static.axis, count=static.count, mask=mask,
+        training=True, axis=static.axis, count=static.n_values, mask=mask,
     )  # fmt: skip
     cdt = compute_dtype(jnp, x.dtype)
     axes = reduction_axes(x.ndim, static.axis)
     bshape = channel_shape(x.ndim, static.axis, param_shape(tuple(x.shape), static.axis))
     if mask is None:
-        weights: Array = jnp.ones((), dtype=cdt)
-        n: Array | int = static.count
+        weights: Array = jnp.ones((), dtype=cdt)  # type: ignore[arg-type]
+        n: Array | int = static.n_values
     else:
         weights = mask.astype(cdt)
         n = channel_sum(jnp, weights, axes)

@@ -38,8 +38,8 @@ from ._xp import (
     dtype_name,
     normalize_axes,
     param_shape,
-    to_host,
     stop_gradient,
+    to_host,
 )
 
 __all__ = ["BatchNorm", "IncompatibleKeys"]
@@ -325,9 +325,9 @@ class BatchNorm:
 
     def __init__(
         self,
-        num_features: int | None = None,
+        num_features: int | tuple[int, ...] | None = None,
         *,
-        axis: int = 1,
+        axis: int | tuple[int, ...] = 1,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -398,7 +398,7 @@ class BatchNorm:
             return _Storage(xp, device, compute_dtype(xp, x.dtype))
         return _Storage(xp, device, _resolve_dtype(xp, self._dtype))
 
-    def _fresh(self, channels: int, storage: _Storage) -> _Arrays:
+    def _fresh(self, channels: int | tuple[int, ...], storage: _Storage) -> _Arrays:
         """Initial arrays: weight 1, bias 0, running_mean 0, running_var 1."""
         xp, device, dtype = storage
 
@@ -774,6 +774,10 @@ class BatchNorm:
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
-            + ("" if self.var_estimator == "unbiased" else f", var_estimator={self.var_estimator!r}")
+            + (
+                ""
+                if self.var_estimator == "unbiased"
+                else f", var_estimator={self.var_estimator!r}"
+            )
             + ")"
         )

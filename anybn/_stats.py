@@ -46,7 +46,7 @@ def _wide_dtype(xp: ModuleType, a: Array) -> object | None:
     if compat.is_jax_array(a):
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             return None
     if compat.is_torch_array(a) and a.device.type == "mps":
         return None

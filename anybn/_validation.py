@@ -20,9 +20,9 @@ __all__ = [
     "check_eps",
     "check_input",
     "check_mask",
-    "check_var_estimator",
     "check_momentum",
     "check_training",
+    "check_var_estimator",
 ]
 
 

@@ -27,8 +27,8 @@ __all__ = [
     "reduction_axes",
     "resolve_namespace",
     "same_dtype",
-    "to_host",
     "stop_gradient",
+    "to_host",
     "values_per_channel",
     "wraps",
     "writeable",
@@ -284,7 +284,9 @@ def param_shape(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> tuple[in
     return tuple(shape[a] for a in _as_axes(axis))
 
 
-def channel_shape(ndim: int, axis: int | tuple[int, ...], channels: int | tuple[int, ...]) -> tuple[int, ...]:
+def channel_shape(
+    ndim: int, axis: int | tuple[int, ...], channels: int | tuple[int, ...]
+) -> tuple[int, ...]:
     """The shape that broadcasts a per-channel array along ``axis`` (one axis or several)."""
     axes = _as_axes(axis)
     extents = (channels,) if isinstance(channels, int) else tuple(channels)
@@ -312,7 +314,8 @@ def values_per_channel(shape: tuple[int | None, ...], axis: int | tuple[int, ...
     """The number of values per channel: the product of every other extent."""
     check_known_shape(tuple(shape))
     axes = _as_axes(axis)
-    return math.prod(int(s) for i, s in enumerate(shape) if i not in axes)  # type: ignore[arg-type]
+    extents: list[int] = [int(s) for i, s in enumerate(shape) if i not in axes]  # type: ignore[arg-type]
+    return math.prod(extents)
 
 
 def is_concrete(a: Array) -> bool:

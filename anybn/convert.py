@@ -88,6 +88,17 @@ def from_keras(
         With ``momentum=1 - momentum``, ``var_estimator="biased"``. A Keras
         layer with only one of ``center``/``scale`` gets ``affine=True`` with
         the missing parameter at its neutral value (bias 0, weight 1).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anybn import convert
+    >>> bn = convert.from_keras([np.ones(2), np.zeros(2), np.zeros(2), np.ones(2)])
+    >>> bn(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    array([[-0.9995..., -0.9998...],
+           [ 0.9995...,  0.9998...]])
+    >>> bn.running_var  # Keras: 0.99 * 1 + 0.01 * biased variance
+    array([1. , 1.03])
     """
     expected = int(scale) + int(center) + 2
     if len(weights) != expected:
@@ -113,6 +124,14 @@ def to_keras(bn: BatchNorm, *, center: bool = True, scale: bool = True) -> list[
     The Keras layer must be built with ``momentum=1 - bn.momentum``, ``epsilon=bn.eps``,
     ``axis=bn.axis`` and the given ``center``/``scale``; ``bn`` should use
     ``var_estimator="biased"`` for the running variance to mean what Keras means.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> from anybn import convert
+    >>> [a.tolist() for a in convert.to_keras(anybn.BatchNorm(2, var_estimator="biased"))]
+    [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
     """
     mean, var, weight, bias = _host_arrays(bn)
     out = []
@@ -145,6 +164,16 @@ def from_flax(
         The Flax module's arguments (Flax' defaults).
     xp, device, dtype
         Where the anybn layer's arrays live.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anybn import convert
+    >>> variables = {"params": {"scale": np.ones(3), "bias": np.zeros(3)},
+    ...              "batch_stats": {"mean": np.zeros(3), "var": np.ones(3)}}
+    >>> bn = convert.from_flax(variables, momentum=0.9)
+    >>> bn.momentum, bn.eps, bn.axis
+    (0.0999..., 1e-05, -1)
     """
     try:
         stats = variables["batch_stats"]
@@ -167,7 +196,15 @@ def from_flax(
 
 
 def to_flax(bn: BatchNorm) -> dict[str, dict[str, np.ndarray]]:
-    """``bn``'s arrays as Flax variables (NumPy arrays; ``jnp.asarray`` them as needed)."""
+    """``bn``'s arrays as Flax variables (NumPy arrays; ``jnp.asarray`` them as needed).
+
+    Examples
+    --------
+    >>> import anybn
+    >>> from anybn import convert
+    >>> convert.to_flax(anybn.BatchNorm(2))["batch_stats"]
+    {'mean': array([0., 0.]), 'var': array([1., 1.])}
+    """
     mean, var, weight, bias = _host_arrays(bn)
     return {"params": {"scale": weight, "bias": bias}, "batch_stats": {"mean": mean, "var": var}}
 

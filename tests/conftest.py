@@ -2,8 +2,8 @@
 
 ``backend`` is parametrized over :data:`anybn._backends.BACKENDS` (``numpy``,
 ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``torch:cuda``,
-``cupy``, ``jax``, ``jax:jit``, ``dask``); a backend whose library or device is missing is skipped with the
-reason. Tests take ``backend`` and move NumPy data onto it with
+``cupy``, ``jax``, ``jax:jit``, ``dask``); a backend whose library or device is
+missing is skipped with the reason. Tests take ``backend`` and move NumPy data onto it with
 ``backend.asarray`` and back with ``backend.to_numpy``.
 
 A test that also takes ``dtype`` runs over every (backend, dtype) pair the

@@ -30,7 +30,12 @@ def keras_rule(
     mean = (m * x).sum(red) / n
     var = (m * (x - mean) ** 2).sum(red) / n
     y = (x - mean) / np.sqrt(var + eps) * gamma + beta
-    return y, [gamma, beta, mm * momentum + mean * (1 - momentum), mv * momentum + var * (1 - momentum)]
+    return y, [
+        gamma,
+        beta,
+        mm * momentum + mean * (1 - momentum),
+        mv * momentum + var * (1 - momentum),
+    ]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -64,7 +69,10 @@ def test_flax_step_for_step() -> None:
     }
     bn = convert.from_flax(variables, momentum=0.9)
     assert bn.eps == 1e-5 and bn.axis == -1 and bn.var_estimator == "biased"
-    ra_mean, ra_var = variables["batch_stats"]["mean"].copy(), variables["batch_stats"]["var"].copy()
+    ra_mean, ra_var = (
+        variables["batch_stats"]["mean"].copy(),
+        variables["batch_stats"]["var"].copy(),
+    )
     for _ in range(3):
         x = rng.normal(-1.0, 3.0, size=(7, c))
         ra_mean = 0.9 * ra_mean + 0.1 * x.mean(0)

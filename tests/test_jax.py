@@ -42,8 +42,11 @@ def data(shape: tuple[int, ...] = (4, 3, 5), seed: int = 0) -> tuple[Any, ...]:
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(2.0, 3.0, size=shape))
     c = shape[1]
-    return x, jnp.asarray(rng.normal(size=c)), jnp.asarray(rng.normal(size=c)), jnp.asarray(
-        rng.normal(size=shape)
+    return (
+        x,
+        jnp.asarray(rng.normal(size=c)),
+        jnp.asarray(rng.normal(size=c)),
+        jnp.asarray(rng.normal(size=shape)),
     )
 
 
@@ -115,7 +118,9 @@ def test_gradients_use_anybns_backward() -> None:
 def test_hessian_matches_finite_differences(masked: bool) -> None:
     """Double backward: jax.hessian (and jacrev of jacrev) against central differences."""
     x, w, b, g = data((3, 2, 3), seed=1)
-    mask = None if not masked else jnp.asarray(np.array([[[1, 1, 0]], [[1, 0, 1]], [[1, 1, 1]]], bool))
+    mask = (
+        None if not masked else jnp.asarray(np.array([[[1, 1, 0]], [[1, 0, 1]], [[1, 1, 1]]], bool))
+    )
 
     def f(xw: Any) -> Any:
         return loss_anybn(xw[:-2].reshape(x.shape), xw[-2:], b, g, mask)
@@ -134,7 +139,9 @@ def test_hessian_matches_finite_differences(masked: bool) -> None:
     np.testing.assert_allclose(hess, fd, atol=1e-6 * max(1.0, np.abs(fd).max()))
     np.testing.assert_allclose(hess_rev, hess, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(hess, hess.T, atol=1e-8)
-    want = np.asarray(jax.hessian(lambda z: loss_definition(z[:-2].reshape(x.shape), z[-2:], b, g, mask))(z))
+    want = np.asarray(
+        jax.hessian(lambda z: loss_definition(z[:-2].reshape(x.shape), z[-2:], b, g, mask))(z)
+    )
     np.testing.assert_allclose(hess, want, rtol=1e-8, atol=1e-8)
 
 
@@ -180,7 +187,7 @@ def test_eval_grad_is_jax_autodiff() -> None:
 
 def test_lazy_mask_with_too_few_values_gives_nan() -> None:
     """Under jit the count cannot be inspected: a starved channel gives NaN (eager raises)."""
-    x, w, b, _ = data()
+    x, *_ = data()
     mask = jnp.zeros((4, 3, 5), bool).at[:, 1:, :].set(True).at[0, 0, 0].set(True)
     with pytest.raises(ValueError, match="counted value"):
         anybn.batch_norm(x, training=True, mask=mask)

@@ -49,8 +49,10 @@ def oracle(
     tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     tw = torch.tensor(weight, dtype=torch.float64, requires_grad=True)
     tb = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-    m = torch.ones(x.shape, dtype=torch.float64) if mask is None else torch.tensor(
-        np.broadcast_to(mask, x.shape).astype(np.float64)
+    m = (
+        torch.ones(x.shape, dtype=torch.float64)
+        if mask is None
+        else torch.tensor(np.broadcast_to(mask, x.shape).astype(np.float64))
     )
     n = m.sum(dim=red, keepdim=True)
     mean = (m * tx).sum(dim=red, keepdim=True) / n
@@ -75,9 +77,7 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
     """A shape, one or several channel axes, a mask leaving >= 2 values per channel."""
     shape = draw(hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=4))
     ndim = len(shape)
-    axes = draw(
-        st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim - 1, unique=True)
-    )
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim - 1, unique=True))
     axes_arg: int | tuple[int, ...] = (
         axes[0] - ndim if len(axes) == 1 and draw(st.booleans()) else tuple(axes)
     )
@@ -143,9 +143,7 @@ def test_mask_on_every_backend(backend: Any, rng: np.random.Generator) -> None:
     want = oracle(x, dy, weight, bias, mask, (1,))
     a = {k: backend.asarray(v) for k, v in {"x": x, "dy": dy, "w": weight, "b": bias}.items()}
     m = backend.asarray(mask)
-    out = anybn.batch_norm(
-        a["x"], None, None, a["w"], a["b"], training=True, eps=EPS, mask=m
-    )
+    out = anybn.batch_norm(a["x"], None, None, a["w"], a["b"], training=True, eps=EPS, mask=m)
     assert_close(out.y, want["y"], name="y")
     grads = anybn.batch_norm_backward(a["dy"], a["x"], a["w"], out.mean, out.invstd, mask=m)
     assert_close(grads.dx, want["dx"], name="dx")
