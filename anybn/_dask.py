@@ -14,7 +14,8 @@ and chunked:
 
   which Dask evaluates as a tree of reductions over small per-chunk arrays;
 * ``y`` (and, in the backward, ``dx``) is computed from a *clone* of x's graph
-  (:func:`dask.graph_manipulation.clone`): each chunk of ``x`` is produced
+  (:func:`dask.graph_manipulation.clone`) when that graph is shallow (loading
+  plus a few elementwise steps per chunk): each chunk of ``x`` is produced
   once for the statistics and once for the output, and never held between
   the passes. Without the clone, Dask keeps every chunk of ``x`` in memory
   until the statistics (which need all of them) are known: ``x`` would be
@@ -34,12 +35,29 @@ from ._xp import Array, channel_shape, param_shape, reduction_axes
 __all__ = ["backward_sums", "clone", "moments"]
 
 
+#: Clone a graph for the second pass only when it has at most this many tasks per
+#: chunk of the array: data loading plus a few elementwise steps, cheap to recompute.
+SHALLOW_TASKS_PER_CHUNK = 8
+
+
+def _shallow(a: Any) -> bool:
+    return len(a.__dask_graph__()) <= SHALLOW_TASKS_PER_CHUNK * max(1, a.npartitions)
+
+
 def clone(*arrays: Any) -> Any:
-    """Independent copies of Dask graphs (see the module docstring), one per array."""
+    """Independent copies of shallow Dask graphs (see the module docstring), one per array.
+
+    Only arrays whose graphs are shallow (:data:`SHALLOW_TASKS_PER_CHUNK`) are
+    cloned: recomputing a deep graph (an ``x`` that depends on earlier
+    computations, such as a network's previous layers within a lazy training
+    loop) would cost more than holding its chunks, and clones of clones grow
+    exponentially over a chain of such calls. Deep ones are returned as they are:
+    Dask then keeps their chunks between the two passes.
+    """
     from dask.graph_manipulation import clone as dask_clone
 
-    out = dask_clone(*arrays)
-    return out if len(arrays) > 1 else out[0] if isinstance(out, tuple) else out
+    out = tuple(dask_clone(a) if _shallow(a) else a for a in arrays)
+    return out if len(arrays) > 1 else out[0]
 
 
 def _chunk_moments(axes: tuple[int, ...], xb: np.ndarray, wb: np.ndarray | None = None) -> Any:
