@@ -164,7 +164,7 @@ def _jax(jit: bool) -> Backend:
         half_dtypes=("float16",),
         _check=_jax_check,
         _asarray=lambda lib, a: lib.numpy.asarray(a),
-        _to_numpy=to_host,
+        _to_numpy=lambda a: np.array(to_host(a), copy=True),  # DLPack views are read-only
         _sync=lambda lib: None,
         _call=call if jit else None,
     )
