@@ -5,6 +5,7 @@ array API standard, dispatched through array-api-compat to NumPy, CuPy,
 PyTorch, array-api-strict and any other conforming library.
 """
 
+from . import convert
 from ._functional import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._layer import BatchNorm
 from ._stats import chan_merge
@@ -21,4 +22,5 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "chan_merge",
+    "convert",
 ]

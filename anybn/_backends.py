@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._xp import to_host
+
 __all__ = ["BACKENDS", "Backend", "get_backend"]
 
 
@@ -50,6 +52,7 @@ class Backend:
     _asarray: Callable[[ModuleType, np.ndarray], Any] = field(default=None, repr=False)  # type: ignore[assignment]
     _to_numpy: Callable[[Any], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
     _sync: Callable[[ModuleType], None] = field(default=lambda lib: None, repr=False)
+    _call: Callable[..., Any] | None = field(default=None, repr=False)
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -82,6 +85,12 @@ class Backend:
         """Copy an array of this backend back to a NumPy array (bfloat16 as float32)."""
         return self._to_numpy(a)
 
+    def call(self, fn: Callable[..., Any], /, *arrays: Any, **options: Any) -> Any:
+        """``fn(*arrays, **options)`` the way this backend runs code (``jax:jit``: jitted)."""
+        if self._call is None:
+            return fn(*arrays, **options)
+        return self._call(fn, arrays, options)
+
     def synchronize(self) -> None:
         """Wait until queued device work has finished (a no-op on the CPU)."""
         self._sync(self.lib)
@@ -96,9 +105,7 @@ def _strict(device_name: str | None) -> Backend:
         return lib.asarray(a, device=_strict_device(lib, device_name))
 
     def to_numpy(a: Any) -> np.ndarray:
-        import array_api_strict as s
-
-        return np.asarray(a.to_device(s.Device("CPU_DEVICE")))
+        return np.array(to_host(a), copy=True)
 
     return Backend(
         id="array_api_strict" if device_name is None else f"array_api_strict:{device_name}",
@@ -118,12 +125,7 @@ def _torch(device: str) -> Backend:
         return lib.from_numpy(np.ascontiguousarray(a)).to(device)
 
     def to_numpy(a: Any) -> np.ndarray:
-        import torch
-
-        a = a.detach().cpu()
-        if a.dtype == torch.bfloat16:
-            a = a.float()
-        return a.numpy().copy()
+        return np.array(to_host(a), copy=True)
 
     def sync(lib: ModuleType) -> None:
         if device == "cuda":
@@ -139,6 +141,40 @@ def _torch(device: str) -> Backend:
         _to_numpy=to_numpy,
         _sync=sync,
     )
+
+
+def _jax_check(lib: ModuleType) -> str | None:
+    # The matrix's float64 rows need float64 arrays: JAX makes float32 ones unless
+    # x64 is on (a process-wide switch; only the tests and the report turn it on).
+    lib.config.update("jax_enable_x64", True)
+    return None
+
+
+def _jax(jit: bool) -> Backend:
+    def call(fn: Callable[..., Any], arrays: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        import functools
+
+        import jax
+
+        return jax.jit(functools.partial(fn, **options))(*arrays)
+
+    return Backend(
+        id="jax:jit" if jit else "jax",
+        module="jax",
+        half_dtypes=("float16",),
+        _check=_jax_check,
+        _asarray=lambda lib, a: lib.numpy.asarray(a),
+        _to_numpy=lambda a: np.array(to_host(a), copy=True),  # DLPack views are read-only
+        _sync=lambda lib: None,
+        _call=call if jit else None,
+    )
+
+
+def _dask_asarray(lib: ModuleType, a: np.ndarray) -> Any:
+    import dask.array as da
+
+    # Several chunks along every axis: the statistics must merge chunks correctly.
+    return da.from_array(a, chunks=tuple(max(1, (s + 1) // 2) for s in a.shape))
 
 
 def _cupy_check(lib: ModuleType) -> str | None:
@@ -160,7 +196,7 @@ BACKENDS: tuple[Backend, ...] = (
         module="numpy",
         half_dtypes=("float16",),
         _asarray=lambda lib, a: a.copy(),
-        _to_numpy=lambda a: np.asarray(a).copy(),
+        _to_numpy=lambda a: np.array(to_host(a), copy=True),
     ),
     _strict(None),
     _strict("device1"),
@@ -173,8 +209,17 @@ BACKENDS: tuple[Backend, ...] = (
         gpu=True,
         _check=_cupy_check,
         _asarray=lambda lib, a: lib.asarray(a),
-        _to_numpy=lambda a: a.get(),
+        _to_numpy=to_host,
         _sync=_cupy_sync,
+    ),
+    _jax(jit=False),
+    _jax(jit=True),
+    Backend(
+        id="dask",
+        module="dask.array",
+        half_dtypes=("float16",),
+        _asarray=_dask_asarray,
+        _to_numpy=lambda a: np.array(to_host(a), copy=True),
     ),
 )
 

@@ -14,26 +14,31 @@ device. Notation, per channel ``c`` over the ``n`` values ``x_i`` of that channe
 from __future__ import annotations
 
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import array_api_compat as compat
 
 from . import _fastpaths
-from ._stats import centered_moments, channel_dot, channel_sum
+from ._stats import centered_moments, channel_dot, channel_sum, masked_centered_moments
 from ._typing import AnyArray
 from ._validation import (
     check_channel_vector,
     check_eps,
     check_input,
+    check_mask,
     check_momentum,
     check_training,
+    check_var_estimator,
 )
 from ._xp import (
     Array,
+    adopt,
     channel_shape,
     check_floating,
     compute_dtype,
-    normalize_axis,
+    is_concrete,
+    normalize_axes,
+    param_shape,
     reduction_axes,
     resolve_namespace,
     stop_gradient,
@@ -140,7 +145,9 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    axis: int = 1,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
     comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormOutput:
@@ -154,8 +161,11 @@ def batch_norm(
         new_running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
 
     where ``var`` is the biased batch variance and ``n`` the number of values
-    per channel. With ``training=False`` the running statistics are used in
-    place of ``mean`` and ``var`` and are returned unchanged. This matches
+    per channel (``var_estimator="biased"`` stores ``var`` itself, as Keras and
+    Flax do). With ``mask``, ``mean``, ``var`` and ``n`` are those of the values
+    where the mask is True; ``y`` is still computed at every position. With
+    ``training=False`` the running statistics are used in place of ``mean`` and
+    ``var`` and are returned unchanged. This matches
     :func:`torch.nn.functional.batch_norm`.
 
     Parameters
@@ -174,8 +184,21 @@ def batch_norm(
         Weight of the batch statistic in the running update, in [0, 1].
     eps : float, optional
         Added to the variance for stability; must be > 0.
-    axis : int, optional
+    axis : int or tuple of int, optional
         The channel axis; negative values count from the end (-1 for channels-last).
+        A tuple names several channel axes (Keras' list ``axis``, Chainer's
+        ``param_shape``): the per-channel arrays then have the shape of those
+        axes, in increasing axis order (``x.shape[1], x.shape[2]`` for ``(1, 2)``).
+    mask : array or None, optional
+        A boolean array broadcastable to ``x``, True where a value counts for
+        the batch statistics (Keras' and Flax' ``mask``; padding is False).
+        Training with fewer than 2 counted values in a channel raises (lazy
+        arrays, which cannot be inspected, give NaN for that channel). Ignored
+        for the statistics in eval. None: every value counts.
+    var_estimator : {"unbiased", "biased"}, optional
+        What ``new_running_var`` accumulates: the unbiased batch variance
+        (``n / (n - 1)`` times the biased one; PyTorch, Chainer) or the biased
+        one (Keras, Flax).
     comm : optional
         Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
         mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
@@ -183,7 +206,8 @@ def batch_norm(
         training every rank must call with its shard of the batch; the batch
         statistics (and the running-statistics update) are then those of the
         concatenated batch, on every rank. Ignored in eval. None: local.
-        See :mod:`anybn.distributed`.
+        See :mod:`anybn.distributed`. Not combinable with ``mask``, several
+        channel axes or ``var_estimator="biased"`` (ValueError).
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -216,9 +240,11 @@ def batch_norm(
     if comm is not None:
         from . import _sync
 
+        _check_sync_options(axis, mask, var_estimator)
         return _sync.batch_norm(
             x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
+            training=training, momentum=momentum, eps=eps, axis=cast(int, axis), xp=xp,
+            comm=comm,
         )  # fmt: skip
     xp = resolve_namespace(
         x,
@@ -227,12 +253,19 @@ def batch_norm(
             "running_var": running_var,
             "weight": weight,
             "bias": bias,
+            "mask": mask,
         },
         xp=xp,
     )
     check_input(xp, x)
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
+    running_mean, running_var, weight, bias, mask = (
+        adopt(xp, x, a) for a in (running_mean, running_var, weight, bias, mask)
+    )
+    axes = normalize_axes(axis, x.ndim)
+    count = values_per_channel(tuple(x.shape), axes)
+    channels: Any = param_shape(tuple(x.shape), axes)
+    if len(axes) == 1:
+        channels = channels[0]
     for name, a in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -243,12 +276,13 @@ def batch_norm(
     training = check_training(training)
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
+    var_estimator = check_var_estimator(var_estimator)
+    mask = check_mask(xp, mask, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must be given together, got only "
             + ("running_mean" if running_var is None else "running_var")
         )
-    count = values_per_channel(tuple(x.shape), axis)
     if training and count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
@@ -258,10 +292,33 @@ def batch_norm(
             "running_mean and running_var are required when training=False "
             "(or pass training=True to normalize with batch statistics)"
         )
+    if compat.is_jax_array(x) and training:
+        from . import _jax  # the adapter: gradients by anybn's backward (jax.custom_vjp)
+
+        return _jax.forward(
+            xp, x, running_mean, running_var, weight, bias,
+            momentum=momentum, eps=eps, axis=_unwrap(axes), count=count, mask=mask,
+            var_estimator=var_estimator,
+        )  # fmt: skip
     return forward(
         xp, x, running_mean, running_var, weight, bias,
-        training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+        training=training, momentum=momentum, eps=eps, axis=_unwrap(axes), count=count,
+        mask=mask, var_estimator=var_estimator,
     )  # fmt: skip
+
+
+def _unwrap(axes: tuple[int, ...]) -> int | tuple[int, ...]:
+    """One channel axis as an int (what the fast paths and adapters take), several as a tuple."""
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _check_sync_options(axis: object, mask: object, var_estimator: object) -> None:
+    """``comm=`` supports one channel axis, no mask and the unbiased estimator."""
+    if mask is not None or isinstance(axis, (tuple, list)) or var_estimator != "unbiased":
+        raise ValueError(
+            "comm= (synchronized batch norm) supports one int axis, no mask and "
+            "var_estimator='unbiased'; drop comm= or those options"
+        )
 
 
 def forward(
@@ -275,12 +332,17 @@ def forward(
     training: bool,
     momentum: float,
     eps: float,
-    axis: int,
+    axis: int | tuple[int, ...],
     count: int,
+    mask: Array | None = None,
+    var_estimator: str = "unbiased",
 ) -> BatchNormOutput:
     """:func:`batch_norm` on validated arguments: the entry point of the adapters.
 
-    ``axis`` is non-negative and ``count`` the number of values per channel. The
+    ``axis`` is non-negative (or a sorted tuple of several such axes), ``count``
+    the number of values per channel (before masking), ``mask`` None or boolean
+    of x's shape. The fast paths see neither masks nor several channel axes nor
+    the biased estimator: those run the generic path. The
     adapters check arguments by their own rules (``anybn.torch`` by PyTorch's,
     which allow momentum outside [0, 1] and ``eps=0`` in eval) and call this.
 
@@ -292,10 +354,10 @@ def forward(
         out = _empty_batch(xp, x, running_mean, running_var, axis)
     else:
         fast = None
-        if _fastpaths.enabled():
+        if _fastpaths.enabled() and _plain(axis, mask) and var_estimator == "unbiased":
             fast = _fastpaths.batch_norm(
                 xp, x, running_mean, running_var, weight, bias,
-                training=training, momentum=momentum, eps=eps, axis=axis,
+                training=training, momentum=momentum, eps=eps, axis=cast(int, axis),
             )  # fmt: skip
         if fast is not None:
             out = BatchNormOutput(*fast)
@@ -303,6 +365,7 @@ def forward(
             out = _generic_forward(
                 xp, x, running_mean, running_var, weight, bias,
                 training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+                mask=mask, var_estimator=var_estimator,
             )  # fmt: skip
     mean = out.mean
     if mean is running_mean:
@@ -316,12 +379,17 @@ def forward(
     return out._replace(mean=mean)
 
 
+def _plain(axis: int | tuple[int, ...], mask: Array | None) -> bool:
+    """Whether a call is one the fast paths know: one channel axis and no mask."""
+    return isinstance(axis, int) and mask is None
+
+
 def _empty_batch(
     xp: ModuleType,
     x: Array,
     running_mean: Array | None,
     running_var: Array | None,
-    axis: int,
+    axis: int | tuple[int, ...],
 ) -> BatchNormOutput:
     """Training on a batch with no values: an empty y, NaN statistics, running ones kept.
 
@@ -329,11 +397,32 @@ def _empty_batch(
     copies), and the backward gives zero dweight and dbias.
     """
     nan = xp.full(
-        (x.shape[axis],), float("nan"), dtype=compute_dtype(xp, x.dtype), device=compat.device(x)
+        param_shape(tuple(x.shape), axis),
+        float("nan"),
+        dtype=compute_dtype(xp, x.dtype),
+        device=compat.device(x),
     )
     rm = None if running_mean is None else xp.asarray(running_mean, copy=True)
     rv = None if running_var is None else xp.asarray(running_var, copy=True)
     return BatchNormOutput(x * 0.0, nan, xp.asarray(nan, copy=True), rm, rv)
+
+
+def counted_values(
+    xp: ModuleType, weights: Array, axes: tuple[int, ...], shape: tuple[int, ...]
+) -> Array:
+    """The number of counted values per channel (the sum of the 0/1 ``weights``).
+
+    Training needs at least 2 per channel; an eager array is checked here (a
+    ValueError, as without a mask), a lazy one (JAX under a transform, Dask)
+    cannot be inspected without computing it and gives NaN statistics instead.
+    """
+    n = channel_sum(xp, weights, axes)
+    if is_concrete(n) and bool(xp.any(n < 2)):
+        raise ValueError(
+            "Expected more than 1 counted value per channel when training, got input size "
+            f"{shape} with a mask that leaves {int(xp.min(n))} value(s) in a channel"
+        )
+    return n
 
 
 def _generic_forward(
@@ -347,23 +436,47 @@ def _generic_forward(
     training: bool,
     momentum: float,
     eps: float,
-    axis: int,
+    axis: int | tuple[int, ...],
     count: int,
+    mask: Array | None = None,
+    var_estimator: str = "unbiased",
 ) -> BatchNormOutput:
     """The array-API implementation every fast path is tested against."""
-    channels = x.shape[axis]
+    channels = param_shape(tuple(x.shape), axis)
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)
     bshape = channel_shape(x.ndim, axis, channels)
     xc = _as(xp, x, cdt)
 
+    n: Array | int = count
     if training:
-        moments = centered_moments(xp, xc, axes, count)
-        var = moments.m2 / count
+        if compat.is_dask_array(x):
+            # Out of core: per-chunk moments merged in a tree, y from a clone of x's graph
+            from . import _dask
+
+            n64, mean64, m2_64 = _dask.moments(xp, xc, mask, axis)
+            n = count if mask is None else _as(xp, n64, cdt)
+            mean_b, m2 = _as(xp, mean64, cdt), _as(xp, m2_64, cdt)
+            # centre on the rounded mean, fold its rounding error into the shift (as below)
+            corr = _as(xp, mean64 - _as(xp, mean_b, mean64.dtype), cdt)
+            centered = _dask.clone(xc) - mean_b
+        else:
+            if mask is None:
+                moments = centered_moments(xp, xc, axes, count)
+            else:
+                weights = xp.astype(mask, cdt)
+                n = counted_values(xp, weights, axes, tuple(x.shape))
+                moments = masked_centered_moments(xp, xc, weights, axes, n)
+            mean_b, m2 = moments.mean, moments.m2
+            centered, corr = moments.centered, moments.correction
+        var = m2 / n
+        if mask is not None:
+            # Fewer than 2 counted values: eager arrays raised above; lazy ones get NaN
+            nan = xp.asarray(float("nan"), dtype=cdt, device=compat.device(x))
+            var = xp.where(n < 2, nan, var)
         invstd_b = 1.0 / xp.sqrt(var + eps)
-        centered, corr = moments.centered, moments.correction
-        mean = xp.reshape(moments.mean, (channels,))
-        invstd = xp.reshape(invstd_b, (channels,))
+        mean = xp.reshape(mean_b, channels)
+        invstd = xp.reshape(invstd_b, channels)
     else:
         assert running_mean is not None and running_var is not None
         mean = _as(xp, running_mean, cdt)
@@ -381,7 +494,8 @@ def _generic_forward(
 
     new_running_mean, new_running_var = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
-        unbiased = xp.reshape(moments.m2 / (count - 1), (channels,))
+        denominator = n - 1 if var_estimator == "unbiased" else n
+        batch_var = xp.reshape(m2 / denominator, channels)
         new_running_mean = _as(
             xp,
             (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean,
@@ -389,7 +503,7 @@ def _generic_forward(
         )
         new_running_var = _as(
             xp,
-            (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
+            (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * batch_var,
             running_var.dtype,
         )
     return BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var)
@@ -403,7 +517,8 @@ def batch_norm_backward(
     invstd: AnyArray,
     *,
     training: bool = True,
-    axis: int = 1,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
     comm: object = None,
     xp: ModuleType | None = None,
 ) -> BatchNormGrads:
@@ -420,7 +535,11 @@ def batch_norm_backward(
         dx          = weight * invstd * dy                                           (eval)
 
     In training the batch statistics depend on x and the gradient flows through
-    them; in eval ``mean`` and ``invstd`` are constants.
+    them; in eval ``mean`` and ``invstd`` are constants. With a ``mask`` the sums
+    still run over every position (every output depends on the statistics), and
+    with ``m`` the mask as 0/1 and ``n`` the counted values per channel::
+
+        dx = weight * invstd * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n)         (training)
 
     Parameters
     ----------
@@ -434,8 +553,10 @@ def batch_norm_backward(
         The ``mean`` and ``invstd`` returned by the forward call, shape ``(C,)``.
     training : bool, optional
         Whether the forward call normalized with batch statistics.
-    axis : int, optional
-        The channel axis used in the forward call.
+    axis : int or tuple of int, optional
+        The channel axis (or axes) used in the forward call.
+    mask : array or None, optional
+        The mask of the forward call (see :func:`batch_norm`); only training uses it.
     comm : optional
         The communicator of a synchronized forward (see :func:`batch_norm`):
         in training the two sums are all-reduced over its ranks and ``dx`` is
@@ -470,29 +591,38 @@ def batch_norm_backward(
     if comm is not None:
         from . import _sync
 
+        _check_sync_options(axis, mask, "unbiased")
         return _sync.batch_norm_backward(
-            dy, x, weight, mean, invstd, training=training, axis=axis, xp=xp, comm=comm
-        )
+            dy, x, weight, mean, invstd, training=training, axis=cast(int, axis), xp=xp,
+            comm=comm,
+        )  # fmt: skip
     a: AnyArray | None  # (annotation only: the loops below bind it to optional arrays)
     for name, a in (("dy", dy), ("mean", mean), ("invstd", invstd)):
         if a is None:
             raise TypeError(f"{name} must be an array (NumPy, CuPy, PyTorch, ...), got None")
-    xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
+    xp = resolve_namespace(
+        x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd, "mask": mask}, xp=xp
+    )
     check_input(xp, x)
+    dy, weight, mean, invstd, mask = (  # type: ignore[assignment]
+        adopt(xp, x, a) for a in (dy, weight, mean, invstd, mask)
+    )
     check_floating(xp, dy, "dy")
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(
             f"dy must have the shape of x {tuple(x.shape)}, got shape {tuple(dy.shape)}"
         )
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
+    axes = normalize_axes(axis, x.ndim)
+    count = values_per_channel(tuple(x.shape), axes)
+    channels = param_shape(tuple(x.shape), axes)
     for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
-        check_channel_vector(xp, a, name, channels, x.dtype)
+        check_channel_vector(xp, a, name, channels[0] if len(axes) == 1 else channels, x.dtype)
     training = check_training(training)
-    count = values_per_channel(tuple(x.shape), axis)
+    mask = check_mask(xp, mask, x)
     return backward(
-        xp, dy, x, weight, mean, invstd, training=training, axis=axis, count=count
-    )
+        xp, dy, x, weight, mean, invstd,
+        training=training, axis=_unwrap(axes), count=count, mask=mask,
+    )  # fmt: skip
 
 
 def backward(
@@ -504,23 +634,28 @@ def backward(
     invstd: Array,
     *,
     training: bool,
-    axis: int,
+    axis: int | tuple[int, ...],
     count: int,
+    mask: Array | None = None,
 ) -> BatchNormGrads:
     """:func:`batch_norm_backward` on validated arguments: the adapters' entry point."""
     if count == 0:
         zeros = xp.zeros(
-            (x.shape[axis],), dtype=compute_dtype(xp, x.dtype), device=compat.device(x)
+            param_shape(tuple(x.shape), axis),
+            dtype=compute_dtype(xp, x.dtype),
+            device=compat.device(x),
         )
         return BatchNormGrads(_as(xp, dy * 0.0, x.dtype), zeros, xp.asarray(zeros, copy=True))
-    if _fastpaths.enabled():
+    if not training:
+        mask = None  # eval: the statistics are constants, the mask plays no part
+    if _fastpaths.enabled() and _plain(axis, mask):
         fast = _fastpaths.batch_norm_backward(
-            xp, dy, x, weight, mean, invstd, training=training, axis=axis
+            xp, dy, x, weight, mean, invstd, training=training, axis=cast(int, axis)
         )
         if fast is not None:
             return BatchNormGrads(*fast)
     return _generic_backward(
-        xp, dy, x, weight, mean, invstd, training=training, axis=axis, count=count
+        xp, dy, x, weight, mean, invstd, training=training, axis=axis, count=count, mask=mask
     )
 
 
@@ -533,25 +668,44 @@ def _generic_backward(
     invstd: Array,
     *,
     training: bool,
-    axis: int,
+    axis: int | tuple[int, ...],
     count: int,
+    mask: Array | None = None,
 ) -> BatchNormGrads:
     """The array-API implementation every fast path is tested against."""
-    channels = x.shape[axis]
+    channels = param_shape(tuple(x.shape), axis)
     cdt = compute_dtype(xp, x.dtype)
     axes = reduction_axes(x.ndim, axis)
     bshape = channel_shape(x.ndim, axis, channels)
     dyc = _as(xp, dy, cdt)
     invstd = _as(xp, invstd, cdt)
     invstd_b = xp.reshape(invstd, bshape)
-    centered = _as(xp, x, cdt) - xp.reshape(_as(xp, mean, cdt), bshape)
+    mean_b = xp.reshape(_as(xp, mean, cdt), bshape)
+    centered = _as(xp, x, cdt) - mean_b
 
-    sum_dy = channel_sum(xp, dyc, axes)
-    sum_dy_centered = channel_dot(xp, dyc, centered, axes)
+    if training and compat.is_dask_array(x):
+        # Out of core: the sums in one pass, dx from clones of the graphs of x, dy, mask
+        from . import _dask
+
+        sum_dy, sum_dy_centered = (
+            _as(xp, s, cdt) for s in _dask.backward_sums(xp, dyc, _as(xp, x, cdt), mean_b, axis)
+        )
+        if mask is not None:
+            mask = _dask.clone(mask)
+        x_again, dy_again = _dask.clone(x, dy)
+        centered, dyc = _as(xp, x_again, cdt) - mean_b, _as(xp, dy_again, cdt)
+    else:
+        sum_dy = channel_sum(xp, dyc, axes)
+        sum_dy_centered = channel_dot(xp, dyc, centered, axes)
     sum_dy_xhat = invstd_b * sum_dy_centered
     scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
 
-    if training:
+    if training and mask is not None:
+        # dx = scale * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n), m the 0/1 mask
+        weights = xp.astype(mask, cdt)
+        n = channel_sum(xp, weights, axes)
+        dx = scale * (dyc - (weights / n) * (sum_dy + centered * (invstd_b * sum_dy_xhat)))
+    elif training:
         # dx = scale * (dy - sum_dy/n - xhat * sum_dy_xhat/n), with xhat = centered * invstd
         dx = _affine(xp, centered, -(scale * invstd_b * sum_dy_xhat / count), None)
         dx = dx + scale * (dyc - sum_dy / count)
@@ -559,6 +713,6 @@ def _generic_backward(
         dx = dyc * scale
     return BatchNormGrads(
         _as(xp, dx, x.dtype),
-        xp.reshape(sum_dy_xhat, (channels,)),
-        xp.reshape(sum_dy, (channels,)),
+        xp.reshape(sum_dy_xhat, channels),
+        xp.reshape(sum_dy, channels),
     )

@@ -24,14 +24,23 @@ import numpy as np
 from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
 from ._sync import reports_failures
 from ._typing import AnyArray, ArrayT
-from ._validation import check_bool, check_eps, check_input, check_momentum, check_training
+from ._validation import (
+    check_bool,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_training,
+    check_var_estimator,
+)
 from ._xp import (
     Array,
     check_namespace,
     compute_dtype,
     dtype_name,
-    normalize_axis,
+    normalize_axes,
+    param_shape,
     stop_gradient,
+    to_host,
 )
 
 __all__ = ["BatchNorm", "IncompatibleKeys"]
@@ -75,8 +84,9 @@ class _Saved(NamedTuple):
     mean: Array
     invstd: Array
     training: bool
-    axis: int
+    axis: int | tuple[int, ...]
     comm: Any = None
+    mask: Array | None = None
 
 
 def _describe(a: object) -> str:
@@ -84,9 +94,13 @@ def _describe(a: object) -> str:
     return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
-def _check_num_features(num_features: object) -> int | None:
+def _check_num_features(num_features: object) -> int | tuple[int, ...] | None:
     if num_features is None:
         return None
+    if isinstance(num_features, (tuple, list)):  # the shape of several channel axes
+        if not num_features:
+            raise ValueError("num_features must be a positive int, a tuple of them, or None")
+        return tuple(_check_num_features(n) for n in num_features)  # type: ignore[misc]
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(
             f"num_features must be a positive int or None, got {type(num_features).__name__}"
@@ -96,7 +110,11 @@ def _check_num_features(num_features: object) -> int | None:
     return int(num_features)
 
 
-def _check_axis(axis: object) -> int:
+def _check_axis(axis: object) -> int | tuple[int, ...]:
+    if isinstance(axis, (tuple, list)):
+        if not axis:
+            raise ValueError("axis must name at least one channel axis, got an empty sequence")
+        return tuple(_check_axis(a) for a in axis)  # type: ignore[misc]
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     return int(axis)
@@ -129,23 +147,6 @@ def _resolve_dtype(xp: ModuleType, dtype: object) -> object:
     return resolved
 
 
-def _to_host(a: Array) -> np.ndarray:
-    """A NumPy view or copy of an array of any library, on the host."""
-    if compat.is_numpy_array(a):
-        return np.asarray(a)
-    if compat.is_torch_array(a):
-        import torch
-
-        a = a.detach().cpu()
-        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
-    if compat.is_cupy_array(a):
-        return a.get()
-    try:
-        return np.from_dlpack(a)  # array-api-strict (any device), JAX, ...
-    except (TypeError, BufferError, RuntimeError, AttributeError):
-        return np.asarray(a)
-
-
 def _convert(a: Array, storage: _Storage) -> Array:
     """A copy of ``a`` (any library) in the namespace, device and dtype of ``storage``."""
     xp, device, dtype = storage
@@ -155,10 +156,10 @@ def _convert(a: Array, storage: _Storage) -> Array:
         if device is not None:
             a = compat.to_device(a, device)
         return xp.astype(a, dtype, copy=True)
-    return xp.asarray(_to_host(a), dtype=dtype, device=device, copy=True)
+    return xp.asarray(to_host(a), dtype=dtype, device=device, copy=True)
 
 
-def _source_vector(value: Any, key: str) -> Array:
+def _source_vector(value: Any, key: str, several_axes: bool = False) -> Array:
     """A state-dict entry for a per-channel array, checked to be a 1-D real array."""
     a = value
     if not compat.is_array_api_obj(a):
@@ -178,7 +179,7 @@ def _source_vector(value: Any, key: str) -> Array:
     xp = compat.array_namespace(a)
     if not xp.isdtype(a.dtype, ("real floating", "integral")):
         raise TypeError(f"state_dict[{key!r}] must have a real dtype, got {dtype_name(a.dtype)}")
-    if a.ndim != 1:
+    if a.ndim != 1 and not (several_axes and a.ndim >= 1):
         raise ValueError(
             f"state_dict[{key!r}] must be 1-D (one value per channel), got shape {tuple(a.shape)}"
         )
@@ -230,8 +231,11 @@ class BatchNorm:
     num_features : int or None, optional
         The number of channels ``C``. None infers it from the first input (or
         the first loaded state dict), as ``torch.nn.LazyBatchNorm*d`` does.
-    axis : int, optional
-        The channel axis of the inputs: 1 for ``(N, C, ...)``, -1 for channels-last.
+    axis : int or tuple of int, optional
+        The channel axis of the inputs: 1 for ``(N, C, ...)``, -1 for channels-last;
+        a tuple for several channel axes (Keras' list ``axis``, Chainer's
+        ``param_shape``), whose per-channel arrays then have the shape of those
+        axes and ``num_features`` is that shape (a tuple).
     eps : float, optional
         Added to the variance for stability; must be > 0.
     momentum : float or None, optional
@@ -262,6 +266,10 @@ class BatchNorm:
         ProcessGroup, an mpi4py communicator, ``"torch"``, ``"mpi"`` or an
         :class:`anybn.distributed.Communicator`, as for :func:`anybn.batch_norm`.
         Every rank then holds the same running statistics. None: local.
+    var_estimator : {"unbiased", "biased"}, optional
+        The variance the running variance accumulates: unbiased (PyTorch,
+        Chainer; the default) or biased (Keras, Flax; see
+        :mod:`anybn.convert` for their checkpoints).
 
     Attributes
     ----------
@@ -318,9 +326,9 @@ class BatchNorm:
 
     def __init__(
         self,
-        num_features: int | None = None,
+        num_features: int | tuple[int, ...] | None = None,
         *,
-        axis: int = 1,
+        axis: int | tuple[int, ...] = 1,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -329,8 +337,10 @@ class BatchNorm:
         device: Any = None,
         dtype: Any = None,
         comm: Any = None,
+        var_estimator: str = "unbiased",
     ) -> None:
         self.num_features = _check_num_features(num_features)
+        self.var_estimator = check_var_estimator(var_estimator)
         self.axis = _check_axis(axis)
         self.eps = check_eps(eps)
         self.momentum = None if momentum is None else check_momentum(momentum)
@@ -389,12 +399,14 @@ class BatchNorm:
             return _Storage(xp, device, compute_dtype(xp, x.dtype))
         return _Storage(xp, device, _resolve_dtype(xp, self._dtype))
 
-    def _fresh(self, channels: int, storage: _Storage) -> _Arrays:
+    def _fresh(self, channels: int | tuple[int, ...], storage: _Storage) -> _Arrays:
         """Initial arrays: weight 1, bias 0, running_mean 0, running_var 1."""
         xp, device, dtype = storage
 
+        shape = (channels,) if isinstance(channels, int) else tuple(channels)
+
         def full(value: float, present: bool) -> Array | None:
-            return xp.full((channels,), value, dtype=dtype, device=device) if present else None
+            return xp.full(shape, value, dtype=dtype, device=device) if present else None
 
         return _Arrays(
             full(1.0, self.affine),
@@ -466,6 +478,7 @@ class BatchNorm:
             name, device, dtype = state["_storage"]
             xp = _namespace_of(importlib.import_module(name))
             state["_storage"] = _Storage(xp, device, dtype)
+        state.setdefault("var_estimator", "unbiased")  # pickles from before the option
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -483,18 +496,22 @@ class BatchNorm:
 
     # --- forward and backward ------------------------------------------------------------
 
-    def __call__(self, x: ArrayT, /) -> ArrayT:
+    def __call__(self, x: ArrayT, /, *, mask: AnyArray | None = None) -> ArrayT:
         """Same as :meth:`forward`."""
-        return self.forward(x)
+        return self.forward(x, mask=mask)
 
     @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
-    def forward(self, x: ArrayT, /) -> ArrayT:
+    def forward(self, x: ArrayT, /, *, mask: AnyArray | None = None) -> ArrayT:
         """Normalize ``x``, updating the running statistics in training mode.
 
         Parameters
         ----------
         x : array
             Input with the channels on ``axis``, at least 2-D, real floating.
+        mask : array or None, optional
+            Boolean, broadcastable to ``x``: True where a value counts for the
+            batch statistics (padding False), as Keras' and Flax' ``mask``. The
+            output is computed everywhere; :meth:`backward` uses the same mask.
 
         Returns
         -------
@@ -513,8 +530,10 @@ class BatchNorm:
         with self._lock:  # read, compute, commit: one update at a time
             storage = self._placement_for(x)
             xp = storage.xp
-            axis = normalize_axis(self.axis, x.ndim)
-            channels = x.shape[axis]
+            axes = normalize_axes(self.axis, x.ndim)
+            axis: int | tuple[int, ...] = axes[0] if len(axes) == 1 else axes
+            channels: Any = param_shape(tuple(x.shape), axes)
+            channels = channels[0] if len(axes) == 1 else channels
             if self.num_features is not None and channels != self.num_features:
                 raise ValueError(
                     f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
@@ -545,6 +564,8 @@ class BatchNorm:
                 momentum=factor,
                 eps=self.eps,
                 axis=axis,
+                mask=mask,
+                var_estimator=self.var_estimator,
                 comm=comm,
                 xp=xp,
             )
@@ -558,7 +579,7 @@ class BatchNorm:
             self.num_features = channels
             self._set_arrays(arrays)
             self._local.saved = _Saved(
-                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm
+                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm, mask
             )
         return out.y
 
@@ -599,6 +620,7 @@ class BatchNorm:
             saved.invstd,
             training=saved.training,
             axis=saved.axis,
+            mask=saved.mask,
             comm=saved.comm,
             xp=saved.xp,
         )
@@ -731,17 +753,26 @@ class BatchNorm:
                 f"unexpected keys {unexpected}"
             )
         vectors = {
-            k: _source_vector(state_dict[k], k) for k in keys if k != _COUNTER and k in state_dict
+            k: _source_vector(state_dict[k], k, isinstance(self.axis, tuple))
+            for k in keys
+            if k != _COUNTER and k in state_dict
         }
-        lengths = {k: a.shape[0] for k, a in vectors.items()}
+        def features(shape: tuple[int, ...]) -> int | tuple[int, ...]:
+            return shape[0] if len(shape) == 1 else shape
+
+        lengths = {k: features(tuple(a.shape)) for k, a in vectors.items()}
         channels = self.num_features
         if channels is None and lengths:
             channels = next(iter(lengths.values()))
         wrong = {k: n for k, n in lengths.items() if n != channels}
         if wrong:
+            def shape_of(n: Any) -> tuple[int, ...]:
+                return (n,) if isinstance(n, int) else tuple(n)
+
             raise ValueError(
-                f"state_dict arrays must have shape ({channels},) for num_features={channels}; "
-                + ", ".join(f"{k!r} has shape ({n},)" for k, n in wrong.items())
+                f"state_dict arrays must have shape {shape_of(channels)} for "
+                f"num_features={channels}; "
+                + ", ".join(f"{k!r} has shape {shape_of(n)}" for k, n in wrong.items())
             )
         count = self.num_batches_tracked
         if self.track_running_stats and _COUNTER in state_dict:
@@ -765,5 +796,11 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats})"
+            f"track_running_stats={self.track_running_stats}"
+            + (
+                ""
+                if self.var_estimator == "unbiased"
+                else f", var_estimator={self.var_estimator!r}"
+            )
+            + ")"
         )

@@ -21,7 +21,14 @@ import array_api_compat as compat
 from ._typing import AnyArray
 from ._xp import Array
 
-__all__ = ["CenteredMoments", "centered_moments", "chan_merge", "channel_dot", "channel_sum"]
+__all__ = [
+    "CenteredMoments",
+    "centered_moments",
+    "chan_merge",
+    "channel_dot",
+    "channel_sum",
+    "masked_centered_moments",
+]
 
 
 def _wide_dtype(xp: ModuleType, a: Array) -> object | None:
@@ -39,7 +46,7 @@ def _wide_dtype(xp: ModuleType, a: Array) -> object | None:
     if compat.is_jax_array(a):
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             return None
     if compat.is_torch_array(a) and a.device.type == "mps":
         return None
@@ -132,6 +139,28 @@ def centered_moments(
     centered = x - m1
     correction = channel_sum(xp, centered, axes) / count
     m2 = channel_dot(xp, centered, centered, axes) - count * correction * correction
+    return CenteredMoments(m1 + correction, m2, centered, correction, m1)
+
+
+def masked_centered_moments(
+    xp: ModuleType, x: Array, weights: Array, axes: tuple[int, ...], count: Array
+) -> CenteredMoments:
+    """:func:`centered_moments` over the values where the 0/1 ``weights`` are 1.
+
+    The same corrected two-pass algorithm, each sum weighted::
+
+        m1   = sum(w * x) / n
+        corr = sum(w * (x - m1)) / n
+        M2   = sum(w * (x - m1)^2) - n * corr^2
+
+    ``count`` (``n``, per channel, broadcastable against ``x``) is ``sum(w)``.
+    ``centered`` is ``x - m1`` at every position, masked or not.
+    """
+    m1 = channel_dot(xp, x, weights, axes) / count
+    centered = x - m1
+    weighted = centered * weights
+    correction = channel_sum(xp, weighted, axes) / count
+    m2 = channel_dot(xp, weighted, centered, axes) - count * correction * correction
     return CenteredMoments(m1 + correction, m2, centered, correction, m1)
 
 

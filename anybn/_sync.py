@@ -232,12 +232,12 @@ def reports_failures(method: _Method) -> _Method:
     """
 
     @functools.wraps(method)
-    def wrapper(self: Any, x: Any, /) -> Any:
+    def wrapper(self: Any, x: Any, /, **options: Any) -> Any:
         comm = getattr(self, "comm", None)
         if comm is None or not getattr(self, "training", False):
-            return method(self, x)
+            return method(self, x, **options)
         with failures_reported(comm, x, getattr(self, "axis", 1)):
-            return method(self, x)
+            return method(self, x, **options)
 
     return wrapper  # type: ignore[return-value]
 

@@ -19,8 +19,10 @@ __all__ = [
     "check_channel_vector",
     "check_eps",
     "check_input",
+    "check_mask",
     "check_momentum",
     "check_training",
+    "check_var_estimator",
 ]
 
 
@@ -34,21 +36,25 @@ def check_input(xp: ModuleType, x: Array, name: str = "x") -> None:
 
 
 def check_channel_vector(
-    xp: ModuleType, a: Array | None, name: str, channels: int, x_dtype: object
+    xp: ModuleType, a: Array | None, name: str, channels: int | tuple[int, ...], x_dtype: object
 ) -> None:
-    """A per-channel argument: ``None`` or a 1-D float array of length ``channels``.
+    """A per-channel argument: ``None`` or a float array of the channels' shape.
+
+    ``channels`` is the number of channels (one channel axis: shape ``(C,)``) or
+    the shape of the channel axes (several: Chainer's ``param_shape``).
 
     Its dtype must be that of ``x`` or, for half-precision ``x``, float32, as
     PyTorch accepts. ``x_dtype`` must already be checked to be floating
     (:func:`check_input`): an array of x's dtype and shape ``(C,)`` is then valid
     without further checks, the common case, kept cheap for small inputs.
     """
-    if a is None or (a.dtype == x_dtype and tuple(a.shape) == (channels,)):
+    shape = (channels,) if isinstance(channels, int) else tuple(channels)
+    if a is None or (a.dtype == x_dtype and tuple(a.shape) == shape):
         return
-    if tuple(a.shape) != (channels,):
+    if tuple(a.shape) != shape:
+        what = f"the {channels} channels" if isinstance(channels, int) else "the channel axes"
         raise ValueError(
-            f"{name} must have shape ({channels},) to match the {channels} channels "
-            f"of x, got shape {tuple(a.shape)}"
+            f"{name} must have shape {shape} to match {what} of x, got shape {tuple(a.shape)}"
         )
     check_floating(xp, a, name)
     allowed = (x_dtype, compute_dtype(xp, x_dtype))
@@ -60,6 +66,39 @@ def check_channel_vector(
             f"{name} must have dtype {expected} for x of dtype {dtype_name(x_dtype)}, "
             f"got {dtype_name(a.dtype)}"
         )
+
+
+def check_mask(xp: ModuleType, mask: Array | None, x: Array) -> Array | None:
+    """``mask``: None, or a boolean array broadcastable to ``x``; returned broadcast to x's shape.
+
+    True marks a value that counts for the statistics (the Keras and Flax rule).
+    The namespace and device were checked with the other arrays.
+    """
+    if mask is None:
+        return None
+    if not xp.isdtype(mask.dtype, "bool"):
+        raise TypeError(f"mask must be a boolean array (True where a value counts), got dtype "
+                        f"{dtype_name(mask.dtype)}")
+    try:
+        return xp.broadcast_to(mask, tuple(x.shape))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the shape of x "
+            f"{tuple(x.shape)}"
+        ) from exc
+
+
+VAR_ESTIMATORS = ("unbiased", "biased")
+
+
+def check_var_estimator(value: object) -> str:
+    """``var_estimator`` must be ``"unbiased"`` (PyTorch, Chainer) or ``"biased"`` (Keras, Flax)."""
+    if value not in VAR_ESTIMATORS:
+        raise ValueError(
+            f"var_estimator must be 'unbiased' (PyTorch, Chainer) or 'biased' (Keras, Flax), "
+            f"got {value!r}"
+        )
+    return str(value)
 
 
 def _short(value: object) -> str:

@@ -20,6 +20,7 @@ import pytest
 import anybn
 from anybn._backends import Backend, get_backend
 from anybn._reference import reference_backward, reference_forward
+from anybn._xp import dtype_name, to_host
 
 Array = Any
 
@@ -56,11 +57,6 @@ TOLERANCES: dict[str, Tol] = {
 }
 
 
-def dtype_name(dtype: object) -> str:
-    """``float32``, ``bfloat16``, ... for a dtype of any library."""
-    return str(dtype).rsplit(".", 1)[-1].strip("'>")
-
-
 def compute_dtype_name(dtype: str) -> str:
     """The dtype anybn returns statistics in: float32 for half types, else ``dtype``."""
     return "float32" if dtype in ("float16", "bfloat16") else dtype
@@ -76,14 +72,9 @@ def require(backend_id: str) -> Backend:
 
 
 def host(a: Array) -> np.ndarray:
-    """A NumPy copy of an array of any backend (bfloat16 as float32, exactly)."""
-    if compat.is_torch_array(a):
-        return get_backend("torch").to_numpy(a)
-    if compat.is_cupy_array(a):
-        return get_backend("cupy").to_numpy(a)
-    if compat.is_numpy_array(a):
-        return np.array(a, copy=True)
-    return get_backend("array_api_strict").to_numpy(a)
+    """A NumPy copy of an array of any backend (bfloat16 as float32, exactly): anybn's one
+    host conversion, :func:`anybn._xp.to_host`, copied."""
+    return np.array(to_host(a), copy=True)
 
 
 def assert_close(
@@ -129,16 +120,27 @@ def assert_identical(actual: Array, expected: Array, msg: str = "") -> None:
     assert got.shape == want.shape and got.tobytes() == want.tobytes(), msg
 
 
+#: The backend of the running matrix test (set by the ``backend`` fixture): its
+#: ``call`` runs anybn the way that backend runs code (``jax:jit`` under jax.jit).
+CURRENT: list[Backend] = []
+
+
+def _call(fn: Any, arrays: tuple[Array | None, ...], kwargs: dict[str, Any]) -> Any:
+    if CURRENT:
+        return CURRENT[-1].call(fn, *arrays, **kwargs)
+    return fn(*arrays, **kwargs)
+
+
 def batch_norm(*arrays: Array | None, **kwargs: Any) -> anybn.BatchNormOutput:
     """:func:`anybn.batch_norm`, asserting it mutated none of its arrays."""
     with unmutated(*arrays):
-        return anybn.batch_norm(*arrays, **kwargs)
+        return anybn.BatchNormOutput(*_call(anybn.batch_norm, arrays, kwargs))
 
 
 def batch_norm_backward(*arrays: Array | None, **kwargs: Any) -> anybn.BatchNormGrads:
     """:func:`anybn.batch_norm_backward`, asserting it mutated none of its arrays."""
     with unmutated(*arrays):
-        return anybn.batch_norm_backward(*arrays, **kwargs)
+        return anybn.BatchNormGrads(*_call(anybn.batch_norm_backward, arrays, kwargs))
 
 
 # --- cases and data ---------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 ``backend`` is parametrized over :data:`anybn._backends.BACKENDS` (``numpy``,
 ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``torch:cuda``,
-``cupy``); a backend whose library or device is missing is skipped with the
-reason. Tests take ``backend`` and move NumPy data onto it with
+``cupy``, ``jax``, ``jax:jit``, ``dask``); a backend whose library or device is
+missing is skipped with the reason. Tests take ``backend`` and move NumPy data onto it with
 ``backend.asarray`` and back with ``backend.to_numpy``.
 
 A test that also takes ``dtype`` runs over every (backend, dtype) pair the
@@ -15,9 +15,11 @@ missing backend skips its rows instead of removing them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
-from _helpers import require
+from _helpers import CURRENT, require
 
 from anybn._backends import BACKENDS, Backend
 
@@ -50,12 +52,50 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """One backend of the matrix, skipped with a reason when unavailable."""
-    return require(request.param.id)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """One backend of the matrix, skipped with a reason when unavailable.
+
+    While the test runs, the helpers' calls of anybn go through ``backend.call``
+    (``jax:jit`` runs them under ``jax.jit``).
+    """
+    b = require(request.param.id)
+    CURRENT.append(b)
+    try:
+        yield b
+    finally:
+        CURRENT.pop()
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A seeded generator: every test is deterministic."""
     return np.random.default_rng(20261125)
+
+
+#: Backends whose every call costs a trace or a graph (JAX compiles per shape, Dask
+#: builds a graph): on them the big layout x mode x options matrices run a thinned
+#: subset (float32/float64, with both or neither of weight/bias and running stats),
+#: which still covers every layout and both modes; tests/test_jax.py and
+#: tests/test_dask.py test them in depth.
+THINNED = {"jax", "jax:jit", "dask"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the thinned rows (see :data:`THINNED`); pytest reports them as deselected."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        backend, case = params.get("backend"), params.get("case")
+        thinned = (
+            isinstance(backend, Backend)
+            and backend.id in THINNED
+            and case is not None
+            and (
+                getattr(case, "affine", True) != getattr(case, "stats", True)
+                or params.get("dtype") == "float16"
+            )
+        )
+        (drop if thinned else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -1,0 +1,126 @@
+"""The Dask adapter: out-of-core training-mode forward and backward.
+
+Imported lazily by the core when ``x`` is a Dask array. Everything stays lazy
+and chunked:
+
+* the statistics are one pass over ``x``: each chunk gives its own
+  ``(count, mean, M2)`` (the corrected two-pass algorithm on that chunk, in
+  float64 for float32 data), and the chunks' triples are merged by the
+  many-way form of Chan's update (:func:`anybn.chan_merge`)::
+
+      n    = sum_b n_b
+      mean = sum_b n_b * mean_b / n
+      M2   = sum_b (M2_b + n_b * (mean_b - mean)^2)
+
+  which Dask evaluates as a tree of reductions over small per-chunk arrays;
+* ``y`` (and, in the backward, ``dx``) is computed from a *clone* of x's graph
+  (:func:`dask.graph_manipulation.clone`) when that graph is shallow (loading
+  plus a few elementwise steps per chunk): each chunk of ``x`` is produced
+  once for the statistics and once for the output, and never held between
+  the passes. Without the clone, Dask keeps every chunk of ``x`` in memory
+  until the statistics (which need all of them) are known: ``x`` would be
+  materialised. The price is computing x's graph twice; a Dask array that
+  wraps data already in memory (``da.from_array``) costs nothing more.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._xp import Array, channel_shape, param_shape, reduction_axes
+
+__all__ = ["backward_sums", "clone", "moments"]
+
+
+#: Clone a graph for the second pass only when it has at most this many tasks per
+#: chunk of the array: data loading plus a few elementwise steps, cheap to recompute.
+SHALLOW_TASKS_PER_CHUNK = 8
+
+
+def _shallow(a: Any) -> bool:
+    return len(a.__dask_graph__()) <= SHALLOW_TASKS_PER_CHUNK * max(1, a.npartitions)
+
+
+def clone(*arrays: Any) -> Any:
+    """Independent copies of shallow Dask graphs (see the module docstring), one per array.
+
+    Only arrays whose graphs are shallow (:data:`SHALLOW_TASKS_PER_CHUNK`) are
+    cloned: recomputing a deep graph (an ``x`` that depends on earlier
+    computations, such as a network's previous layers within a lazy training
+    loop) would cost more than holding its chunks, and clones of clones grow
+    exponentially over a chain of such calls. Deep ones are returned as they are:
+    Dask then keeps their chunks between the two passes.
+    """
+    from dask.graph_manipulation import clone as dask_clone
+
+    out = tuple(dask_clone(a) if _shallow(a) else a for a in arrays)
+    return out if len(arrays) > 1 else out[0]
+
+
+def _chunk_moments(axes: tuple[int, ...], xb: np.ndarray, wb: np.ndarray | None = None) -> Any:
+    """``(n, mean, M2)`` of one chunk, stacked on a new leading axis, float64."""
+    xb = np.asarray(xb, dtype=np.float64)
+    if wb is None:
+        n = np.full([1 if i in axes else s for i, s in enumerate(xb.shape)],
+                    float(np.prod([xb.shape[a] for a in axes])))  # fmt: skip
+        wb_f: Any = 1.0
+    else:
+        wb_f = np.broadcast_to(np.asarray(wb), xb.shape).astype(np.float64)
+        n = np.sum(wb_f, axis=axes, keepdims=True)
+    safe = np.where(n > 0, n, 1.0)
+    m1 = np.sum(wb_f * xb, axis=axes, keepdims=True) / safe
+    centered = xb - m1
+    corr = np.sum(wb_f * centered, axis=axes, keepdims=True) / safe
+    m2 = np.sum(wb_f * centered * centered, axis=axes, keepdims=True) - n * corr * corr
+    return np.stack([n, m1 + corr, m2])
+
+
+def moments(
+    xp: ModuleType, x: Array, mask: Array | None, axis: int | tuple[int, ...]
+) -> tuple[Array, Array, Array]:
+    """Per-channel ``(n, mean, M2)`` of a Dask array, lazily; each keepdims-shaped, float64.
+
+    ``mask`` is None or a boolean Dask array of x's shape (True counts).
+    """
+    import dask.array as da
+
+    axes = reduction_axes(x.ndim, axis)
+    index = tuple(range(x.ndim))
+    args: list[Any] = [x, index]
+    if mask is not None:
+        args += [da.asarray(mask).rechunk(x.chunks), index]
+    parts = da.blockwise(
+        lambda *blocks: _chunk_moments(axes, *blocks),
+        (x.ndim, *index),
+        *args,
+        new_axes={x.ndim: 3},
+        adjust_chunks={a: 1 for a in axes},
+        dtype=np.float64,
+        meta=np.empty((0,) * (x.ndim + 1), dtype=np.float64),
+    )
+    n_b, mean_b, m2_b = parts[0], parts[1], parts[2]
+    n = da.sum(n_b, axis=axes, keepdims=True)
+    mean = da.sum(n_b * mean_b, axis=axes, keepdims=True) / n
+    delta = mean_b - mean
+    m2 = da.sum(m2_b + n_b * delta * delta, axis=axes, keepdims=True)
+    return n, mean, m2
+
+
+def backward_sums(
+    xp: ModuleType, dy: Array, x: Array, mean_b: Array, axis: int | tuple[int, ...]
+) -> tuple[Array, Array]:
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, keepdims-shaped, in one pass."""
+    axes = reduction_axes(x.ndim, axis)
+    wide = np.float64 if x.dtype == np.float32 else x.dtype
+    sum_dy = xp.sum(dy, axis=axes, keepdims=True, dtype=wide)
+    sum_dy_centered = xp.sum(dy * (x - mean_b), axis=axes, keepdims=True, dtype=wide)
+    return sum_dy, sum_dy_centered
+
+
+def shapes(x: Array, axis: int | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(param_shape, broadcast_shape)`` of x's channels."""
+    channels = param_shape(tuple(x.shape), axis)
+    return channels, channel_shape(x.ndim, axis, channels)

@@ -1,0 +1,152 @@
+"""The JAX adapter: training-mode batch norm as a ``jax.custom_vjp``.
+
+Imported lazily by :func:`anybn.batch_norm` when ``x`` is a JAX array (never at
+``import anybn``). The forward is the generic array-API code on ``jax.numpy``;
+the ``custom_vjp`` makes reverse-mode autodiff (``jax.grad``, ``jax.vjp``,
+``jax.jacrev``) use anybn's analytic backward instead of tracing through the
+forward's two-pass statistics. Both rules are plain ``jax.numpy`` code, so the
+function works under ``jax.jit`` and ``jax.vmap`` and reverse-over-reverse
+(``jax.jacrev(jax.grad(f))``) differentiates the backward itself: second
+derivatives are exact.
+
+Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, and so ``jax.hessian``,
+which is ``jacfwd(jacrev)``) is not defined for a ``custom_vjp`` function: JAX
+raises. Use ``jax.jacrev(jax.jacrev(f))`` for a Hessian.
+
+Eval mode needs no custom rule (``y = x * scale + shift``: JAX's own derivative
+is the analytic one) and runs the core directly.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import jax
+
+from ._functional import BatchNormOutput, _generic_backward, _generic_forward
+from ._stats import channel_sum
+from ._xp import Array, channel_shape, compute_dtype, param_shape, reduction_axes
+
+__all__ = ["forward"]
+
+
+class _Static(NamedTuple):
+    """The non-array arguments: hashable, so that ``jit`` caches on them."""
+
+    momentum: float
+    eps: float
+    axis: int | tuple[int, ...]
+    n_values: int
+    var_estimator: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train(
+    static: _Static,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+) -> tuple[Array, ...]:
+    return tuple(_train_fwd(static, x, running_mean, running_var, weight, bias, mask)[0])
+
+
+def _train_fwd(
+    static: _Static,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
+    import jax.numpy as jnp
+
+    out = _generic_forward(
+        jnp, x, running_mean, running_var, weight, bias,
+        training=True, momentum=static.momentum, eps=static.eps, axis=static.axis,
+        count=static.n_values, mask=mask, var_estimator=static.var_estimator,
+    )  # fmt: skip
+    residuals = (x, weight, out.mean, out.invstd, mask, running_mean, running_var, bias)
+    return tuple(out), residuals
+
+
+def _train_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[Any, ...]) -> Any:
+    """Cotangents of (x, running_mean, running_var, weight, bias, mask).
+
+    ``y`` by anybn's backward; the returned ``mean`` and ``invstd`` (rarely part
+    of a loss, but outputs all the same) by their own derivatives::
+
+        d mean / d x_i   = m_i / n
+        d invstd / d x_i = -invstd^3 * m_i * (x_i - mean) / n
+
+    The running statistics are cut from the graph (their cotangents are zero).
+    """
+    import jax.numpy as jnp
+
+    x, weight, mean, invstd, mask, running_mean, running_var, bias = residuals
+    dy, dmean, dinvstd = cotangents[:3]
+    grads = _generic_backward(
+        jnp, dy, x, weight, mean, invstd,
+        training=True, axis=static.axis, count=static.n_values, mask=mask,
+    )  # fmt: skip
+    cdt = compute_dtype(jnp, x.dtype)
+    axes = reduction_axes(x.ndim, static.axis)
+    bshape = channel_shape(x.ndim, static.axis, param_shape(tuple(x.shape), static.axis))
+    if mask is None:
+        weights: Array = jnp.ones((), dtype=cdt)  # type: ignore[arg-type]
+        n: Array | int = static.n_values
+    else:
+        weights = mask.astype(cdt)
+        n = channel_sum(jnp, weights, axes)
+    invstd_b = jnp.reshape(invstd, bshape)
+    centered = x.astype(cdt) - jnp.reshape(mean, bshape)
+    d_stats = (weights / n) * (
+        jnp.reshape(dmean, bshape) - jnp.reshape(dinvstd, bshape) * invstd_b**3 * centered
+    )
+    dx = (grads.dx.astype(cdt) + d_stats).astype(x.dtype)
+
+    def zero(a: Array | None) -> Array | None:
+        return None if a is None else jnp.zeros_like(a)
+
+    dweight = None if weight is None else grads.dweight.astype(weight.dtype)
+    dbias = None if bias is None else grads.dbias.astype(bias.dtype)
+    return dx, zero(running_mean), zero(running_var), dweight, dbias, None
+
+
+_train.defvjp(_train_fwd, _train_bwd)
+
+
+def forward(
+    xp: ModuleType,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+    *,
+    momentum: float,
+    eps: float,
+    axis: int | tuple[int, ...],
+    count: int,
+    mask: Array | None,
+    var_estimator: str,
+) -> BatchNormOutput:
+    """Training-mode :func:`anybn._functional.forward` for JAX arrays, with anybn's VJP."""
+    from ._functional import forward as core_forward
+
+    if count == 0:  # the empty batch: nothing to differentiate
+        return core_forward(
+            xp, x, running_mean, running_var, weight, bias, training=True,
+            momentum=momentum, eps=eps, axis=axis, count=count, mask=mask,
+            var_estimator=var_estimator,
+        )  # fmt: skip
+    static = _Static(momentum, eps, axis, count, var_estimator)
+    y, mean, invstd, rm, rv = _train(static, x, running_mean, running_var, weight, bias, mask)
+    if running_mean is not None:
+        rm, rv = jax.lax.stop_gradient(rm), jax.lax.stop_gradient(rv)
+    return BatchNormOutput(y, mean, invstd, rm, rv)
