@@ -46,6 +46,25 @@ def _tol(dtype: Any) -> dict[str, float]:
     )
 
 
+def _assert_close_scaled(actual: Any, expected: Any, dtype: Any, msg: str) -> None:
+    """As :func:`_tol`, with ``atol`` relative to the natural scale ``max(1, max|expected|)``.
+
+    For per-channel sums (parameter gradients): a channel whose sum nearly cancels
+    still carries the rounding of its largest terms, in either summation order.
+    """
+    tol = _tol(dtype)
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=msg
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """torch's sample makers and ``randn_like`` draw from the global generator: seed it."""
+    torch.manual_seed(20261126)
+
+
 def _clone(value: Any) -> Any:
     """A deep copy of a (nested) argument, leaf tensors kept leaves with their requires_grad."""
     if isinstance(value, torch.Tensor):
@@ -121,7 +140,7 @@ def test_module_inputs(
         for (name, p), (_, q) in zip(
             theirs.named_parameters(), ours.named_parameters(), strict=True
         ):
-            torch.testing.assert_close(q.grad, p.grad, **_tol(dtype), msg=f"step {step}: {name}")
+            _assert_close_scaled(q.grad, p.grad, dtype, msg=f"step {step}: {name}")
         _assert_same_buffers(theirs, ours, dtype)
     # torch's test_modules checks that a module's state round-trips through load_state_dict
     fresh = OURS[info.module_cls](

@@ -25,6 +25,13 @@ from anybn import _numpy_kernels
 torch = pytest.importorskip("torch")
 import anybn.torch as abt  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """The torch tests draw from torch's global generator: seed it (NumPy data is seeded)."""
+    torch.manual_seed(20261126)
+
+
 # --- 1. running statistics never hold an autograd graph -----------------------------------
 
 
