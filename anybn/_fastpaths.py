@@ -95,8 +95,20 @@ def fast_paths(on: bool) -> Iterator[None]:
 
 
 # --- PyTorch CPU tensors as NumPy arrays --------------------------------------------------
+#
+# These run on every call with tensors: a few hundred nanoseconds per attribute read, so they
+# read as little as they can (the core has already checked dtypes, shapes and devices).
 
-_torch_numpy_dtypes: tuple[Any, ...] = ()
+_torch: Any = None  # the torch module, bound on first use (torch is optional)
+
+
+def _torch_module() -> Any:
+    global _torch
+    if _torch is None:
+        import torch
+
+        _torch = torch
+    return _torch
 
 
 def _torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
@@ -107,56 +119,56 @@ def _torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
     and forward-AD tangents would be dropped silently. The generic path's torch
     operations compose with both.
     """
-    from torch._C import _functorch
-    from torch.autograd import forward_ad
-
-    if _functorch.maybe_current_level() is not None:
+    torch = _torch_module()
+    if torch._C._functorch.maybe_current_level() is not None:
         return True
+    forward_ad = torch.autograd.forward_ad
     if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered
         return False
     return any(a is not None and forward_ad.unpack_dual(a).tangent is not None for a in arrays)
 
 
 def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
-    """NumPy views of CPU tensors that autograd does not track, or None."""
-    global _torch_numpy_dtypes
-    import torch
+    """NumPy views of the CPU tensors of a validated call that autograd does not track, or None.
 
-    if not _torch_numpy_dtypes:
-        _torch_numpy_dtypes = (torch.float16, torch.float32, torch.float64)
-    grad = torch.is_grad_enabled()
+    The core has checked that the tensors share x's device and a floating dtype;
+    ``numpy()`` refuses what NumPy cannot view (other devices, bfloat16, sparse,
+    conjugate or negative bits), and then None sends the call elsewhere.
+    """
+    grad = _torch_module().is_grad_enabled()
     out: list[Any] = []
     for a in arrays:
         if a is None:
             out.append(None)
             continue
-        if a.dtype not in _torch_numpy_dtypes or a.device.type != "cpu":
-            return None
         if a.requires_grad:
             if grad:
                 return None
             a = a.detach()
         try:
             out.append(a.numpy())
-        except (RuntimeError, TypeError):  # sparse, neg/conj bit, ...
+        except (RuntimeError, TypeError):
             return None
     return out
 
 
-def _torch_half() -> Any:
-    import torch
-
-    return torch.float16
-
-
-def _to_torch(results: tuple[Any, ...], inputs: dict[int, Array]) -> tuple[Any, ...]:
-    """Wrap NumPy results as tensors; a result that *is* an input returns that input."""
-    import torch
-
-    return tuple(
-        None if r is None else inputs[id(r)] if id(r) in inputs else torch.from_numpy(r)
-        for r in results
-    )
+def _to_torch(
+    results: tuple[Any, ...], views: list[Any] | tuple[()] = (), tensors: tuple[Any, ...] = ()
+) -> tuple[Any, ...]:
+    """Wrap NumPy results as tensors; a result that *is* one of ``views`` returns its tensor."""
+    from_numpy = _torch_module().from_numpy
+    out = []
+    for r in results:
+        if r is None:
+            out.append(None)
+            continue
+        for v, t in zip(views, tensors, strict=True):
+            if r is v:
+                out.append(t)
+                break
+        else:
+            out.append(from_numpy(r))
+    return tuple(out)
 
 
 # --- CuPy arrays and torch CUDA tensors: numba-cuda kernels ---------------------------------
@@ -236,47 +248,45 @@ def batch_norm(
     axis: int,
 ) -> tuple[Any, ...] | None:
     """The forward on a fast path, or None; arguments are already validated."""
-    x = _native_order(x)
     args = (x, running_mean, running_var, weight, bias)
-    if compat.is_torch_array(x) and _torch_transformed(args):
-        return None
-    if _numpy_kernels.supports(x):
-        return _numpy_module(x).forward(
-            x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis,
-        )  # fmt: skip
-    if compat.is_cupy_array(x) or (compat.is_torch_array(x) and x.device.type == "cuda"):
-        cuda = _cuda_kernels(args)
-        if cuda is None:
+    options = {"training": training, "momentum": momentum, "eps": eps, "axis": axis}
+    if type(x) is _np.ndarray:
+        x = _native_order(x)
+        if not _numpy_kernels.supports(x):
             return None
-        return cuda.forward(
-            x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis,
-        )  # fmt: skip
+        return _numpy_module(x).forward(x, running_mean, running_var, weight, bias, **options)
     if compat.is_torch_array(x):
-        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
-        views = _torch_as_numpy(args) if compiled else None
-        if views is not None and _numpy_module(views[0]) is not _numpy_kernels:
-            out = _numpy_module(views[0]).forward(
-                views[0], views[1], views[2], views[3], views[4],
-                training=training, momentum=momentum, eps=eps, axis=axis,
-            )  # fmt: skip
-            inputs = {id(v): a for v, a in zip(views, args, strict=True) if v is not None}
-            return _to_torch(out, inputs)
-        if _torch_kernels.wanted(x, axis) and _torch_kernels.supports(*args):
-            return _torch_kernels.forward(
-                x, running_mean, running_var, weight, bias,
-                training=training, momentum=momentum, eps=eps, axis=axis,
-            )  # fmt: skip
-        views = _torch_as_numpy(args)
-        if views is None or not _numpy_kernels.supports(views[0]):
+        if _torch_transformed(args):
             return None
-        out = _numpy_kernels.forward(
-            views[0], views[1], views[2], views[3], views[4],
-            training=training, momentum=momentum, eps=eps, axis=axis,
-        )  # fmt: skip
-        return _to_torch(out, {id(v): a for v, a in zip(views, args, strict=True) if v is not None})
+        if x.is_cpu:
+            return _torch_cpu_forward(args, options)
+        if x.is_cuda:
+            cuda = _cuda_kernels(args)
+            return None if cuda is None else cuda.forward(*args, **options)
+        return None
+    if compat.is_cupy_array(x):
+        cuda = _cuda_kernels(args)
+        return None if cuda is None else cuda.forward(*args, **options)
     return None
+
+
+def _torch_cpu_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The forward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    x = args[0]
+    torch = _torch_module()
+    compiled = _cpu_kernels() is not None and x.dtype != torch.float16
+    views = _torch_as_numpy(args) if compiled else None
+    if views is not None:
+        module = _numpy_module(views[0])
+        if module is not _numpy_kernels:
+            return _to_torch(module.forward(*views, **options), views, args)
+    if _torch_kernels.wanted(x, options["axis"]) and _torch_kernels.supports(*args):
+        return _torch_kernels.forward(*args, **options)
+    if views is None:
+        views = _torch_as_numpy(args)
+    if views is None or not _numpy_kernels.supports(views[0]):
+        return None
+    return _to_torch(_numpy_kernels.forward(*views, **options), views, args)
 
 
 def batch_norm_backward(
@@ -291,42 +301,49 @@ def batch_norm_backward(
     axis: int,
 ) -> tuple[Any, ...] | None:
     """The backward on a fast path, or None; arguments are already validated."""
-    x, dy = _native_order(x), _native_order(dy)
-    if compat.is_torch_array(x) and _torch_transformed((dy, x, weight, mean, invstd)):
-        return None
-    if _numpy_kernels.supports(x) and _numpy_kernels.supports(dy):
-        return _numpy_module(x, dy).backward(
-            dy, x, weight, mean, invstd, training=training, axis=axis
-        )
-    if compat.is_cupy_array(x) or (compat.is_torch_array(x) and x.device.type == "cuda"):
-        cuda = _cuda_kernels((dy, x, weight, mean, invstd))
-        if cuda is None:
+    args = (dy, x, weight, mean, invstd)
+    options = {"training": training, "axis": axis}
+    if type(x) is _np.ndarray:
+        x, dy = _native_order(x), _native_order(dy)
+        if not (_numpy_kernels.supports(x) and _numpy_kernels.supports(dy)):
             return None
-        return cuda.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
+        return _numpy_module(x, dy).backward(dy, x, weight, mean, invstd, **options)
     if compat.is_torch_array(x):
-        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
-        views = _torch_as_numpy((dy, x, weight, mean, invstd)) if compiled else None
-        if views is not None and _numpy_module(views[0], views[1]) is not _numpy_kernels:
-            return _to_torch(
-                _numpy_module(views[0], views[1]).backward(
-                    views[0], views[1], views[2], views[3], views[4], training=training, axis=axis
-                ),
-                {},
-            )
-        if (
-            training
-            and dy.dtype == x.dtype
-            and _torch_kernels.wanted(x, axis)
-            and _torch_kernels.supports(x, dy, weight, mean, invstd)
-        ):
-            return _torch_kernels.backward(dy, x, weight, mean, invstd, axis=axis)
-        views = _torch_as_numpy((dy, x, weight, mean, invstd))
-        if views is None or not (
-            _numpy_kernels.supports(views[0]) and _numpy_kernels.supports(views[1])
-        ):
+        if _torch_transformed(args):
             return None
-        out = _numpy_kernels.backward(
-            views[0], views[1], views[2], views[3], views[4], training=training, axis=axis
-        )
-        return _to_torch(out, {})
+        if x.is_cpu:
+            return _torch_cpu_backward(args, options)
+        if x.is_cuda:
+            cuda = _cuda_kernels(args)
+            return None if cuda is None else cuda.backward(*args, **options)
+        return None
+    if compat.is_cupy_array(x):
+        cuda = _cuda_kernels(args)
+        return None if cuda is None else cuda.backward(*args, **options)
     return None
+
+
+def _torch_cpu_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The backward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    dy, x = args[0], args[1]
+    torch = _torch_module()
+    compiled = _cpu_kernels() is not None and x.dtype != torch.float16
+    views = _torch_as_numpy(args) if compiled else None
+    if views is not None:
+        module = _numpy_module(views[0], views[1])
+        if module is not _numpy_kernels:
+            return _to_torch(module.backward(*views, **options))
+    if (
+        options["training"]
+        and dy.dtype == x.dtype
+        and _torch_kernels.wanted(x, options["axis"])
+        and _torch_kernels.supports(x, dy, *args[2:])
+    ):
+        return _torch_kernels.backward(*args, axis=options["axis"])
+    if views is None:
+        views = _torch_as_numpy(args)
+    if views is None or not (
+        _numpy_kernels.supports(views[0]) and _numpy_kernels.supports(views[1])
+    ):
+        return None
+    return _to_torch(_numpy_kernels.backward(*views, **options))
