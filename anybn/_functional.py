@@ -456,13 +456,16 @@ def forward(
                 training=training, momentum=momentum, eps=eps, axis=cast(int, axis),
             )  # fmt: skip
         if fast is not None:
-            out = BatchNormOutput(*fast)
-        else:
-            out = _generic_forward(
-                xp, x, running_mean, running_var, weight, bias,
-                training=training, momentum=momentum, eps=eps, axis=axis, count=count,
-                mask=mask, var_estimator=var_estimator,
-            )  # fmt: skip
+            # Fast paths compute on untracked arrays: nothing to cut from a graph.
+            y, mean, invstd, new_running_mean, new_running_var = fast
+            if mean is running_mean:
+                mean = xp.asarray(mean, copy=True)
+            return BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var)
+        out = _generic_forward(
+            xp, x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+            mask=mask, var_estimator=var_estimator,
+        )  # fmt: skip
     mean = out.mean
     if mean is running_mean:
         mean = xp.asarray(mean, copy=True)

@@ -135,6 +135,37 @@ class _BatchNormFunction(_BatchNormBase):
         return y_t, None, None, None, None
 
 
+class _EagerFunction(torch.autograd.Function):
+    """:class:`_BatchNormFunction` for plain eager calls: an old-style ``forward(ctx, ...)``.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature (inspect) on
+    every call when ``setup_context`` is defined; without it, it does not. The
+    generated vmap rule needs ``setup_context``, so calls under ``torch.func``
+    transforms use :class:`_BatchNormFunction` and compiled code uses
+    :class:`_BatchNormBase`; the arithmetic is the same.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Tensor, ...]:
+        inputs = (x, weight, bias, running_mean, running_var, training, momentum, eps)
+        output = _torch_ops.batch_norm_impl(*inputs)
+        _BatchNormBase.setup_context(ctx, inputs, output)
+        return output
+
+    backward = _BatchNormBase.backward
+    jvp = _BatchNormFunction.jvp
+
+
 # torch's Function.apply binds its arguments with inspect.signature(forward) on every call when
 # setup_context is defined (torch/autograd/function.py, bind_default_args): a precomputed
 # __signature__ turns that into an attribute lookup (~10 us of the ~70 us a (8,16) call costs).
@@ -324,7 +355,13 @@ def batch_norm(
         {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
         training,
     )
-    function = _BatchNormBase if torch.compiler.is_compiling() else _BatchNormFunction
+    function: type[torch.autograd.Function]
+    if torch.compiler.is_compiling():
+        function = _BatchNormBase
+    elif torch._C._functorch.maybe_current_level() is not None:
+        function = _BatchNormFunction
+    else:
+        function = _EagerFunction
     y, _, _, new_mean, new_var = function.apply(
         input,
         vectors["weight"],
