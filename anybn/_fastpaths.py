@@ -157,7 +157,7 @@ def _to_torch(
 ) -> tuple[Any, ...]:
     """Wrap NumPy results as tensors; a result that *is* one of ``views`` returns its tensor."""
     from_numpy = _torch_module().from_numpy
-    out = []
+    out: list[Any] = []
     for r in results:
         if r is None:
             out.append(None)

@@ -703,7 +703,7 @@ def batch_norm_backward(
             and dy.dtype == x.dtype
             and dy.shape == x.shape
             and invstd is not None
-            and (type(x) is _np.ndarray or dy.device == x.device)
+            and (type(x) is _np.ndarray or cast(Any, dy).device == cast(Any, x).device)
         ):
             return backward(
                 lean[0], dy, x, weight, mean, invstd,
