@@ -115,13 +115,15 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
             piv = np.float64(x[0, c, 0])
             t1 = 0.0
             t2 = 0.0
-            for s in range(k * chunk, min(s_, (k + 1) * chunk)):
-                d = np.float64(x[p, c, s]) - piv
+            xs = x[p, c, k * chunk : min(s_, (k + 1) * chunk)]
+            for s in range(xs.shape[0]):
+                d = np.float64(xs[s]) - piv
                 t1 += d
                 t2 += d * d
             s1[item] = t1
             s2[item] = t2
     else:
+        x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
         t1 = np.empty(c_)
         t2 = np.empty(c_)
         piv = np.empty(c_)
@@ -131,8 +133,9 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
             t1[:] = 0.0
             t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                xr = x2[r]
                 for c in range(c_):
-                    d = np.float64(x[r, c, 0]) - piv[c]
+                    d = np.float64(xr[c]) - piv[c]
                     t1[c] += d
                     t2[c] += d * d
             for c in range(c_):
@@ -207,8 +210,10 @@ def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
             m = vec[0, c]
             sc = vec[1, c]
             sh = vec[2, c]
+            xs = x[p, c]
+            ys = y[p, c]
             for s in range(s_):
-                y[p, c, s] = (x[p, c, s] - m) * sc + sh
+                ys[s] = (xs[s] - m) * sc + sh
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
@@ -232,23 +237,30 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
             m = mean[c]
             t1 = 0.0
             t2 = 0.0
-            for s in range(k * chunk, min(s_, (k + 1) * chunk)):
-                g = np.float64(dy[p, c, s])
+            lo, hi = k * chunk, min(s_, (k + 1) * chunk)
+            xs = x[p, c, lo:hi]
+            gs = dy[p, c, lo:hi]
+            for s in range(xs.shape[0]):
+                g = np.float64(gs[s])
                 t1 += g
-                t2 += g * (np.float64(x[p, c, s]) - m)
+                t2 += g * (np.float64(xs[s]) - m)
             s1[item] = t1
             s2[item] = t2
     else:
+        x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
+        g2 = dy.reshape(p_, c_)
         t1 = np.empty(c_)
         t2 = np.empty(c_)
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+                xr = x2[r]
+                gr = g2[r]
                 for c in range(c_):
-                    g = np.float64(dy[r, c, 0])
+                    g = np.float64(gr[c])
                     t1[c] += g
-                    t2[c] += g * (np.float64(x[r, c, 0]) - mean[c])
+                    t2[c] += g * (np.float64(xr[c]) - mean[c])
             for c in range(c_):
                 s1[blk * c_ + c] = t1[c]
                 s2[blk * c_ + c] = t2[c]
@@ -285,12 +297,15 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
             k = vec[1, c]
             g = vec[2, c]
             sc = vec[3, c]
+            xs = x[p, c]
+            gs = dy[p, c]
+            ds = dx[p, c]
             if training:
                 for s in range(s_):
-                    dx[p, c, s] = (x[p, c, s] - m) * k + (dy[p, c, s] - g) * sc
+                    ds[s] = (xs[s] - m) * k + (gs[s] - g) * sc
             else:
                 for s in range(s_):
-                    dx[p, c, s] = dy[p, c, s] * sc
+                    ds[s] = gs[s] * sc
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
