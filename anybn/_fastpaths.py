@@ -111,6 +111,16 @@ def _torch_module() -> Any:
     return _torch
 
 
+def torch_has_tangent(tensors: tuple[Array | None, ...]) -> bool:
+    """Whether forward-mode AD is tracking any of these tensors."""
+    forward_ad = _torch_module().autograd.forward_ad
+    # No dual level entered (the common case): nothing to unpack. The level is
+    # private to torch.autograd.forward_ad; without it, unpack every tensor.
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
     """Whether torch.func or forward-mode AD is tracing these tensors.
 
@@ -119,13 +129,9 @@ def _torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
     and forward-AD tangents would be dropped silently. The generic path's torch
     operations compose with both.
     """
-    torch = _torch_module()
-    if torch._C._functorch.maybe_current_level() is not None:
+    if _torch_module()._C._functorch.maybe_current_level() is not None:
         return True
-    forward_ad = torch.autograd.forward_ad
-    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered
-        return False
-    return any(a is not None and forward_ad.unpack_dual(a).tangent is not None for a in arrays)
+    return torch_has_tangent(arrays)
 
 
 def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:

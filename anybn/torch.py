@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import _fastpaths, _functional, _torch_ops
@@ -82,7 +81,7 @@ class _BatchNormBase(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled() or _has_tangent(dy, x, weight):
+        if torch.is_grad_enabled() or _fastpaths.torch_has_tangent((dy, x, weight)):
             dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
         else:
             op = (
@@ -170,15 +169,6 @@ class _EagerFunction(torch.autograd.Function):
 # setup_context is defined (torch/autograd/function.py, bind_default_args): a precomputed
 # __signature__ turns that into an attribute lookup (~10 us of the ~70 us a (8,16) call costs).
 _BatchNormBase.forward.__signature__ = inspect.signature(_BatchNormBase.forward)  # type: ignore[attr-defined]
-
-
-def _has_tangent(*tensors: Tensor | None) -> bool:
-    """Whether forward-mode AD is tracking any of these tensors."""
-    # No dual level entered (the common case): nothing to unpack. The level is
-    # private to torch.autograd.forward_ad; without it, unpack every tensor.
-    if getattr(fwAD, "_current_level", 0) < 0:
-        return False
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _differentiable_backward(
