@@ -69,6 +69,94 @@ def ratio(a: Callable[[], object], b: Callable[[], object], rounds: int, number:
     return statistics.median(r)
 
 
+def measure(name: str, args: argparse.Namespace) -> list[float]:
+    """The ratios of one row of the table."""
+    tdt = getattr(torch, args.dtype)
+    dims, cl = SHAPES[name]
+    rng = np.random.default_rng(0)
+    c = dims[1]
+    x32 = rng.standard_normal(dims, dtype=np.float32) + 3
+    dy32 = rng.standard_normal(dims, dtype=np.float32)
+    w, b = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    tx, tdy = torch.from_numpy(x32).to(tdt), torch.from_numpy(dy32).to(tdt)
+    if cl:
+        tx = tx.contiguous(memory_format=torch.channels_last)
+        tdy = tdy.contiguous(memory_format=torch.channels_last)
+    ax = 1
+    nx, ndy = tx.numpy(), tdy.numpy()  # same memory layout as the torch tensors
+    if cl:
+        nx, ndy = np.moveaxis(nx, 1, -1), np.moveaxis(ndy, 1, -1)
+        ax = -1
+    tw = torch.from_numpy(w).requires_grad_()
+    tb = torch.from_numpy(b).requires_grad_()
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    number = max(1, int(3e6 // x32.size))
+    if x32.size <= 4096:
+        number = 200
+
+    def np_fwd():
+        return anybn.batch_norm(nx, rm, rv, w, b, training=True, axis=ax)
+
+    o = np_fwd()
+
+    def np_bwd():
+        return anybn.batch_norm_backward(ndy, nx, w, o.mean, o.invstd, training=True, axis=ax)
+
+    def np_fb():
+        out = np_fwd()
+        anybn.batch_norm_backward(ndy, nx, w, out.mean, out.invstd, training=True, axis=ax)
+
+    def text_fb():
+        _, cache = textbook_forward(nx, rm, rv, w, b, ax, True)
+        textbook_backward(ndy, cache)
+
+    def nat_fwd():
+        with torch.no_grad():
+            return torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True)
+
+    xl = tx.detach().requires_grad_()
+    yg = torch.nn.functional.batch_norm(xl, trm, trv, tw, tb, training=True)
+
+    def nat_bwd():
+        yg.backward(tdy, retain_graph=True)
+
+    def nat_fb():
+        xi = tx.detach().requires_grad_()
+        torch.nn.functional.batch_norm(xi, trm, trv, tw, tb, training=True).backward(tdy)
+
+    tw0, tb0 = tw.detach(), tb.detach()
+
+    def tt_fwd():
+        return anybn.batch_norm(tx, trm, trv, tw0, tb0, training=True)
+
+    to = tt_fwd()
+
+    def tt_bwd():
+        return anybn.batch_norm_backward(tdy, tx, tw0, to.mean, to.invstd, training=True)
+
+    def tt_fb():
+        out = tt_fwd()
+        anybn.batch_norm_backward(tdy, tx, tw0, out.mean, out.invstd, training=True)
+
+    nn_cls = torch.nn.BatchNorm1d if len(dims) == 2 else torch.nn.BatchNorm2d
+    ab_cls = abt.BatchNorm1d if len(dims) == 2 else abt.BatchNorm2d
+    m_nn, m_ab = nn_cls(c).to(tdt), ab_cls(c).to(tdt)
+
+    def mod(m: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            xi = tx.detach().requires_grad_()
+            m(xi).backward(tdy)
+
+        return run
+
+    pairs = [
+        (np_fb, nat_fb), (np_fb, text_fb), (tt_fb, nat_fb), (mod(m_ab), mod(m_nn)),
+        (np_fwd, nat_fwd), (np_bwd, nat_bwd), (tt_fwd, nat_fwd), (tt_bwd, nat_bwd),
+    ]  # fmt: skip
+    return [ratio(a, b, args.rounds, number) for a, b in pairs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=11)
@@ -78,99 +166,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     _numpy_kernels.set_num_threads(args.threads)
-    tdt = getattr(torch, args.dtype)
-    print(f"dtype {args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
+    print(
+        f"dtype {args.dtype}, {args.threads} threads, medians of {args.rounds} interleaved rounds"
+    )
     cols = ["np/torch", "np/textbook", "torch/torch", "module/nn", "np fwd/torch", "np bwd/torch",
             "tt fwd/torch", "tt bwd/torch"]  # fmt: skip
     print("| input | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name in args.shapes:
-        dims, cl = SHAPES[name]
-        rng = np.random.default_rng(0)
-        c = dims[1]
-        x32 = rng.standard_normal(dims, dtype=np.float32) + 3
-        dy32 = rng.standard_normal(dims, dtype=np.float32)
-        w, b = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-        tx, tdy = torch.from_numpy(x32).to(tdt), torch.from_numpy(dy32).to(tdt)
-        if cl:
-            tx = tx.contiguous(memory_format=torch.channels_last)
-            tdy = tdy.contiguous(memory_format=torch.channels_last)
-        ax = 1
-        nx, ndy = tx.numpy(), tdy.numpy()  # same memory layout as the torch tensors
-        if cl:
-            nx, ndy = np.moveaxis(nx, 1, -1), np.moveaxis(ndy, 1, -1)
-            ax = -1
-        tw = torch.from_numpy(w).requires_grad_()
-        tb = torch.from_numpy(b).requires_grad_()
-        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-        number = max(1, int(3e6 // x32.size))
-        if x32.size <= 4096:
-            number = 200
-
-        def np_fwd():
-            return anybn.batch_norm(nx, rm, rv, w, b, training=True, axis=ax)
-
-        o = np_fwd()
-
-        def np_bwd():
-            return anybn.batch_norm_backward(ndy, nx, w, o.mean, o.invstd, training=True, axis=ax)
-
-        def np_fb():
-            out = np_fwd()
-            anybn.batch_norm_backward(ndy, nx, w, out.mean, out.invstd, training=True, axis=ax)
-
-        def text_fb():
-            _, cache = textbook_forward(nx, rm, rv, w, b, ax, True)
-            textbook_backward(ndy, cache)
-
-        def nat_fwd():
-            with torch.no_grad():
-                return torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True)
-
-        xl = tx.detach().requires_grad_()
-        yg = torch.nn.functional.batch_norm(xl, trm, trv, tw, tb, training=True)
-
-        def nat_bwd():
-            yg.backward(tdy, retain_graph=True)
-
-        def nat_fb():
-            xi = tx.detach().requires_grad_()
-            torch.nn.functional.batch_norm(xi, trm, trv, tw, tb, training=True).backward(tdy)
-
-        tw0, tb0 = tw.detach(), tb.detach()
-
-        def tt_fwd():
-            return anybn.batch_norm(tx, trm, trv, tw0, tb0, training=True)
-
-        to = tt_fwd()
-
-        def tt_bwd():
-            return anybn.batch_norm_backward(tdy, tx, tw0, to.mean, to.invstd, training=True)
-
-        def tt_fb():
-            out = tt_fwd()
-            anybn.batch_norm_backward(tdy, tx, tw0, out.mean, out.invstd, training=True)
-
-        nn_cls = torch.nn.BatchNorm1d if len(dims) == 2 else torch.nn.BatchNorm2d
-        ab_cls = abt.BatchNorm1d if len(dims) == 2 else abt.BatchNorm2d
-        m_nn, m_ab = nn_cls(c).to(tdt), ab_cls(c).to(tdt)
-
-        def mod(m: torch.nn.Module) -> Callable[[], None]:
-            def run() -> None:
-                xi = tx.detach().requires_grad_()
-                m(xi).backward(tdy)
-
-            return run
-
-        row = []
-        if args.dtype == "float16":
-            row += [ratio(np_fb, nat_fb, args.rounds, number), ratio(np_fb, text_fb, args.rounds, number)]
-        else:
-            row += [ratio(np_fb, nat_fb, args.rounds, number), ratio(np_fb, text_fb, args.rounds, number)]
-        row += [ratio(tt_fb, nat_fb, args.rounds, number), ratio(mod(m_ab), mod(m_nn), args.rounds, number)]
-        row += [ratio(np_fwd, nat_fwd, args.rounds, number), ratio(np_bwd, nat_bwd, args.rounds, number)]
-        row += [ratio(tt_fwd, nat_fwd, args.rounds, number), ratio(tt_bwd, nat_bwd, args.rounds, number)]
+        row = measure(name, args)
         print(f"| {name} | " + " | ".join(f"{r:.2f}" for r in row) + " |", flush=True)
 
 
