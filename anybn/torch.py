@@ -99,8 +99,8 @@ class _BatchNormBase(torch.autograd.Function):
         )  # fmt: skip
 
 
-class _BatchNormFunction(_BatchNormBase):
-    """:class:`_BatchNormBase` with forward-mode AD (``jvp``), for eager mode.
+class _TransformFunction(_BatchNormBase):
+    """:class:`_BatchNormBase` with forward-mode AD (``jvp``), for ``torch.func`` transforms.
 
     ``torch.compile`` does not trace an ``autograd.Function`` with a custom
     ``jvp``, so compiled code uses the parent class (forward-mode AD is an eager
@@ -134,13 +134,13 @@ class _BatchNormFunction(_BatchNormBase):
         return y_t, None, None, None, None
 
 
-class _EagerFunction(torch.autograd.Function):
-    """:class:`_BatchNormFunction` for plain eager calls: an old-style ``forward(ctx, ...)``.
+class _BatchNormFunction(torch.autograd.Function):
+    """:class:`_TransformFunction` for plain eager calls: an old-style ``forward(ctx, ...)``.
 
     ``Function.apply`` binds the arguments to ``forward``'s signature (inspect) on
     every call when ``setup_context`` is defined; without it, it does not. The
     generated vmap rule needs ``setup_context``, so calls under ``torch.func``
-    transforms use :class:`_BatchNormFunction` and compiled code uses
+    transforms use :class:`_TransformFunction` and compiled code uses
     :class:`_BatchNormBase`; the arithmetic is the same.
     """
 
@@ -162,7 +162,7 @@ class _EagerFunction(torch.autograd.Function):
         return output
 
     backward = _BatchNormBase.backward
-    jvp = _BatchNormFunction.jvp
+    jvp = _TransformFunction.jvp
 
 
 # torch's Function.apply binds its arguments with inspect.signature(forward) on every call when
@@ -349,9 +349,9 @@ def batch_norm(
     if torch.compiler.is_compiling():
         function = _BatchNormBase
     elif torch._C._functorch.maybe_current_level() is not None:
-        function = _BatchNormFunction
+        function = _TransformFunction
     else:
-        function = _EagerFunction
+        function = _BatchNormFunction
     y, _, _, new_mean, new_var = function.apply(
         input,
         vectors["weight"],
