@@ -9,7 +9,7 @@ with the same (or better) numerics and are tested against the generic path:
 * PyTorch float32/float64 CPU tensors that autograd does not track: torch's own
   fused kernels, with anybn's statistics and exact centring where torch's would
   lose accuracy, :mod:`anybn._torch_kernels`. Small tensors (a few torch calls
-  cost more than the work) and float16 CPU tensors run the NumPy kernels on NumPy
+  cost more than the work) and float16 CPU tensors run the CPU kernels on NumPy
   views of the tensors (no copies).
 * CuPy arrays and PyTorch CUDA tensors that autograd does not track
   (float16/32/64): numba-cuda kernels, :mod:`anybn._kernels.cuda`, when
@@ -143,12 +143,6 @@ def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
     return out
 
 
-def _torch_half() -> Any:
-    import torch
-
-    return torch.float16
-
-
 def _to_torch(results: tuple[Any, ...], inputs: dict[int, Array]) -> tuple[Any, ...]:
     """Wrap NumPy results as tensors; a result that *is* an input returns that input."""
     import torch
@@ -254,7 +248,7 @@ def batch_norm(
             training=training, momentum=momentum, eps=eps, axis=axis,
         )  # fmt: skip
     if compat.is_torch_array(x):
-        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
+        compiled = _cpu_kernels() is not None
         views = _torch_as_numpy(args) if compiled else None
         if views is not None and _numpy_module(views[0]) is not _numpy_kernels:
             out = _numpy_module(views[0]).forward(
@@ -304,7 +298,7 @@ def batch_norm_backward(
             return None
         return cuda.backward(dy, x, weight, mean, invstd, training=training, axis=axis)
     if compat.is_torch_array(x):
-        compiled = _cpu_kernels() is not None and x.dtype != _torch_half()
+        compiled = _cpu_kernels() is not None
         views = _torch_as_numpy((dy, x, weight, mean, invstd)) if compiled else None
         if views is not None and _numpy_module(views[0], views[1]) is not _numpy_kernels:
             return _to_torch(

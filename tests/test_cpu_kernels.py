@@ -58,8 +58,10 @@ def _backward64(dy, x, w, mean, invstd, axis):
     xhat = (x - m) * s
     sdy, sdyx = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
     n = x.size // x.shape[axis]
-    dx = w.astype(np.float64).reshape(shape) * s * (
-        dy - sdy.reshape(shape) / n - xhat * sdyx.reshape(shape) / n
+    dx = (
+        w.astype(np.float64).reshape(shape)
+        * s
+        * (dy - sdy.reshape(shape) / n - xhat * sdyx.reshape(shape) / n)
     )
     return dx, sdyx, sdy
 
@@ -135,7 +137,7 @@ def test_non_finite_values_stay_in_their_channel():
 def test_dispatcher_uses_compiled_kernels_for_numpy_and_torch_cpu():
     x = np.ones((4, 3), np.float32)
     assert _fastpaths._numpy_module(x) is cpu
-    assert _fastpaths._numpy_module(x.astype(np.float16)) is _numpy_kernels
+    assert _fastpaths._numpy_module(x.astype(np.float16)) is cpu
     torch = pytest.importorskip("torch")
     t = torch.randn(64, 5, dtype=torch.float32) + 1e4
     out = anybn.batch_norm(t, training=True)

@@ -67,11 +67,30 @@ PARALLEL_MIN = 1 << 18
 CHUNK = 1 << 14
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = np.dtype(np.float16)
+
+if numba is not None:
+    from .half import read, written
 
 
 def supports(x: Any) -> bool:
-    """Whether the compiled kernels serve ``x``: a non-empty float32/float64 NumPy array."""
-    return AVAILABLE and type(x) is np.ndarray and x.dtype in _FLOATS and x.size > 0
+    """Whether the compiled kernels serve ``x``: a non-empty float16/32/64 NumPy array."""
+    return (
+        AVAILABLE
+        and type(x) is np.ndarray
+        and (x.dtype in _FLOATS or x.dtype == _HALF)
+        and x.size > 0
+    )
+
+
+def _compute_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype of the elementwise arithmetic and of the statistics: float32 for float16."""
+    return np.dtype(np.float32) if dt == _HALF else dt
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`)."""
+    return a.view(np.uint16) if a.dtype == _HALF else a
 
 
 def _jit(fn: Any) -> Any:
@@ -112,11 +131,11 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
             p = item // (c_ * k_)
             c = (item // k_) % c_
             k = item % k_
-            piv = np.float64(x[0, c, 0])
+            piv = np.float64(read(x[0, c, 0]))
             t1 = 0.0
             t2 = 0.0
             for s in range(k * chunk, min(s_, (k + 1) * chunk)):
-                d = np.float64(x[p, c, s]) - piv
+                d = np.float64(read(x[p, c, s])) - piv
                 t1 += d
                 t2 += d * d
             s1[item] = t1
@@ -126,13 +145,13 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
         t2 = np.empty(c_)
         piv = np.empty(c_)
         for c in range(c_):
-            piv[c] = x[0, c, 0]
+            piv[c] = read(x[0, c, 0])
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
-                    d = np.float64(x[r, c, 0]) - piv[c]
+                    d = np.float64(read(x[r, c, 0])) - piv[c]
                     t1[c] += d
                     t2[c] += d * d
             for c in range(c_):
@@ -177,7 +196,7 @@ def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
             m2 = q[c] - a[c] * dmean
             if m2 < 0.0:
                 m2 = 0.0
-            mean[c] = np.float64(x[0, c, 0]) + dmean
+            mean[c] = np.float64(read(x[0, c, 0])) + dmean
             invstd[c] = 1.0 / np.sqrt(m2 / n + eps)
             if rm.shape[0] > 0:
                 rm_out[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
@@ -188,7 +207,7 @@ def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
             invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     for c in range(c_):
         scale = invstd[c] * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
-        vec[0, c] = mean[c]  # the centre: the mean rounded to x's dtype
+        vec[0, c] = mean[c]  # the centre: the mean rounded to the compute dtype
         vec[1, c] = scale
         shift = -(mean[c] - np.float64(vec[0, c])) * scale
         vec[2, c] = shift + (np.float64(b[c]) if b.shape[0] > 0 else 0.0)
@@ -208,12 +227,12 @@ def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
             sc = vec[1, c]
             sh = vec[2, c]
             for s in range(s_):
-                y[p, c, s] = (x[p, c, s] - m) * sc + sh
+                y[p, c, s] = written(y, (read(x[p, c, s]) - m) * sc + sh)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
-                    y[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + vec[2, c]
+                    y[r, c, 0] = written(y, (read(x[r, c, 0]) - vec[0, c]) * vec[1, c] + vec[2, c])
 
 
 @_jit
@@ -233,9 +252,9 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
             t1 = 0.0
             t2 = 0.0
             for s in range(k * chunk, min(s_, (k + 1) * chunk)):
-                g = np.float64(dy[p, c, s])
+                g = np.float64(read(dy[p, c, s]))
                 t1 += g
-                t2 += g * (np.float64(x[p, c, s]) - m)
+                t2 += g * (np.float64(read(x[p, c, s])) - m)
             s1[item] = t1
             s2[item] = t2
     else:
@@ -246,9 +265,9 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
             t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
-                    g = np.float64(dy[r, c, 0])
+                    g = np.float64(read(dy[r, c, 0]))
                     t1[c] += g
-                    t2[c] += g * (np.float64(x[r, c, 0]) - mean[c])
+                    t2[c] += g * (np.float64(read(x[r, c, 0])) - mean[c])
             for c in range(c_):
                 s1[blk * c_ + c] = t1[c]
                 s2[blk * c_ + c] = t2[c]
@@ -287,21 +306,23 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
             sc = vec[3, c]
             if training:
                 for s in range(s_):
-                    dx[p, c, s] = (x[p, c, s] - m) * k + (dy[p, c, s] - g) * sc
+                    dx[p, c, s] = written(
+                        dx, (read(x[p, c, s]) - m) * k + (read(dy[p, c, s]) - g) * sc
+                    )
             else:
                 for s in range(s_):
-                    dx[p, c, s] = dy[p, c, s] * sc
+                    dx[p, c, s] = written(dx, read(dy[p, c, s]) * sc)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 if training:
                     for c in range(c_):
-                        dx[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + (
-                            dy[r, c, 0] - vec[2, c]
-                        ) * vec[3, c]
+                        v = (read(x[r, c, 0]) - vec[0, c]) * vec[1, c]
+                        v += (read(dy[r, c, 0]) - vec[2, c]) * vec[3, c]
+                        dx[r, c, 0] = written(dx, v)
                 else:
                     for c in range(c_):
-                        dx[r, c, 0] = dy[r, c, 0] * vec[3, c]
+                        dx[r, c, 0] = written(dx, read(dy[r, c, 0]) * vec[3, c])
 
 
 @_jit
@@ -331,9 +352,7 @@ def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...])
     pool, threads = _executor()
     parts = min(threads, items)
     bounds = [items * i // parts for i in range(parts + 1)]
-    futures = [
-        pool.submit(fn, *(*head, bounds[i], bounds[i + 1], *tail)) for i in range(1, parts)
-    ]
+    futures = [pool.submit(fn, *(*head, bounds[i], bounds[i + 1], *tail)) for i in range(1, parts)]
     # The caller's share runs here; results never depend on the split (fixed table places).
     try:
         fn(*head, bounds[0], bounds[1], *tail)
@@ -405,12 +424,12 @@ def forward(
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x."""
     xc, perm, ax = _canonical(x, axis)
-    v = _view3(xc, ax)
-    dt = x.dtype
+    v = _view3(_raw(xc), ax)
+    dt = _compute_dtype(x.dtype)
     channels = v.shape[1]
     rows = _rows_per_block(channels)
-    y = np.empty(xc.shape, dtype=dt)
-    yv = _view3(y, ax)
+    y = np.empty(xc.shape, dtype=x.dtype)
+    yv = _view3(_raw(y), ax)
     stats = np.empty((2, channels), dtype=dt)
     update = training and running_mean is not None and running_var is not None
     new = np.empty((2, channels), dtype=np.float64) if update else None
@@ -454,15 +473,17 @@ def backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dx, dweight, dbias)``; dx laid out like x (dy is copied to x's layout if needed)."""
     xc, perm, ax = _canonical(x, axis)
-    dt = x.dtype
+    dt = _compute_dtype(x.dtype)
     dyc = dy.transpose(perm) if perm is not None else dy
-    if not dyc.flags.c_contiguous or dyc.dtype != dt:
-        dyc = np.ascontiguousarray(dyc, dtype=dt)
-    v, g = _view3(xc, ax), _view3(dyc, ax)
+    # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
+    dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
+    if not dyc.flags.c_contiguous or dyc.dtype != dy_dt:
+        dyc = np.ascontiguousarray(dyc, dtype=dy_dt)
+    v, g = _view3(_raw(xc), ax), _view3(_raw(dyc), ax)
     channels = v.shape[1]
     rows = _rows_per_block(channels)
-    dx = np.empty(xc.shape, dtype=dt)
-    dxv = _view3(dx, ax)
+    dx = np.empty(xc.shape, dtype=x.dtype)
+    dxv = _view3(_raw(dx), ax)
     grads = np.empty((2, channels), dtype=dt)
     w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
     nr, ne, s1, s2 = _table(v, rows)
