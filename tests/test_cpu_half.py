@@ -23,28 +23,43 @@ pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="Numba not installed o
 HALF_ULP = 2.0**-11  # half an ulp of float16, relative
 
 
-if cpu.AVAILABLE:  # compiled loops over the kernels' two conversions
+if cpu.AVAILABLE:  # compiled loops over the conversions: the kernels' own, and the soft ones
     import numba
 
-    from anybn._kernels.half import read, written
+    from anybn._kernels import half
 
     # At module level: a compiled function dropped at a fixture's end leaves a dead weak proxy
     # among gc's objects, which test_training_code's gc.get_objects() scan trips over.
     @numba.njit
     def _to_float(h, out):
         for i in range(h.shape[0]):
-            out[i] = read(h[i])
+            out[i] = half.read(h[i])
 
     @numba.njit
     def _to_half(f, out):
         for i in range(f.shape[0]):
-            out[i] = written(out, f[i])
+            out[i] = half.written(out, f[i])
+
+    @numba.njit
+    def _soft_to_float(h, out):
+        for i in range(h.shape[0]):
+            out[i] = half.soft_half_to_float(h[i])
+
+    @numba.njit
+    def _soft_to_half(f, out):
+        for i in range(f.shape[0]):
+            out[i] = half.soft_float_to_half(f[i])
+
+    CONVERSIONS = {"kernels'": (_to_float, _to_half), "soft": (_soft_to_float, _soft_to_half)}
+else:
+    CONVERSIONS = {}
 
 
-def test_half_to_float_is_exact_for_every_bit_pattern():
+@pytest.mark.parametrize("which", ["kernels'", "soft"])
+def test_half_to_float_is_exact_for_every_bit_pattern(which):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     out = np.empty(bits.size, np.float32)
-    _to_float(bits, out)
+    CONVERSIONS[which][0](bits, out)
     expected = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(out), nan)
@@ -52,7 +67,8 @@ def test_half_to_float_is_exact_for_every_bit_pattern():
     np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))  # NaN's sign too
 
 
-def test_float_to_half_rounds_to_nearest_even_like_numpy():
+@pytest.mark.parametrize("which", ["kernels'", "soft"])
+def test_float_to_half_rounds_to_nearest_even_like_numpy(which):
     rng = np.random.default_rng(0)
     sample = rng.integers(0, 1 << 32, 1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32)
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
@@ -74,7 +90,7 @@ def test_float_to_half_rounds_to_nearest_even_like_numpy():
                     3 * 2.0**-26, 65519.996, 1e38]),
     ])  # fmt: skip
     out = np.empty(f.size, np.uint16)
-    _to_half(f, out)
+    CONVERSIONS[which][1](f, out)
     with np.errstate(over="ignore"):
         expected = f.astype(np.float16)
     nan = np.isnan(expected)
