@@ -1,4 +1,4 @@
-"""The compiled CPU fast path: Numba kernels for float32/float64 NumPy arrays and CPU tensors.
+"""The compiled CPU fast path: Numba kernels for float16/32/64 NumPy arrays and CPU tensors.
 
 Optional: used when Numba is installed (``pip install anybn[numba]``) and
 ``ANYBN_NUMBA`` is not ``0``; without it :mod:`anybn._numpy_kernels` serves the
@@ -9,6 +9,13 @@ same arrays. The kernels read and write memory the minimum number of times:
 
 x is viewed without a copy as ``(P, C, S)`` in memory order (``S > 1``:
 "planes", the NC... layout; ``S == 1``: "rows", channels last or (N, C)).
+
+float16, which Numba lacks on the CPU, reaches the kernels as its bits (``uint16``
+views); they read every element through ``read`` and write through ``written``
+(:mod:`anybn._kernels.half`: exact conversions, identities for float32/float64), so
+one source serves every dtype. The float16 arithmetic is float32 (as the NumPy
+kernels' compute dtype), the statistics float64 like the others', and y and dx are
+rounded once to float16; the statistics returned are float32.
 
 Numerics (anybn's rules, DESIGN.md): statistics are a *shifted single pass*. Every
 value of a channel is shifted by the channel's first value (the pivot ``k``),

@@ -91,34 +91,37 @@ def _soft_float_to_half(b: ir.IRBuilder, f: Any) -> Any:
     return b.trunc(b.or_(o, b.lshr(sign, _u32(16))), _I16)
 
 
-def _conversions(hardware: bool | None) -> tuple[Any, Any]:
-    """The two intrinsics; ``hardware=None``: the CPU's instructions where it has them."""
+def _hard_half_to_float(b: ir.IRBuilder, h: Any) -> Any:
+    return b.fpext(b.bitcast(h, ir.HalfType()), _F32)
+
+
+def _hard_float_to_half(b: ir.IRBuilder, f: Any) -> Any:
+    return b.bitcast(b.fptrunc(f, ir.HalfType()), _I16)
+
+
+def _conversion(signature: Any, soft: Any, hard: Any, hardware: bool | None) -> Any:
+    """An intrinsic that emits ``hard`` where the CPU converts itself (``hardware=None``) or
+    always (``True``), else ``soft``."""
 
     @intrinsic
-    def to_float(typingctx: Any, h: Any) -> Any:
+    def convert(typingctx: Any, v: Any) -> Any:
         def codegen(context: Any, b: ir.IRBuilder, sig: Any, args: Any) -> Any:
             if hardware is False or (hardware is None and not _hardware(context)):
-                return _soft_half_to_float(b, args[0])
-            return b.fpext(b.bitcast(args[0], ir.HalfType()), _F32)
+                return soft(b, args[0])
+            return hard(b, args[0])
 
-        return types.float32(types.uint16), codegen
+        return signature, codegen
 
-    @intrinsic
-    def to_half(typingctx: Any, f: Any) -> Any:
-        def codegen(context: Any, b: ir.IRBuilder, sig: Any, args: Any) -> Any:
-            if hardware is False or (hardware is None and not _hardware(context)):
-                return _soft_float_to_half(b, args[0])
-            return b.bitcast(b.fptrunc(args[0], ir.HalfType()), _I16)
-
-        return types.uint16(types.float32), codegen
-
-    return to_float, to_half
+    return convert
 
 
+_TO_FLOAT = (types.float32(types.uint16), _soft_half_to_float, _hard_half_to_float)
+_TO_HALF = (types.uint16(types.float32), _soft_float_to_half, _hard_float_to_half)
 #: float16 bits (uint16) -> float32, exact; float32 -> float16 bits, to nearest even.
-half_to_float, float_to_half = _conversions(None)
+half_to_float, float_to_half = _conversion(*_TO_FLOAT, None), _conversion(*_TO_HALF, None)
 #: The same in integer operations only (what CPUs without F16C run; the tests check both).
-soft_half_to_float, soft_float_to_half = _conversions(False)
+soft_half_to_float = _conversion(*_TO_FLOAT, False)
+soft_float_to_half = _conversion(*_TO_HALF, False)
 
 
 def read(v: Any) -> Any:
