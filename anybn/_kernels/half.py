@@ -17,6 +17,10 @@ else LLVM integer and float operations on 32-bit lanes, branch-free (selects), s
 that the kernels' loops stay vectorised: F. Giesen's ``half_to_float_fast5`` and
 ``float_to_half_fast3_rtne`` (public domain, https://gist.github.com/rygorous/2156668).
 Both give the same bits (NaN payloads aside).
+
+Numba's on-disk cache of the kernels is keyed by ``cpu.py``'s source and timestamp only:
+after an edit here, touch ``cpu.py`` (or delete ``anybn/_kernels/__pycache__``), or the
+kernels cached before keep the old conversions.
 """
 
 from __future__ import annotations
