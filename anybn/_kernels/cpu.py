@@ -129,15 +129,32 @@ def _items(x, chunk, rows):  # pragma: no cover - compiled
 
 
 @_jit
+def _place(item, c_, k_):  # pragma: no cover - compiled
+    """(plane, channel, chunk) of a planes item; the loops then step with :func:`_step`."""
+    return item // (c_ * k_), (item // k_) % c_, item % k_
+
+
+@_jit
+def _step(p, c, k, c_, k_):  # pragma: no cover - compiled
+    """The next item's (plane, channel, chunk): no integer divisions (~20 cycles each) per item."""
+    k += 1
+    if k == k_:
+        k = 0
+        c += 1
+        if c == c_:
+            c = 0
+            p += 1
+    return p, c, k
+
+
+@_jit
 def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
     """Partial sum(x - k) and sum((x - k)^2), k = the channel's first value, in float64."""
     p_, c_, s_ = x.shape
     if s_ > 1:
         k_ = (s_ + chunk - 1) // chunk
+        p, c, k = _place(i0, c_, k_)
         for item in range(i0, i1):
-            p = item // (c_ * k_)
-            c = (item // k_) % c_
-            k = item % k_
             piv = np.float64(read(x[0, c, 0]))
             xs = x[p, c, k * chunk : min(s_, (k + 1) * chunk)]  # 1-D slices vectorise best
             t1 = 0.0
@@ -148,6 +165,7 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
                 t2 += d * d
             s1[item] = t1
             s2[item] = t2
+            p, c, k = _step(p, c, k, c_, k_)
     else:
         t1 = np.empty(c_)
         t2 = np.empty(c_)
@@ -228,15 +246,15 @@ def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
     """y = (x - centre) * scale + shift."""
     p_, c_, s_ = x.shape
     if s_ > 1:
-        for item in range(i0, i1):
-            p = item // c_
-            c = item % c_
+        p, c, _ = _place(i0, c_, 1)
+        for _item in range(i0, i1):
             m = vec[0, c]
             sc = vec[1, c]
             sh = vec[2, c]
             xs, ys = x[p, c], y[p, c]
             for s in range(s_):
                 ys[s] = written(ys, (read(xs[s]) - m) * sc + sh)
+            p, c, _ = _step(p, c, 0, c_, 1)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
@@ -253,10 +271,8 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
         mean[c] = mean_in[c]
     if s_ > 1:
         k_ = (s_ + chunk - 1) // chunk
+        p, c, k = _place(i0, c_, k_)
         for item in range(i0, i1):
-            p = item // (c_ * k_)
-            c = (item // k_) % c_
-            k = item % k_
             m = mean[c]
             lo, hi = k * chunk, min(s_, (k + 1) * chunk)
             xs, gs = x[p, c, lo:hi], dy[p, c, lo:hi]
@@ -268,6 +284,7 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
                 t2 += g * (np.float64(read(xs[s])) - m)
             s1[item] = t1
             s2[item] = t2
+            p, c, k = _step(p, c, k, c_, k_)
     else:
         t1 = np.empty(c_)
         t2 = np.empty(c_)
@@ -308,9 +325,8 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
     """dx = (x - mean) * negk + (dy - mean(dy)) * scale in training, dy * scale in eval."""
     p_, c_, s_ = x.shape
     if s_ > 1:
-        for item in range(i0, i1):
-            p = item // c_
-            c = item % c_
+        p, c, _ = _place(i0, c_, 1)
+        for _item in range(i0, i1):
             m = vec[0, c]
             k = vec[1, c]
             g = vec[2, c]
@@ -322,6 +338,7 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
             else:
                 for s in range(s_):
                     dxs[s] = written(dxs, read(gs[s]) * sc)
+            p, c, _ = _step(p, c, 0, c_, 1)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
