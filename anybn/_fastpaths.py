@@ -9,7 +9,7 @@ with the same (or better) numerics and are tested against the generic path:
 * PyTorch float32/float64 CPU tensors that autograd does not track: torch's own
   fused kernels, with anybn's statistics and exact centring where torch's would
   lose accuracy, :mod:`anybn._torch_kernels`. Small tensors (a few torch calls
-  cost more than the work) and float16 CPU tensors run the NumPy kernels on NumPy
+  cost more than the work) and float16 CPU tensors run the CPU kernels on NumPy
   views of the tensors (no copies).
 * CuPy arrays and PyTorch CUDA tensors that autograd does not track
   (float16/32/64): numba-cuda kernels, :mod:`anybn._kernels.cuda`, when
@@ -279,8 +279,7 @@ def batch_norm(
 def _torch_cpu_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
     """The forward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
     x = args[0]
-    torch = _torch_module()
-    compiled = _cpu_kernels() is not None and x.dtype != torch.float16
+    compiled = _cpu_kernels() is not None
     views = _torch_as_numpy(args) if compiled else None
     if views is not None:
         module = _numpy_module(views[0])
@@ -332,8 +331,7 @@ def batch_norm_backward(
 def _torch_cpu_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
     """The backward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
     dy, x = args[0], args[1]
-    torch = _torch_module()
-    compiled = _cpu_kernels() is not None and x.dtype != torch.float16
+    compiled = _cpu_kernels() is not None
     views = _torch_as_numpy(args) if compiled else None
     if views is not None:
         module = _numpy_module(views[0], views[1])

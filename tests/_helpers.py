@@ -438,3 +438,21 @@ def check_case(a: Inputs, case: Case, dtype: str, **options: float) -> None:
     out = forward(a, case, **options)
     check_forward(out, a, case, dtype, **options)
     check_backward(backward(a, case, out), a, case, dtype, **options)
+
+
+def backward64(dy, x, w, mean, invstd, axis):
+    """The training backward in float64 with the given statistics (textbook formula)."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    m, s = mean.astype(np.float64).reshape(shape), invstd.astype(np.float64).reshape(shape)
+    xhat = (x - m) * s
+    sdy, sdyx = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
+    n = x.size // x.shape[axis]
+    dx = (
+        w.astype(np.float64).reshape(shape)
+        * s
+        * (dy - sdy.reshape(shape) / n - xhat * sdyx.reshape(shape) / n)
+    )
+    return dx, sdyx, sdy

@@ -1,4 +1,4 @@
-"""The compiled CPU fast path: Numba kernels for float32/float64 NumPy arrays and CPU tensors.
+"""The compiled CPU fast path: Numba kernels for float16/32/64 NumPy arrays and CPU tensors.
 
 Optional: used when Numba is installed (``pip install anybn[numba]``) and
 ``ANYBN_NUMBA`` is not ``0``; without it :mod:`anybn._numpy_kernels` serves the
@@ -9,6 +9,13 @@ same arrays. The kernels read and write memory the minimum number of times:
 
 x is viewed without a copy as ``(P, C, S)`` in memory order (``S > 1``:
 "planes", the NC... layout; ``S == 1``: "rows", channels last or (N, C)).
+
+float16, which Numba lacks on the CPU, reaches the kernels as its bits (``uint16``
+views); they read every element through ``read`` and write through ``written``
+(:mod:`anybn._kernels.half`: exact conversions, identities for float32/float64), so
+one source serves every dtype. The float16 arithmetic is float32 (as the NumPy
+kernels' compute dtype), the statistics float64 like the others', and y and dx are
+rounded once to float16; the statistics returned are float32.
 
 Numerics (anybn's rules, DESIGN.md): statistics are a *shifted single pass*. Every
 value of a channel is shifted by the channel's first value (the pivot ``k``),
@@ -67,11 +74,30 @@ PARALLEL_MIN = 1 << 18
 CHUNK = 1 << 14
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = np.dtype(np.float16)
+
+if numba is not None:
+    from .half import read, written
 
 
 def supports(x: Any) -> bool:
-    """Whether the compiled kernels serve ``x``: a non-empty float32/float64 NumPy array."""
-    return AVAILABLE and type(x) is np.ndarray and x.dtype in _FLOATS and x.size > 0
+    """Whether the compiled kernels serve ``x``: a non-empty float16/32/64 NumPy array."""
+    return (
+        AVAILABLE
+        and type(x) is np.ndarray
+        and (x.dtype in _FLOATS or x.dtype == _HALF)
+        and x.size > 0
+    )
+
+
+def _compute_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype of the elementwise arithmetic and of the statistics: float32 for float16."""
+    return np.dtype(np.float32) if dt == _HALF else dt
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`)."""
+    return a.view(np.uint16) if a.dtype == _HALF else a
 
 
 def _jit(fn: Any) -> Any:
@@ -103,39 +129,57 @@ def _items(x, chunk, rows):  # pragma: no cover - compiled
 
 
 @_jit
+def _place(item, c_, k_):  # pragma: no cover - compiled
+    """(plane, channel, chunk) of a planes item; the loops then step with :func:`_step`."""
+    return item // (c_ * k_), (item // k_) % c_, item % k_
+
+
+@_jit
+def _step(p, c, k, c_, k_):  # pragma: no cover - compiled
+    """The next item's (plane, channel, chunk): no integer divisions (~20 cycles each) per item."""
+    k += 1
+    if k == k_:
+        k = 0
+        c += 1
+        if c == c_:
+            c = 0
+            p += 1
+    return p, c, k
+
+
+@_jit
 def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
     """Partial sum(x - k) and sum((x - k)^2), k = the channel's first value, in float64."""
     p_, c_, s_ = x.shape
     if s_ > 1:
         k_ = (s_ + chunk - 1) // chunk
+        p, c, k = _place(i0, c_, k_)
         for item in range(i0, i1):
-            p = item // (c_ * k_)
-            c = (item // k_) % c_
-            k = item % k_
-            piv = np.float64(x[0, c, 0])
+            piv = np.float64(read(x[0, c, 0]))
+            xs = x[p, c, k * chunk : min(s_, (k + 1) * chunk)]  # 1-D slices vectorise best
             t1 = 0.0
             t2 = 0.0
-            xs = x[p, c, k * chunk : min(s_, (k + 1) * chunk)]
             for s in range(xs.shape[0]):
-                d = np.float64(xs[s]) - piv
+                d = np.float64(read(xs[s])) - piv
                 t1 += d
                 t2 += d * d
             s1[item] = t1
             s2[item] = t2
+            p, c, k = _step(p, c, k, c_, k_)
     else:
         x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
         t1 = np.empty(c_)
         t2 = np.empty(c_)
         piv = np.empty(c_)
         for c in range(c_):
-            piv[c] = x[0, c, 0]
+            piv[c] = read(x[0, c, 0])
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 xr = x2[r]
                 for c in range(c_):
-                    d = np.float64(xr[c]) - piv[c]
+                    d = np.float64(read(xr[c])) - piv[c]
                     t1[c] += d
                     t2[c] += d * d
             for c in range(c_):
@@ -180,7 +224,7 @@ def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
             m2 = q[c] - a[c] * dmean
             if m2 < 0.0:
                 m2 = 0.0
-            mean[c] = np.float64(x[0, c, 0]) + dmean
+            mean[c] = np.float64(read(x[0, c, 0])) + dmean
             invstd[c] = 1.0 / np.sqrt(m2 / n + eps)
             if rm.shape[0] > 0:
                 rm_out[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
@@ -191,7 +235,7 @@ def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
             invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     for c in range(c_):
         scale = invstd[c] * (np.float64(w[c]) if w.shape[0] > 0 else 1.0)
-        vec[0, c] = mean[c]  # the centre: the mean rounded to x's dtype
+        vec[0, c] = mean[c]  # the centre: the mean rounded to the compute dtype
         vec[1, c] = scale
         shift = -(mean[c] - np.float64(vec[0, c])) * scale
         vec[2, c] = shift + (np.float64(b[c]) if b.shape[0] > 0 else 0.0)
@@ -204,21 +248,20 @@ def _affine(x, vec, rows, i0, i1, y):  # pragma: no cover - compiled
     """y = (x - centre) * scale + shift."""
     p_, c_, s_ = x.shape
     if s_ > 1:
-        for item in range(i0, i1):
-            p = item // c_
-            c = item % c_
+        p, c, _ = _place(i0, c_, 1)
+        for _item in range(i0, i1):
             m = vec[0, c]
             sc = vec[1, c]
             sh = vec[2, c]
-            xs = x[p, c]
-            ys = y[p, c]
+            xs, ys = x[p, c], y[p, c]
             for s in range(s_):
-                ys[s] = (xs[s] - m) * sc + sh
+                ys[s] = written(ys, (read(xs[s]) - m) * sc + sh)
+            p, c, _ = _step(p, c, 0, c_, 1)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 for c in range(c_):
-                    y[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + vec[2, c]
+                    y[r, c, 0] = written(y, (read(x[r, c, 0]) - vec[0, c]) * vec[1, c] + vec[2, c])
 
 
 @_jit
@@ -230,22 +273,20 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
         mean[c] = mean_in[c]
     if s_ > 1:
         k_ = (s_ + chunk - 1) // chunk
+        p, c, k = _place(i0, c_, k_)
         for item in range(i0, i1):
-            p = item // (c_ * k_)
-            c = (item // k_) % c_
-            k = item % k_
             m = mean[c]
+            lo, hi = k * chunk, min(s_, (k + 1) * chunk)
+            xs, gs = x[p, c, lo:hi], dy[p, c, lo:hi]
             t1 = 0.0
             t2 = 0.0
-            lo, hi = k * chunk, min(s_, (k + 1) * chunk)
-            xs = x[p, c, lo:hi]
-            gs = dy[p, c, lo:hi]
             for s in range(xs.shape[0]):
-                g = np.float64(gs[s])
+                g = np.float64(read(gs[s]))
                 t1 += g
-                t2 += g * (np.float64(xs[s]) - m)
+                t2 += g * (np.float64(read(xs[s])) - m)
             s1[item] = t1
             s2[item] = t2
+            p, c, k = _step(p, c, k, c_, k_)
     else:
         x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
         g2 = dy.reshape(p_, c_)
@@ -258,9 +299,9 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
                 xr = x2[r]
                 gr = g2[r]
                 for c in range(c_):
-                    g = np.float64(gr[c])
+                    g = np.float64(read(gr[c]))
                     t1[c] += g
-                    t2[c] += g * (np.float64(xr[c]) - mean[c])
+                    t2[c] += g * (np.float64(read(xr[c])) - mean[c])
             for c in range(c_):
                 s1[blk * c_ + c] = t1[c]
                 s2[blk * c_ + c] = t2[c]
@@ -286,37 +327,46 @@ def _backward_finish(x, w, mean_in, invstd_in, training, chunk, s1, s2,
 
 
 @_jit
+def _grad_planes(dy, x, vec, i0, i1, dx):  # pragma: no cover - compiled
+    """The training dx of planes items (no branch in the item loop: one cost LLVM 2x here)."""
+    _, c_, s_ = x.shape
+    p, c, _ = _place(i0, c_, 1)
+    for _item in range(i0, i1):
+        m = vec[0, c]
+        k = vec[1, c]
+        g = vec[2, c]
+        sc = vec[3, c]
+        xs, gs, dxs = x[p, c], dy[p, c], dx[p, c]
+        for s in range(s_):
+            dxs[s] = written(dxs, (read(xs[s]) - m) * k + (read(gs[s]) - g) * sc)
+        p, c, _ = _step(p, c, 0, c_, 1)
+
+
+@_jit
 def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compiled
     """dx = (x - mean) * negk + (dy - mean(dy)) * scale in training, dy * scale in eval."""
     p_, c_, s_ = x.shape
-    if s_ > 1:
-        for item in range(i0, i1):
-            p = item // c_
-            c = item % c_
-            m = vec[0, c]
-            k = vec[1, c]
-            g = vec[2, c]
+    if s_ > 1 and training:
+        _grad_planes(dy, x, vec, i0, i1, dx)
+    elif s_ > 1:
+        p, c, _ = _place(i0, c_, 1)
+        for _item in range(i0, i1):
             sc = vec[3, c]
-            xs = x[p, c]
-            gs = dy[p, c]
-            ds = dx[p, c]
-            if training:
-                for s in range(s_):
-                    ds[s] = (xs[s] - m) * k + (gs[s] - g) * sc
-            else:
-                for s in range(s_):
-                    ds[s] = gs[s] * sc
+            gs, dxs = dy[p, c], dx[p, c]
+            for s in range(s_):
+                dxs[s] = written(dxs, read(gs[s]) * sc)
+            p, c, _ = _step(p, c, 0, c_, 1)
     else:
         for blk in range(i0, i1):
             for r in range(blk * rows, min(p_, (blk + 1) * rows)):
                 if training:
                     for c in range(c_):
-                        dx[r, c, 0] = (x[r, c, 0] - vec[0, c]) * vec[1, c] + (
-                            dy[r, c, 0] - vec[2, c]
-                        ) * vec[3, c]
+                        v = (read(x[r, c, 0]) - vec[0, c]) * vec[1, c]
+                        v += (read(dy[r, c, 0]) - vec[2, c]) * vec[3, c]
+                        dx[r, c, 0] = written(dx, v)
                 else:
                     for c in range(c_):
-                        dx[r, c, 0] = dy[r, c, 0] * vec[3, c]
+                        dx[r, c, 0] = written(dx, read(dy[r, c, 0]) * vec[3, c])
 
 
 @_jit
@@ -346,9 +396,7 @@ def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...])
     pool, threads = _executor()
     parts = min(threads, items)
     bounds = [items * i // parts for i in range(parts + 1)]
-    futures = [
-        pool.submit(fn, *(*head, bounds[i], bounds[i + 1], *tail)) for i in range(1, parts)
-    ]
+    futures = [pool.submit(fn, *(*head, bounds[i], bounds[i + 1], *tail)) for i in range(1, parts)]
     # The caller's share runs here; results never depend on the split (fixed table places).
     try:
         fn(*head, bounds[0], bounds[1], *tail)
@@ -375,8 +423,10 @@ def _view3(a: np.ndarray, axis: int) -> np.ndarray:
     return a.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
 
 
-def _rows_per_block(channels: int) -> int:
-    return max(1, CHUNK // channels)
+def _rows_per_block(channels: int, itemsize: int) -> int:
+    """Rows per reduction item: CHUNK values, and at least ``128 / itemsize`` rows, so that the
+    two float64 partial-sum tables (16 bytes a channel an item) stay within 1/8 of x's bytes."""
+    return max(1, CHUNK // channels, 128 // itemsize)
 
 
 def _table(v: np.ndarray, rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
@@ -420,12 +470,12 @@ def forward(
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x."""
     xc, perm, ax = _canonical(x, axis)
-    v = _view3(xc, ax)
-    dt = x.dtype
+    v = _view3(_raw(xc), ax)
+    dt = _compute_dtype(x.dtype)
     channels = v.shape[1]
-    rows = _rows_per_block(channels)
-    y = np.empty(xc.shape, dtype=dt)
-    yv = _view3(y, ax)
+    rows = _rows_per_block(channels, x.itemsize)
+    y = np.empty(xc.shape, dtype=x.dtype)
+    yv = _view3(_raw(y), ax)
     stats = np.empty((2, channels), dtype=dt)
     update = training and running_mean is not None and running_var is not None
     new = np.empty((2, channels), dtype=np.float64) if update else None
@@ -469,15 +519,17 @@ def backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dx, dweight, dbias)``; dx laid out like x (dy is copied to x's layout if needed)."""
     xc, perm, ax = _canonical(x, axis)
-    dt = x.dtype
+    dt = _compute_dtype(x.dtype)
     dyc = dy.transpose(perm) if perm is not None else dy
-    if not dyc.flags.c_contiguous or dyc.dtype != dt:
-        dyc = np.ascontiguousarray(dyc, dtype=dt)
-    v, g = _view3(xc, ax), _view3(dyc, ax)
+    # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
+    dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
+    if not dyc.flags.c_contiguous or dyc.dtype != dy_dt:
+        dyc = np.ascontiguousarray(dyc, dtype=dy_dt)
+    v, g = _view3(_raw(xc), ax), _view3(_raw(dyc), ax)
     channels = v.shape[1]
-    rows = _rows_per_block(channels)
-    dx = np.empty(xc.shape, dtype=dt)
-    dxv = _view3(dx, ax)
+    rows = _rows_per_block(channels, x.itemsize)
+    dx = np.empty(xc.shape, dtype=x.dtype)
+    dxv = _view3(_raw(dx), ax)
     grads = np.empty((2, channels), dtype=dt)
     w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
     nr, ne, s1, s2 = _table(v, rows)
