@@ -145,18 +145,8 @@ class _BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-    ) -> tuple[Tensor, ...]:
-        inputs = (x, weight, bias, running_mean, running_var, training, momentum, eps)
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:
+        """``inputs``: :class:`_BatchNormBase`'s (x, weight, bias, running stats, options)."""
         output = _torch_ops.batch_norm_impl(*inputs)
         _BatchNormBase.setup_context(ctx, inputs, output)
         return output

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
+from module_overhead import best  # docs/scripts/, the directory of this script
 
 from anybn import _fastpaths
 from anybn._kernels import cpu
 
 SHAPES = [(256, 512), (8, 256, 14, 14), (4096, 1024), (32, 64, 56, 56)]
-
-
-def best(fn: Callable[[], object], number: int) -> float:
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t) / number)
-    return min(times)
 
 
 def main() -> None:
@@ -62,9 +51,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, fn in (("forward", fwd), ("backward", bwd)):
                     cpu.PARALLEL_MIN = 1 << 62
-                    s = best(fn, number)
+                    s = best(fn, number, repeat=3)
                     cpu.PARALLEL_MIN = 1
-                    ratios[name].append(best(fn, number) / s)
+                    ratios[name].append(best(fn, number, repeat=3) / s)
                     serial[name] = min(serial.get(name, s), s)
         finally:
             cpu.PARALLEL_MIN = threshold
