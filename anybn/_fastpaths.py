@@ -266,14 +266,12 @@ def batch_norm(
             return None
         if x.is_cpu:
             return _torch_cpu_forward(args, options)
-        if x.is_cuda:
-            cuda = _cuda_kernels(args)
-            return None if cuda is None else cuda.forward(*args, **options)
+        if not x.is_cuda:
+            return None
+    elif not compat.is_cupy_array(x):
         return None
-    if compat.is_cupy_array(x):
-        cuda = _cuda_kernels(args)
-        return None if cuda is None else cuda.forward(*args, **options)
-    return None
+    cuda = _cuda_kernels(args)  # CuPy arrays and torch CUDA tensors
+    return None if cuda is None else cuda.forward(*args, **options)
 
 
 def _torch_cpu_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -318,14 +316,12 @@ def batch_norm_backward(
             return None
         if x.is_cpu:
             return _torch_cpu_backward(args, options)
-        if x.is_cuda:
-            cuda = _cuda_kernels(args)
-            return None if cuda is None else cuda.backward(*args, **options)
+        if not x.is_cuda:
+            return None
+    elif not compat.is_cupy_array(x):
         return None
-    if compat.is_cupy_array(x):
-        cuda = _cuda_kernels(args)
-        return None if cuda is None else cuda.backward(*args, **options)
-    return None
+    cuda = _cuda_kernels(args)  # CuPy arrays and torch CUDA tensors
+    return None if cuda is None else cuda.backward(*args, **options)
 
 
 def _torch_cpu_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:

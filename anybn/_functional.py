@@ -446,36 +446,34 @@ def forward(
     autograd graph), and ``mean`` never aliases ``running_mean``: a later
     in-place update of the buffers cannot reach what a caller saved.
     """
+    fast = None
     if training and count == 0:
         out = _empty_batch(xp, x, running_mean, running_var, axis)
     else:
-        fast = None
         if _fastpaths.enabled() and _plain(axis, mask) and var_estimator == "unbiased":
             fast = _fastpaths.batch_norm(
                 xp, x, running_mean, running_var, weight, bias,
                 training=training, momentum=momentum, eps=eps, axis=cast(int, axis),
             )  # fmt: skip
         if fast is not None:
-            # Fast paths compute on untracked arrays: nothing to cut from a graph.
-            y, mean, invstd, new_running_mean, new_running_var = fast
-            if mean is running_mean:
-                mean = xp.asarray(mean, copy=True)
-            return BatchNormOutput(y, mean, invstd, new_running_mean, new_running_var)
-        out = _generic_forward(
-            xp, x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=axis, count=count,
-            mask=mask, var_estimator=var_estimator,
-        )  # fmt: skip
+            out = BatchNormOutput(*fast)
+        else:
+            out = _generic_forward(
+                xp, x, running_mean, running_var, weight, bias,
+                training=training, momentum=momentum, eps=eps, axis=axis, count=count,
+                mask=mask, var_estimator=var_estimator,
+            )  # fmt: skip
     mean = out.mean
     if mean is running_mean:
         mean = xp.asarray(mean, copy=True)
-    if training and running_mean is not None:
+    # Fast paths compute on untracked arrays: only the others' statistics need the cut.
+    if fast is None and training and running_mean is not None:
         return out._replace(
             mean=mean,
             new_running_mean=stop_gradient(out.new_running_mean),
             new_running_var=stop_gradient(out.new_running_var),
         )
-    return out._replace(mean=mean)
+    return out if mean is out.mean else out._replace(mean=mean)
 
 
 def _plain(axis: int | tuple[int, ...], mask: Array | None) -> bool:
@@ -695,14 +693,14 @@ def batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=cast(int, axis), xp=xp,
             comm=comm,
         )  # fmt: skip
-    if xp is None and mask is None and type(training) is bool and mean is not None:
+    plain = xp is None and mask is None and type(training) is bool
+    if plain and mean is not None and invstd is not None:
         lean = _lean(x, (weight, mean, invstd), axis)
         if (
             lean is not None
             and type(dy) is type(x)
             and dy.dtype == x.dtype
             and dy.shape == x.shape
-            and invstd is not None
             and (type(x) is _np.ndarray or cast(Any, dy).device == cast(Any, x).device)
         ):
             return backward(
