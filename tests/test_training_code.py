@@ -60,6 +60,26 @@ def test_functional_running_stats_never_require_grad(training: bool) -> None:
         assert not out.new_running_var.requires_grad
 
 
+@pytest.mark.parametrize(
+    ("shape", "requires_grad"), [((4,), False), ((4,), True), ((1, 4), False), ((4, 1), False)]
+)
+def test_drop_in_updates_buffers_of_any_shape_outside_autograd(
+    shape: tuple[int, ...], requires_grad: bool
+) -> None:
+    # The drop-in stores the new statistics in place: a buffer that requires grad is
+    # updated without recording a graph, (1, C) and (C, 1) buffers keep their shape.
+    x = torch.randn(8, 4)
+    ref_mean, ref_var = torch.zeros(4), torch.ones(4)
+    abt.batch_norm(x, ref_mean, ref_var, training=True)
+    rm = torch.zeros(shape, requires_grad=requires_grad)
+    rv = torch.ones(shape, requires_grad=requires_grad)
+    abt.batch_norm(x, rm, rv, training=True)
+    for buffer, ref in ((rm, ref_mean), (rv, ref_var)):
+        assert buffer.shape == shape and buffer.grad_fn is None
+        assert buffer.requires_grad == requires_grad
+        torch.testing.assert_close(buffer.detach().reshape(-1), ref, rtol=0, atol=0)
+
+
 def test_layer_memory_flat_over_1000_steps() -> None:
     """1,000 training steps with inputs that require grad hold memory flat."""
     bn = anybn.BatchNorm(16)
