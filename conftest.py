@@ -1,7 +1,8 @@
 """Repository-level pytest configuration.
 
-The doctests of ``anybn/torch.py`` need PyTorch; without it the module is not
-collected, so the README's test command also works where torch is not installed.
+``--doctest-modules`` imports every module: those that import an optional
+dependency at the top (PyTorch, JAX, Numba, Dask) are not collected where it is
+missing, so the README's test command also works with none of them installed.
 ``tests/typecheck/`` is for mypy (``.ci/check_typing.py``), not for pytest.
 
 The summary lists failures and errors in full (``-rfE`` in pyproject.toml) and the
@@ -18,8 +19,17 @@ import pytest
 
 # tests/typecheck holds call sites for mypy (.ci/check_typing.py), some deliberately wrong.
 collect_ignore = ["tests/typecheck"]
-if importlib.util.find_spec("torch") is None:
-    collect_ignore.append("anybn/torch.py")
+
+#: Modules that import an optional dependency at the top, and that dependency.
+_NEEDS = {
+    "anybn/torch.py": "torch",
+    "anybn/_torch_ops.py": "torch",
+    "anybn/_torch_sync.py": "torch",
+    "anybn/_jax.py": "jax",
+    "anybn/_kernels/half.py": "numba",
+    "tests/_out_of_core.py": "dask",
+}
+collect_ignore += [path for path, need in _NEEDS.items() if importlib.util.find_spec(need) is None]
 
 
 def _reason(report: pytest.TestReport) -> str:

@@ -15,6 +15,7 @@ Each test guards one promise of issue 13 against its return:
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import runpy
@@ -225,3 +226,34 @@ def test_public_signatures_use_the_array_protocol(func: object, params: list[str
         assert "AnyArray" in str(sig.parameters[name].annotation), (name, sig)
     assert "ArrayT" in str(inspect.signature(anybn.BatchNorm.forward).parameters["x"].annotation)
     assert anybn.AnyArray.__module__ == "anybn._typing"
+
+
+#: A top-level import of one of these needs the optional dependency on the right.
+_OPTIONAL = {"torch": "torch", "jax": "jax", "numba": "numba", "llvmlite": "numba",
+             "dask": "dask", "mpi4py": "mpi4py", "cupy": "cupy", "sparse": "sparse"}  # fmt: skip
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a module imports when it is imported (not inside functions)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_doctest_collection_skips_every_module_that_needs_an_optional_dependency() -> None:
+    # --doctest-modules imports every module of anybn/ and tests/: one that imports an
+    # optional dependency at the top must be in conftest's table, or the README's test
+    # command fails to collect where that dependency is not installed.
+    needs = runpy.run_path(str(ROOT / "conftest.py"))["_NEEDS"]
+    files = [*(ROOT / "anybn").rglob("*.py"), *(ROOT / "tests").glob("_*.py")]
+    missing = []
+    for path in files:
+        rel = path.relative_to(ROOT).as_posix()
+        for name in _top_level_imports(path) & set(_OPTIONAL):
+            if needs.get(rel) != _OPTIONAL[name]:
+                missing.append(f"{rel} imports {name}")
+    assert not missing, missing
