@@ -25,6 +25,7 @@ and chunked:
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -93,7 +94,7 @@ def moments(
     if mask is not None:
         args += [da.asarray(mask).rechunk(x.chunks), index]
     parts = da.blockwise(
-        lambda *blocks: _chunk_moments(axes, *blocks),
+        functools.partial(_chunk_moments, axes),  # a module-level function: graphs pickle
         (x.ndim, *index),
         *args,
         new_axes={x.ndim: 3},

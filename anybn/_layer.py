@@ -37,6 +37,7 @@ from ._xp import (
     check_namespace,
     compute_dtype,
     dtype_name,
+    is_concrete,
     normalize_axes,
     param_shape,
     stop_gradient,
@@ -87,6 +88,69 @@ class _Saved(NamedTuple):
     axis: int | tuple[int, ...]
     comm: Any = None
     mask: Array | None = None
+
+
+class _JaxDevice(NamedTuple):
+    """A JAX device in a form that copies and pickles (JAX's ``Device`` objects do not)."""
+
+    platform: str
+    id: int
+
+
+def _portable_device(device: Any) -> Any:
+    """``device`` in a form ``copy.deepcopy`` and ``pickle`` accept (see :func:`_live_device`)."""
+    module = type(device).__module__.split(".")[0]
+    if module in ("jax", "jaxlib") and hasattr(device, "platform") and hasattr(device, "id"):
+        return _JaxDevice(device.platform, device.id)
+    return device
+
+
+def _live_device(device: Any) -> Any:
+    """The device :func:`_portable_device` stood for; None (the default) where it is gone.
+
+    A JAX device that this process lacks (a pickle from a machine with more
+    GPUs) becomes None: the arrays then live on JAX's default device, which is
+    where JAX itself unpickles arrays.
+    """
+    if not isinstance(device, _JaxDevice):
+        return device
+    import jax
+
+    try:
+        candidates = jax.devices(device.platform)
+    except RuntimeError:  # no backend for that platform here
+        return None
+    return next((d for d in candidates if d.id == device.id), None)
+
+
+def _materialised(*arrays: Array) -> tuple[Array, ...]:
+    """Dask arrays computed (one pass over their shared graph) and wrapped back, chunk for chunk.
+
+    What the layer stores must not hold the graph that made it: a running
+    statistic is a function of the previous one and the batch, so a lazy one
+    would chain every batch seen, and keep every batch alive.
+    """
+    import dask
+    import dask.array as da
+
+    values = dask.compute(*arrays)
+    return tuple(da.from_array(v, chunks=a.chunks) for v, a in zip(values, arrays, strict=True))
+
+
+def _check_storable(arrays: _Arrays) -> None:
+    """Raise if an array the layer would keep is a JAX tracer (a call inside a transform)."""
+    traced = [
+        name
+        for name, a in arrays._asdict().items()
+        if a is not None and compat.is_jax_array(a) and not is_concrete(a)
+    ]
+    if traced:
+        raise RuntimeError(
+            "BatchNorm cannot keep arrays computed inside a JAX transformation (jax.jit, "
+            f"jax.grad, jax.vmap, ...): {', '.join(traced)} would be tracers. Call the layer "
+            "outside the transformation (or in eval mode once its arrays exist), or keep the "
+            "running statistics as explicit state with anybn.batch_norm"
+        )
 
 
 def _describe(a: object) -> str:
@@ -437,13 +501,15 @@ class BatchNorm:
     # --- copying and pickling ------------------------------------------------------------
 
     def _copyable_state(self) -> dict[str, Any]:
-        """``__dict__`` less the lock and the saved forward, the library by module name."""
+        """``__dict__`` less the lock and the saved forward; the library by module name,
+        devices in a form that copies (:func:`_portable_device`)."""
         with self._lock:
             state = self.__dict__.copy()
         del state["_lock"], state["_local"]
+        state["_device"] = _portable_device(state.get("_device"))
         if self._storage is not None:  # modules do not pickle: the namespace by name
             xp, device, dtype = self._storage
-            state["_storage"] = (xp.__name__, device, dtype)
+            state["_storage"] = (xp.__name__, _portable_device(device), dtype)
         return state
 
     def __getstate__(self) -> dict[str, Any]:
@@ -474,10 +540,18 @@ class BatchNorm:
         return clone
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state["_device"] = _live_device(state.get("_device"))
         if state.get("_storage") is not None:
             name, device, dtype = state["_storage"]
             xp = _namespace_of(importlib.import_module(name))
-            state["_storage"] = _Storage(xp, device, dtype)
+            live = _live_device(device)
+            present = [k for k in _Arrays._fields if state.get(k) is not None]
+            if live is None and device is not None and present:  # gone: where JAX put them
+                live = compat.device(state[present[0]])
+            for key in present:  # JAX unpickles arrays onto its default device
+                if live is not None and compat.device(state[key]) != live:
+                    state[key] = compat.to_device(state[key], live)
+            state["_storage"] = _Storage(xp, live, dtype)
         state.setdefault("var_estimator", "unbiased")  # pickles from before the option
         self.__dict__.update(state)
         self._lock = threading.RLock()
@@ -569,17 +643,21 @@ class BatchNorm:
                 comm=comm,
                 xp=xp,
             )
+            mean, invstd = out.mean, out.invstd
+            if update:
+                new = (out.new_running_mean, out.new_running_var)
+                if compat.is_dask_array(new[0]):  # computed now, with the saved statistics
+                    *new, mean, invstd = _materialised(*new, mean, invstd)
+                arrays = arrays._replace(running_mean=new[0], running_var=new[1])
+            _check_storable(arrays)
             # Everything succeeded: commit.
             if update:
-                arrays = arrays._replace(
-                    running_mean=out.new_running_mean, running_var=out.new_running_var
-                )
                 self.num_batches_tracked = count
             self._storage = storage
             self.num_features = channels
             self._set_arrays(arrays)
             self._local.saved = _Saved(
-                xp, x, arrays.weight, out.mean, out.invstd, use_batch_stats, axis, comm, mask
+                xp, x, arrays.weight, mean, invstd, use_batch_stats, axis, comm, mask
             )
         return out.y
 
