@@ -472,12 +472,17 @@ class BatchNorm:
         def full(value: float, present: bool) -> Array | None:
             return xp.full(shape, value, dtype=dtype, device=device) if present else None
 
-        return _Arrays(
+        arrays = _Arrays(
             full(1.0, self.affine),
             full(0.0, self.affine),
             full(0.0, self.track_running_stats),
             full(1.0, self.track_running_stats),
         )
+        if compat.is_dask_namespace(xp):  # the layer holds values, not graphs (see forward)
+            present = [a for a in arrays if a is not None]
+            done = iter(_materialised(*present))
+            arrays = _Arrays(*(None if a is None else next(done) for a in arrays))
+        return arrays
 
     def _arrays(self) -> _Arrays:
         return _Arrays(self.weight, self.bias, self.running_mean, self.running_var)

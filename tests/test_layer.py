@@ -8,6 +8,14 @@ statistic and counter is compared. Tests that need torch skip without it.
 
 from __future__ import annotations
 
+import copy
+import gc
+import os
+import pickle
+import subprocess
+import sys
+import weakref
+from pathlib import Path
 from typing import Any
 
 import array_api_compat as compat
@@ -15,6 +23,7 @@ import numpy as np
 import pytest
 
 import anybn
+from _helpers import require
 from anybn._backends import Backend
 
 C = 3
@@ -424,3 +433,176 @@ def test_modes_resets_and_repr(rng: np.random.Generator) -> None:
 def test_constructor_checks(kwargs: dict[str, Any], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         anybn.BatchNorm(**kwargs)
+
+
+# --- state that does not grow; copies ------------------------------------------------------
+
+BATCHES = 30
+
+
+def _state_size(bn: anybn.BatchNorm) -> dict[str, int]:
+    """What the layer holds, measured: each attribute's pickle and, for Dask, each graph's tasks."""
+    sizes = {f"pickle {k}": len(pickle.dumps(v)) for k, v in bn.__getstate__().items()}
+    saved = bn._saved
+    held = {
+        "weight": bn.weight,
+        "bias": bn.bias,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+        "saved mean": None if saved is None else saved.mean,
+        "saved invstd": None if saved is None else saved.invstd,
+    }
+    for name, a in held.items():
+        if a is not None and compat.is_dask_array(a):
+            sizes[name] = len(a.__dask_graph__())
+    return sizes
+
+
+def _batch(backend: Backend, rng: np.random.Generator, k: int) -> tuple[np.ndarray, Any]:
+    host = rng.standard_normal((6, C, 4)) * (1 + k % 3) + k % 5
+    x = backend.asarray(host)
+    if compat.is_torch_array(x):
+        x.requires_grad_()  # the layer keeps nothing of its graph beyond the last forward
+    return host, x
+
+
+def _copies(bn: anybn.BatchNorm) -> dict[str, anybn.BatchNorm]:
+    loaded = anybn.BatchNorm(momentum=bn.momentum)
+    loaded.load_state_dict(bn.state_dict())
+    return {
+        "deepcopy": copy.deepcopy(bn),
+        "pickle": pickle.loads(pickle.dumps(bn)),
+        "state_dict": loaded,
+    }
+
+
+def test_state_does_not_grow_and_copies_continue(
+    backend: Backend, rng: np.random.Generator
+) -> None:
+    """After many batches the layer holds what it held after one, and nothing of the
+    old batches; its copies (deepcopy, pickle, state dict) compute what it computes."""
+    bn = anybn.BatchNorm(momentum=0.3)
+    refs = []
+    for k in range(BATCHES):
+        host, x = _batch(backend, rng, k)
+        bn(x)
+        refs.append([weakref.ref(host)] + ([weakref.ref(x)] if k < BATCHES - 1 else []))
+        if k == 0:
+            after_one = _state_size(bn)
+    del host, x
+    gc.collect()
+    assert _state_size(bn) == after_one
+    assert type(bn.num_batches_tracked) is int and bn.num_batches_tracked == BATCHES
+    alive = [k for k, r in enumerate(refs[:-1]) if any(ref() is not None for ref in r)]
+    assert alive == [], f"the layer keeps batches {alive} alive"
+
+    copies = _copies(bn)
+    _, x = _batch(backend, rng, BATCHES)
+    expected = backend.to_numpy(bn(x))
+    for how, clone in copies.items():
+        np.testing.assert_array_equal(backend.to_numpy(clone(x)), expected, err_msg=how)
+        assert type(clone.running_mean) is type(bn.running_mean), how
+        assert compat.device(clone.running_mean) == compat.device(bn.running_mean), how
+        assert clone.num_batches_tracked == bn.num_batches_tracked, how
+        for name in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(
+                _host(getattr(clone, name)), _host(getattr(bn, name)), err_msg=f"{how} {name}"
+            )
+        clone.eval()
+        bn.eval()
+        np.testing.assert_array_equal(
+            backend.to_numpy(clone(x)), backend.to_numpy(bn(x)), err_msg=f"{how} eval"
+        )
+        bn.train()
+
+
+def _fails(block: np.ndarray) -> np.ndarray:
+    raise ValueError("this chunk cannot be read")
+
+
+def test_dask_batch_that_fails_to_compute_leaves_state(rng: np.random.Generator) -> None:
+    """A training forward computes the new running statistics: a batch whose graph fails
+    raises there, and the layer keeps the statistics it had (not a poisoned lazy one)."""
+    da = pytest.importorskip("dask.array")
+    bn = anybn.BatchNorm(C)
+    bn(da.from_array(rng.standard_normal((6, C, 4)), chunks=(3, C, 2)))
+    before = _snapshot(bn)
+    bad = da.from_array(rng.standard_normal((6, C, 4)), chunks=(3, C, 2))
+    bad = bad.map_blocks(_fails, dtype=bad.dtype, meta=np.empty((0, 0, 0)))
+    with pytest.raises(ValueError, match="cannot be read"):
+        bn(bad)
+    _assert_same_snapshot(before, _snapshot(bn))
+    bn.eval()
+    y = bn(bad)  # eval stores nothing and computes nothing: y stays lazy
+    assert compat.is_dask_array(y)
+
+
+def test_dask_forward_keeps_y_lazy(rng: np.random.Generator) -> None:
+    da = pytest.importorskip("dask.array")
+    x = rng.standard_normal((6, C, 4))
+    bn = anybn.BatchNorm(C)
+    y = bn(da.from_array(x, chunks=(3, C, 2)))
+    assert compat.is_dask_array(y)
+    reference = anybn.BatchNorm(C)
+    np.testing.assert_allclose(y.compute(), reference(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bn.running_var.compute(), reference.running_var, rtol=1e-12)
+    grads = bn.backward(da.from_array(x[::-1].copy(), chunks=(3, C, 2)))
+    expected = reference.backward(x[::-1].copy())
+    np.testing.assert_allclose(grads.dx.compute(), expected.dx, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_inside_a_jax_transformation(rng: np.random.Generator) -> None:
+    """Training under jax.jit would store tracers: a clear error, the state as it was;
+    eval under jit (nothing stored) matches the eager call."""
+    jax = require("jax").lib
+    jnp = jax.numpy
+    x = jnp.asarray(rng.standard_normal((6, C, 4)))
+    bn = anybn.BatchNorm()
+    bn(x)
+    before = _snapshot(bn)
+    with pytest.raises(RuntimeError, match="inside a JAX transformation.*running_mean"):
+        jax.jit(lambda a: bn(a))(x)
+    _assert_same_snapshot(before, _snapshot(bn))
+    bn(x)  # still works: no tracer was kept
+    assert bn.num_batches_tracked == 2
+    bn.eval()
+    np.testing.assert_allclose(jax.jit(lambda a: bn(a))(x), bn(x), rtol=1e-12, atol=1e-12)
+    unbound = anybn.BatchNorm().eval()
+    with pytest.raises(RuntimeError, match="weight, bias, running_mean, running_var"):
+        jax.jit(lambda a: unbound(a))(x)
+    assert unbound.weight is None and unbound._storage is None
+
+
+_JAX_DEVICE_SCRIPT = """
+import copy, pickle
+import jax, jax.numpy as jnp, numpy as np
+import anybn
+
+second = jax.devices()[1]
+x = jax.device_put(jnp.asarray(np.arange(24.0).reshape(4, 3, 2) ** 1.5), second)
+for bn in (anybn.BatchNorm(), anybn.BatchNorm(3, xp=jnp, device=second)):
+    bn(x)
+    for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        for a in (clone.weight, clone.running_mean):
+            assert a.devices() == {second}, a.devices()
+        y, expected = clone(x), bn(x)
+        assert y.devices() == {second}
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
+print("ok")
+"""
+
+
+def test_jax_layer_copies_stay_on_their_device() -> None:
+    """A copy of a layer on JAX's second device holds its arrays there and keeps working
+    (JAX itself unpickles arrays onto the default device). Two CPU devices, in a child."""
+    require("jax")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(Path(anybn.__file__).parents[1]), *sys.path]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _JAX_DEVICE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
