@@ -324,11 +324,13 @@ def batch_norm(
     if input.numel() == 0:
         # PyTorch's rule for an empty batch: no statistics, no update; the output
         # stays connected to weight and bias so that their gradients are zeros.
+        # A 0-d factor keeps x's dtype; with no channels it is an empty sum (PyTorch
+        # raises IndexError there).
         out = input.clone()
         if weight is not None:
-            out = out * weight.reshape(-1)[0]
+            out = out * weight.reshape(-1)[:1].sum()
         if bias is not None:
-            out = out + bias.reshape(-1)[0]
+            out = out + bias.reshape(-1)[:1].sum()
         return out
     vectors = _check_tensors(
         input,
