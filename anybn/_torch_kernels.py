@@ -64,10 +64,14 @@ def wanted(x: Tensor, axis: int) -> bool:
     Large inputs: torch's multi-threaded kernels. Small ones: one native call
     costs less than anybn's few NumPy calls when the native statistics are exact
     enough (few values per channel); between the two, the NumPy small path.
+    Never an empty tensor (no channels or no values): the generic path's.
     """
     from ._numpy_kernels import SMALL
 
-    return bool(x.numel() > SMALL or x.numel() // x.shape[axis] <= NATIVE_STATS_COUNT)
+    size = x.numel()
+    if size == 0:
+        return False
+    return bool(size > SMALL or size // x.shape[axis] <= NATIVE_STATS_COUNT)
 
 
 def _channel1(a: Tensor, axis: int) -> Tensor:

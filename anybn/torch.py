@@ -324,12 +324,18 @@ def batch_norm(
     if input.numel() == 0:
         # PyTorch's rule for an empty batch: no statistics, no update; the output
         # stays connected to weight and bias so that their gradients are zeros.
+        # A 0-d factor keeps x's dtype; with no channels it is an empty sum (PyTorch
+        # raises IndexError there).
         out = input.clone()
         if weight is not None:
-            out = out * weight.reshape(-1)[0]
+            out = out * weight.reshape(-1)[:1].sum()
         if bias is not None:
-            out = out + bias.reshape(-1)[0]
+            out = out + bias.reshape(-1)[:1].sum()
         return out
+    if _fastpaths.torch_has_tangent((running_mean, running_var)):
+        running_mean, running_var = _running_primals(
+            input, running_mean, running_var, weight, bias, training
+        )
     vectors = _check_tensors(
         input,
         {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
@@ -356,6 +362,34 @@ def batch_norm(
         _store(running_mean, new_mean)
         _store(running_var, new_var)
     return y
+
+
+def _running_primals(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The running statistics without their forward-mode tangents, by PyTorch's rule.
+
+    PyTorch does not differentiate batch norm with respect to the running
+    statistics: their tangents play no part in the output's (which has none when
+    only they carry one), a training update leaves them as they are, and in eval
+    a tangent on x, weight or bias as well raises. The primals share the
+    statistics' memory, so the update still lands in the given tensors.
+    """
+    if not training and _fastpaths.torch_has_tangent((input, weight, bias)):
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var, "
+            "they cannot have forward grad defined"
+        )
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return (
+        None if running_mean is None else unpack(running_mean).primal,
+        None if running_var is None else unpack(running_var).primal,
+    )
 
 
 def _store(buffer: Tensor, value: Tensor) -> None:
