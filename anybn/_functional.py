@@ -324,11 +324,10 @@ def batch_norm(
     if comm is not None:
         from . import _sync
 
-        _check_sync_options(axis, mask, var_estimator)
         return _sync.batch_norm(
             x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=cast(int, axis), xp=xp,
-            comm=comm,
+            training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
+            var_estimator=var_estimator, xp=xp, comm=comm,
         )  # fmt: skip
     if xp is None and mask is None and var_estimator == "unbiased":
         lean = _lean(x, (running_mean, running_var, weight, bias), axis)
@@ -406,15 +405,6 @@ def batch_norm(
 def _unwrap(axes: tuple[int, ...]) -> int | tuple[int, ...]:
     """One channel axis as an int (what the fast paths and adapters take), several as a tuple."""
     return axes[0] if len(axes) == 1 else axes
-
-
-def _check_sync_options(axis: object, mask: object, var_estimator: object) -> None:
-    """``comm=`` supports one channel axis, no mask and the unbiased estimator."""
-    if mask is not None or isinstance(axis, (tuple, list)) or var_estimator != "unbiased":
-        raise ValueError(
-            "comm= (synchronized batch norm) supports one int axis, no mask and "
-            "var_estimator='unbiased'; drop comm= or those options"
-        )
 
 
 def forward(
@@ -688,9 +678,8 @@ def batch_norm_backward(
     if comm is not None:
         from . import _sync
 
-        _check_sync_options(axis, mask, "unbiased")
         return _sync.batch_norm_backward(
-            dy, x, weight, mean, invstd, training=training, axis=cast(int, axis), xp=xp,
+            dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
             comm=comm,
         )  # fmt: skip
     plain = xp is None and mask is None and type(training) is bool

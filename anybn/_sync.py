@@ -62,12 +62,14 @@ from ._validation import (
     check_input,
     check_momentum,
     check_training,
+    check_var_estimator,
 )
 from ._xp import (
     Array,
     check_floating,
     compute_dtype,
     dtype_name,
+    is_concrete,
     normalize_axis,
     reduction_axes,
     resolve_namespace,
@@ -114,17 +116,19 @@ class _Local(NamedTuple):
 _OK, _FAILED, _UNREADABLE = 0, 1, 2  # the header's status: checks passed / failed / no x
 
 
-def _header(op: int, local: _Local | None, x: Any, axis: int) -> list[int]:
+def _header(op: int, local: _Local | None, x: Any, axis: int | None) -> list[int]:
     """``[magic, op, status, channels, dtype, device type, count]`` for this rank.
 
     A rank whose own checks failed still describes its x when it can, so that
-    a channel, dtype or device mismatch is reported as such on every rank.
+    a channel, dtype or device mismatch is reported as such on every rank; its
+    channel count is -1 (unknown) when its ``axis`` is not valid for its x.
     """
     if local is not None:
         status, channels, count = _OK, local.channels, local.values
     else:
         try:
-            status, channels, count = _FAILED, int(x.shape[axis]), 0
+            status, count = _FAILED, 0
+            channels = -1 if axis is None else int(x.shape[axis])
         except Exception:  # not even an array with that axis
             return [_MAGIC, op, _UNREADABLE, 0, 0, 0, 0]
     name = dtype_name(getattr(x, "dtype", ""))
@@ -149,7 +153,7 @@ def _agree(
     local: _Local | None,
     error: BaseException | None,
     x: Any,
-    axis: int,
+    axis: int | None,
 ) -> list[int]:
     """Exchange headers; raise on every rank unless all ranks agree. Returns the counts.
 
@@ -167,9 +171,10 @@ def _agree(
     described = [(i, r) for i, r in enumerate(rows) if r[2] != _UNREADABLE]
 
     def mismatch(column: int, what: str, show: Any) -> str | None:
-        if len({r[column] for _, r in described}) <= 1:
+        known = [(i, r) for i, r in described if r[column] >= 0]
+        if len({r[column] for _, r in known}) <= 1:
             return None
-        per_rank = ", ".join(f"rank {i}: {show(r[column])}" for i, r in described)
+        per_rank = ", ".join(f"rank {i}: {show(r[column])}" for i, r in known)
         return f"{where}: every rank must pass x with the same {what}, got {per_rank}"
 
     for column, what, show, kind in (
@@ -191,12 +196,15 @@ def _agree(
     return [r[6] for r in rows]
 
 
-def _axis_or_zero(axis: object, x: Any) -> int:
-    """``axis`` normalized for x, or 0 when either is invalid (the header is best effort)."""
+def _axis_or_none(axis: object, x: Any) -> int | None:
+    """``axis`` (an int, or the first of a sequence) normalized for x, or None when either
+    is invalid: the header of a failed rank is best effort."""
     try:
+        if isinstance(axis, (tuple, list)):
+            axis = axis[0]
         return normalize_axis(axis, x.ndim)
     except Exception:
-        return 0
+        return None
 
 
 #: Per thread: how many header exchanges this thread has entered (see failures_reported).
@@ -204,21 +212,26 @@ _exchanges = threading.local()
 
 
 @contextmanager
-def failures_reported(comm: object, x: Any, axis: object = 1) -> Iterator[None]:
+def failures_reported(
+    comm: object, x: Any, axis: object = 1, *, backward: bool = False
+) -> Iterator[None]:
     """Make an error raised before this rank reached the header exchange fail every rank.
 
     Callers that check their own arguments before calling :func:`forward` (the
-    layer's channel count, the torch module's input rank) run those checks in
-    this context: if one raises before any header was exchanged, this rank still
-    takes part in the exchange, as a failed rank, so that the other ranks raise
-    too instead of waiting in the collective. Then the error propagates.
+    layer's channel count, the torch module's input rank, the options of
+    :func:`batch_norm`) run those checks in this context: if one raises before
+    any header was exchanged, this rank still takes part in the exchange, as a
+    failed rank, so that the other ranks raise too instead of waiting in the
+    collective (or pairing with this rank's next call). Then the error
+    propagates. ``backward``: the exchange is that of :func:`batch_norm_backward`.
     """
     before = getattr(_exchanges, "count", 0)
     try:
         yield
     except Exception as exc:
         if getattr(_exchanges, "count", 0) == before:
-            _agree(as_communicator(comm), _FORWARD, None, exc, x, _axis_or_zero(axis, x))
+            op = _BACKWARD if backward else _FORWARD
+            _agree(as_communicator(comm), op, None, exc, x, _axis_or_none(axis, x))
         raise
 
 
@@ -242,13 +255,81 @@ def reports_failures(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
+def check_options(axis: object, mask: object, var_estimator: object) -> object:
+    """The options that ``comm=`` does not support in training raise; returns the axis.
+
+    One channel axis (an int, or a sequence of one), no ``mask``, the unbiased
+    estimator. Run inside the agreement (:func:`forward`, :func:`failures_reported`),
+    so that a rank whose options fail makes every rank raise.
+    """
+    if isinstance(axis, (tuple, list)):
+        if len(axis) != 1:
+            raise ValueError(
+                f"comm= (synchronized batch norm) supports one channel axis, got axis={axis!r}; "
+                "drop comm= or pass a single axis"
+            )
+        axis = axis[0]
+    if mask is not None:
+        raise ValueError(
+            "comm= (synchronized batch norm) does not support mask= in training; "
+            "drop comm= or mask="
+        )
+    if check_var_estimator(var_estimator) != "unbiased":
+        raise ValueError(
+            "comm= (synchronized batch norm) supports var_estimator='unbiased' only, got "
+            f"{var_estimator!r}; drop comm= or var_estimator"
+        )
+    return axis
+
+
+def check_autodiff(*arrays: object, differentiable: bool = True) -> None:
+    """Raise for what the collectives cannot carry, or autodiff cannot see through them.
+
+    JAX tracers (under ``jax.jit``, ``jax.grad``, ``jax.vmap``): the collectives
+    run outside JAX. PyTorch ``torch.func`` transforms and forward-mode AD (dual
+    tensors): the synchronized function defines reverse mode only. With
+    ``differentiable=False`` (the synchronized backward, whose own result is not
+    differentiable), any tensor that autograd records is refused too.
+    """
+    for a in arrays:
+        if a is None:
+            continue
+        if compat.is_jax_array(a) and not is_concrete(a):
+            raise TypeError(
+                "comm= (synchronized batch norm) needs concrete JAX arrays, got a traced "
+                f"{type(a).__name__}: its collectives run outside JAX, so jax.jit, jax.grad "
+                "and jax.vmap cannot see through them; call it outside the transformation"
+            )
+        if not compat.is_torch_array(a):
+            continue
+        import torch
+        from torch._C import _functorch
+
+        if _functorch.maybe_current_level() is not None:
+            raise TypeError(
+                "comm= (synchronized batch norm) does not support torch.func transforms "
+                "(grad, vjp, jvp, vmap); use loss.backward() / torch.autograd.grad"
+            )
+        if torch.autograd.forward_ad.unpack_dual(a).tangent is not None:
+            raise TypeError(
+                "comm= (synchronized batch norm) does not support forward-mode AD (a dual "
+                "tensor was given); use reverse mode (loss.backward() / torch.autograd.grad)"
+            )
+        if not differentiable and a.requires_grad and torch.is_grad_enabled():
+            raise TypeError(
+                "batch_norm_backward with comm= is not differentiable (double backward "
+                "through the synchronized sums is not supported), and an argument requires "
+                "grad; call it under torch.no_grad() or on detached tensors"
+            )
+
+
 def _check_forward(
     x: Array,
     running_mean: Array | None,
     running_var: Array | None,
     weight: Array | None,
     bias: Array | None,
-    axis: int,
+    axis: object,
     xp: ModuleType | None,
 ) -> _Local:
     """The local checks of :func:`anybn.batch_norm`, minus the local count (it is global here)."""
@@ -330,21 +411,32 @@ def forward(
     *,
     momentum: float,
     eps: float,
-    axis: int,
+    axis: object,
     xp: ModuleType | None,
     comm: object,
+    mask: object = None,
+    var_estimator: object = "unbiased",
+    momentum_range: bool = True,
 ) -> SyncForward:
-    """The synchronized training forward; see :func:`batch_norm`."""
+    """The synchronized training forward; see :func:`batch_norm`.
+
+    Every check runs before the header exchange and its outcome travels in the
+    header, so that a check failing on one rank fails every rank.
+    ``momentum_range=False`` accepts any float momentum, as
+    ``torch.nn.SyncBatchNorm`` does (for :class:`anybn.torch.SyncBatchNorm`).
+    """
     communicator = as_communicator(comm)
     local: _Local | None = None
     error: BaseException | None = None
     try:
-        momentum = check_momentum(momentum)
+        axis = check_options(axis, mask, var_estimator)
+        momentum = check_momentum(momentum) if momentum_range else float(momentum)
         eps = check_eps(eps)
+        check_autodiff(x, running_mean, running_var, weight, bias)
         local = _check_forward(x, running_mean, running_var, weight, bias, axis, xp)
     except Exception as exc:  # tell the other ranks before raising
         error = exc
-    counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_zero(axis, x))
+    counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_none(axis, x))
     assert local is not None
     total = sum(counts)
     if total == 1:
@@ -412,6 +504,18 @@ def forward(
     )
 
 
+def _torch_autograd(*arrays: object) -> bool:
+    """Whether autograd should record a synchronized call on these arrays."""
+    if not compat.is_torch_array(arrays[0]):
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        a is not None and a.requires_grad  # type: ignore[attr-defined]
+        for a in arrays
+    )
+
+
 def batch_norm(
     x: Array,
     running_mean: Array | None = None,
@@ -422,25 +526,44 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    axis: int = 1,
+    axis: object = 1,
+    mask: Array | None = None,
+    var_estimator: str = "unbiased",
     xp: ModuleType | None = None,
     comm: object,
 ) -> BatchNormOutput:
     """:func:`anybn.batch_norm` over the ranks of ``comm``.
 
     In training: the statistics of the batch concatenated over ranks (two
-    collectives: the header, then one all-gather of ``2 * C`` values). In eval:
-    the local computation, with no communication.
+    collectives: the header, then one all-gather of ``3 * C`` values); every
+    check, the options' included, runs before the header and fails every rank.
+    PyTorch tensors that autograd records go through an ``autograd.Function``
+    whose backward is the synchronized one (one all-reduce), so that gradients
+    flow through the global statistics. In eval: the local computation, with
+    every option of the local one (``mask`` and ``var_estimator`` change
+    nothing in eval), and no communication.
     """
     if not check_training(training):
         return _local_batch_norm(
             x, running_mean, running_var, weight, bias,
-            training=False, momentum=momentum, eps=eps, axis=axis, xp=xp,
+            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
+            var_estimator=var_estimator, xp=xp,
         )  # fmt: skip
-    return forward(
-        x, running_mean, running_var, weight, bias,
-        momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm,
-    ).out  # fmt: skip
+    with failures_reported(comm, x, axis):
+        if _torch_autograd(x, weight, bias):
+            axis = check_options(axis, mask, var_estimator)
+            check_autodiff(x, running_mean, running_var, weight, bias)
+            from ._torch_sync import function_batch_norm
+
+            return function_batch_norm(
+                x, running_mean, running_var, weight, bias,
+                momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
+            )  # fmt: skip
+        return forward(
+            x, running_mean, running_var, weight, bias,
+            momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm, mask=mask,
+            var_estimator=var_estimator,
+        ).out  # fmt: skip
 
 
 def _check_backward(
@@ -475,7 +598,8 @@ def batch_norm_backward(
     invstd: Array,
     *,
     training: bool = True,
-    axis: int = 1,
+    axis: object = 1,
+    mask: Array | None = None,
     xp: ModuleType | None = None,
     comm: object,
     total_count: int | None = None,
@@ -484,52 +608,92 @@ def batch_norm_backward(
 
     In training: one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values),
     preceded by the header exchange unless ``total_count`` (the global count per
-    channel, known from a synchronized forward) is given. In eval: local.
+    channel, known from a synchronized forward) is given; every check runs
+    before the header and fails every rank. In eval: local, with every option
+    of the local one.
     """
     if not check_training(training):
         return _local_batch_norm_backward(
-            dy, x, weight, mean, invstd, training=False, axis=axis, xp=xp
-        )
+            dy, x, weight, mean, invstd, training=False, axis=axis, mask=mask,  # type: ignore[arg-type]
+            xp=xp,
+        )  # fmt: skip
     communicator = as_communicator(comm)
     if total_count is None:
         local: _Local | None = None
         error: BaseException | None = None
         try:
+            axis = check_options(axis, mask, "unbiased")
+            check_autodiff(dy, x, weight, mean, invstd, differentiable=False)
             local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
         except Exception as exc:  # tell the other ranks before raising
             error = exc
-        total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_zero(axis, x)))
+        total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_none(axis, x)))
         assert local is not None
-    else:
+    else:  # inside a synchronized autograd.Function: checked by its forward
         local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
+    return backward(communicator, local, dy, x, weight, mean, invstd, total_count)
+
+
+def backward(
+    communicator: Communicator,
+    local: _Local,
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    total_count: int,
+    d_mean: Array | None = None,
+    d_invstd: Array | None = None,
+) -> BatchNormGrads:
+    """The synchronized training backward on checked arguments: one all-reduce.
+
+    ``d_mean`` and ``d_invstd``, when given, are this rank's gradients with
+    respect to the forward's ``mean`` and ``invstd`` outputs (global statistics,
+    so their gradients are summed over ranks in the same all-reduce, ``4 * C``
+    values): ``d mean / d x = 1 / N`` and ``d invstd / d x = -invstd**2 * xhat / N``.
+
+    Half-precision x and dy are widened to float32 for the whole computation and
+    dx is rounded once: the eval dx and its correction are of the same size and
+    nearly cancel, so rounding each to float16 first would lose their digits.
+    """
     xp, axis, channels, count = local
     if total_count == 0:  # every shard empty (NaN statistics): the core's zeros
         return _core_backward(xp, dy, x, weight, mean, invstd, training=True, axis=axis, count=0)
+    cdt = compute_dtype(xp, x.dtype)
+    xc, dyc = _as(xp, x, cdt), _as(xp, dy, cdt)
     # The local sums, and dy * weight * invstd, from the core's eval backward (and its
     # fast paths): with mean and invstd as constants, dweight = sum(dy * xhat) and
     # dbias = sum(dy) over this shard.
     local_grads = _core_backward(
-        xp, dy, x, weight, mean, invstd, training=False, axis=axis, count=count
+        xp, dyc, xc, weight, mean, invstd, training=False, axis=axis, count=count
     )
     sum_dy, sum_dy_xhat = local_grads.dbias, local_grads.dweight
-    sums = communicator.all_reduce(xp.concat([sum_dy, sum_dy_xhat]))
+    parts = [sum_dy, sum_dy_xhat]
+    if d_mean is not None and d_invstd is not None:
+        parts += [_as(xp, d_mean, cdt), _as(xp, d_invstd, cdt)]
+    sums = communicator.all_reduce(xp.concat(parts))
 
     # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), scale = weight * invstd:
     # the eval dx (scale * dy) less the two terms through the global statistics.
-    cdt = compute_dtype(xp, x.dtype)
     invstd = _as(xp, invstd, cdt)
     scale = invstd if weight is None else invstd * _as(xp, weight, cdt)
-    mean_dy, mean_dy_xhat = sums[:channels] / total_count, sums[channels:] / total_count
-    # The correction (x - mean) * (scale * invstd * mean_dy_xhat) + scale * mean_dy is
-    # the core's eval forward with running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is
-    # exactly 1), in one fused pass: (x - mean) * weight + bias.
+    mean_dy = sums[:channels] / total_count
+    mean_dy_xhat = sums[channels : 2 * channels] / total_count
+    slope, shift = scale * invstd * mean_dy_xhat, scale * mean_dy
+    if len(parts) == 4:  # minus the gradients through the mean and invstd outputs
+        slope = slope + sums[3 * channels :] * invstd**3 / total_count
+        shift = shift - sums[2 * channels : 3 * channels] / total_count
+    # The correction (x - mean) * slope + shift is the core's eval forward with
+    # running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is exactly 1), in one fused
+    # pass: (x - mean) * weight + bias.
     correction = _core_forward(
         xp,
-        x,
+        xc,
         _as(xp, mean, cdt),
         xp.zeros_like(invstd),
-        scale * invstd * mean_dy_xhat,
-        scale * mean_dy,
+        slope,
+        shift,
         training=False,
         momentum=0.0,
         eps=1.0,
@@ -537,8 +701,8 @@ def batch_norm_backward(
         count=count,
     ).y
     dx = local_grads.dx
-    if dx.dtype == correction.dtype and writeable(xp, dx):
+    if writeable(xp, dx):
         dx -= correction
     else:
-        dx = _as(xp, local_grads.dx, cdt) - _as(xp, correction, cdt)
+        dx = dx - correction
     return BatchNormGrads(_as(xp, dx, x.dtype), sum_dy_xhat, sum_dy)

@@ -33,13 +33,21 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _sync
-from ._comm import TorchComm
+from ._comm import Communicator, TorchComm
+from ._functional import BatchNormOutput
 
 __all__ = ["SyncBatchNorm"]
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """y = batch_norm over the ranks of a group, with the synchronized analytic backward."""
+    """y = batch_norm over the ranks of a group, with the synchronized analytic backward.
+
+    Outputs ``(y, mean, invstd, new_running_mean, new_running_var)``. With
+    ``stats=True`` (the functional API) ``mean`` and ``invstd`` are
+    differentiable too: their gradients join the backward's all-reduce. With
+    ``stats=False`` (the module, which returns only y) they are not, and the
+    all-reduce carries ``2 * C`` sums. Every rank must run the backward.
+    """
 
     @staticmethod
     def forward(
@@ -51,37 +59,77 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
-        comm: TorchComm,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        axis: int,
+        comm: Communicator,
+        stats: bool,
+        momentum_range: bool,
+    ) -> tuple[Tensor | None, ...]:
         out, total = _sync.forward(
             x, running_mean, running_var, weight, bias,
-            momentum=momentum, eps=eps, axis=1, xp=None, comm=comm,
+            momentum=momentum, eps=eps, axis=axis, xp=None, comm=comm,
+            momentum_range=momentum_range,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, out.mean, out.invstd)
-        ctx.comm, ctx.total = comm, total
-        if running_mean is None:
-            return out.y, None, None
-        ctx.mark_non_differentiable(out.new_running_mean, out.new_running_var)
-        return out.y, out.new_running_mean, out.new_running_var
+        ctx.comm, ctx.total, ctx.axis, ctx.stats = comm, total, axis, stats
+        fixed = [out.new_running_mean, out.new_running_var]
+        if not stats:
+            fixed += [out.mean, out.invstd]
+        ctx.mark_non_differentiable(*(t for t in fixed if t is not None))
+        return out.y, out.mean, out.invstd, out.new_running_mean, out.new_running_var
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: Any, dy: Tensor, _d_running_mean: Any, _d_running_var: Any
+        ctx: Any, dy: Tensor, d_mean: Tensor | None, d_invstd: Tensor | None, *_: Any
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
+        local = _sync._check_backward(dy, x, weight, mean, invstd, ctx.axis, None)
+        stats = ctx.stats
         # Every rank must take part in the all-reduce, even one that needs no dx.
-        dx, dweight, dbias = _sync.batch_norm_backward(
-            dy.contiguous(), x, weight, mean, invstd,
-            training=True, axis=1, comm=ctx.comm, total_count=ctx.total,
+        dx, dweight, dbias = _sync.backward(
+            ctx.comm, local, dy.contiguous(), x, weight, mean, invstd, ctx.total,
+            _zeros_if_none(d_mean, mean) if stats else None,
+            _zeros_if_none(d_invstd, invstd) if stats else None,
         )  # fmt: skip
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
-            dweight if need_weight else None,
-            dbias if need_bias else None,
-            None, None, None, None, None,
+            _as_param(dweight, weight) if need_weight else None,
+            _as_param(dbias, weight) if need_bias else None,
+            None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _as_param(grad: Tensor, param: Tensor | None) -> Tensor:
+    """A parameter's gradient in the parameter's dtype (autograd requires it)."""
+    return grad if param is None or grad.dtype == param.dtype else grad.to(param.dtype)
+
+
+def function_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    momentum: float,
+    eps: float,
+    axis: object,
+    comm: Communicator,
+) -> BatchNormOutput:
+    """:func:`anybn.batch_norm` with ``comm=`` on tensors that autograd records.
+
+    ``y``, ``mean`` and ``invstd`` differentiate through the global statistics
+    (the synchronized backward); the new running statistics carry no graph.
+    """
+    y, mean, invstd, new_mean, new_var = _SyncBatchNormFunction.apply(
+        x, weight, bias, running_mean, running_var, momentum, eps, axis, comm, True, True
+    )
+    return BatchNormOutput(y, mean, invstd, new_mean, new_var)
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -186,9 +234,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 use_batch_stats, factor, self.eps,
             )  # fmt: skip
         else:
-            y, new_mean, new_var = _SyncBatchNormFunction.apply(
-                input, self.weight, self.bias, running_mean, running_var, factor, self.eps, comm
-            )
+            _sync.check_autodiff(input, self.weight, self.bias, running_mean, running_var)
+            y, _, _, new_mean, new_var = _SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, factor, self.eps,
+                1, comm, False, False,
+            )  # fmt: skip
             if new_mean is not None:
                 assert running_mean is not None and running_var is not None
                 with torch.no_grad():

@@ -18,6 +18,7 @@ Scenarios
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import sys
@@ -43,6 +44,12 @@ VARIANTS = [
     ("torch-bfloat16", "torch", "bfloat16", "x3c"),
 ]
 MOMENTUM, EPS = 0.3, 1e-3
+#: The batch every rank normalizes after a fault (mean 5 per channel, on every rank).
+SAME_BATCH = 5.0 + np.array([[-1.0], [1.0]]) * np.ones((2, 3))
+#: The fault cases that fail a local check of one rank only (see run_faults).
+ONE_RANK_FAULTS = (
+    "mask", "axes", "biased", "backward_mask", "backward_axes", "layer_mask", "layer_biased",
+)  # fmt: skip
 DDP_STEPS, DDP_BATCH, DDP_LR = 20, 8, 0.1
 
 
@@ -55,7 +62,7 @@ def make_inputs(splits: list[int], channels: int = 3, length: int = 4, seed: int
     """The full batch (float64, offset so that the mean matters), its gradient and parameters."""
     rng = np.random.default_rng(seed)
     n = sum(splits)
-    return {
+    data = {
         "splits": np.asarray(splits),
         "x3": 50.0 + rng.normal(size=(n, channels, length)) * rng.uniform(0.5, 2, (1, channels, 1)),
         "dy3": rng.normal(size=(n, channels, length)),
@@ -67,6 +74,11 @@ def make_inputs(splits: list[int], channels: int = 3, length: int = 4, seed: int
         "running_mean": rng.normal(size=channels),
         "running_var": rng.uniform(0.5, 2.0, channels),
     }
+    # a gradient close to 1 + xhat: dx is a small difference of large terms (half precision)
+    x = data["x3c"]
+    xhat = (x - x.mean((0, 2), keepdims=True)) / x.std((0, 2), keepdims=True)
+    data["dy3c"] = 1.0 + xhat + 0.05 * rng.normal(size=x.shape)
+    return data
 
 
 def make_cnn(torch: Any, sync: bool) -> Any:
@@ -219,6 +231,23 @@ def run_exact(r: Rank, data: dict) -> None:
         r.arrays["module:new_running_var"] = to_numpy(m.running_var)
         r.report["module:num_batches_tracked"] = int(m.num_batches_tracked)
 
+        # momentum outside [0, 1], accepted by nn.SyncBatchNorm: only the update uses it
+        m = abt.SyncBatchNorm(3, eps=EPS, momentum=1.5).double()
+        m(torch.from_numpy(data["x3"][lo:hi]))
+        r.arrays["momentum:running_mean"] = to_numpy(m.running_mean)
+        r.arrays["momentum:running_var"] = to_numpy(m.running_var)
+
+        # half-precision input, float32 parameters (autocast's layout)
+        for half in ("float16", "bfloat16"):
+            m = abt.SyncBatchNorm(3, eps=EPS)
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(data["weight"]))
+                m.bias.copy_(torch.from_numpy(data["bias"]))
+            xh = torch.from_numpy(data["x3c"][lo:hi]).to(getattr(torch, half)).requires_grad_()
+            y = m(xh)
+            y.backward(torch.from_numpy(data["dy3c"][lo:hi]).to(xh.dtype))
+            r.arrays[f"half-{half}:y"], r.arrays[f"half-{half}:dx"] = to_numpy(y), to_numpy(xh.grad)
+
 
 def run_faults(r: Rank, data: dict) -> None:
     import anybn
@@ -246,6 +275,34 @@ def run_faults(r: Rank, data: dict) -> None:
     )  # fmt: skip
     r.arrays["running_mean"], r.arrays["running_var"] = rm, rv
 
+    # Options checked before the header, failing on one rank only; after each, every
+    # rank normalizes the same batch (mean 5): the next call must pair correctly.
+    x3 = rng.normal(size=(4, 3, 2))
+    one_rank = {
+        "mask": lambda: fwd(x3, mask=np.ones(x3.shape, bool) if last else None),
+        "axes": lambda: fwd(x3, axis=(1, 2) if last else 1),
+        "biased": lambda: fwd(x3, var_estimator="biased" if last else "unbiased"),
+        "backward_mask": lambda: anybn.batch_norm_backward(
+            x3, x3, None, np.zeros(3), np.ones(3), comm=r.comm,
+            mask=np.ones(x3.shape, bool) if last else None,
+        ),
+        "backward_axes": lambda: anybn.batch_norm_backward(
+            x3, x3, None, np.zeros(3), np.ones(3), comm=r.comm, axis=(1, 2) if last else (1,),
+        ),
+        "layer_mask": lambda: anybn.BatchNorm(3, comm=r.comm)(
+            x3, mask=np.ones(x3.shape, bool) if last else None
+        ),
+        "layer_biased": lambda: anybn.BatchNorm(
+            3, comm=r.comm, var_estimator="biased" if last else "unbiased"
+        )(x3),
+    }
+    same = SAME_BATCH
+    assert tuple(one_rank) == ONE_RANK_FAULTS
+    for name, call in one_rank.items():
+        r.attempt(f"one_rank_{name}", call)
+        out = anybn.batch_norm(same, training=True, comm=r.comm)
+        r.arrays[f"one_rank_{name}:mean"] = out.mean
+
     # The layer: a failed synchronized forward leaves its state as it was.
     bn = anybn.BatchNorm(3, comm=r.comm)
     bn(rng.normal(size=(4, 3)))
@@ -272,9 +329,17 @@ def run_faults(r: Rank, data: dict) -> None:
         # The module's own input check fails on one rank (1-D input): all raise.
         x1 = torch.from_numpy(rng.normal(size=(3,) if last else (4, 3, 2)))
         r.attempt("module_ndim", lambda: m(x1))
+        # forward-mode AD on one rank only: refused on every rank, before any collective
+        import torch.autograd.forward_ad as fwAD
+
+        xf = torch.from_numpy(rng.normal(size=(4, 3, 2)))
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(xf, torch.ones_like(xf)) if last else xf
+            r.attempt("module_forward_ad", lambda: m(dual))
         r.report["module_unchanged"] = all(
             torch.equal(state[k], v) for k, v in m.state_dict().items()
         )
+        r.arrays["module_after"] = to_numpy(m(torch.from_numpy(same[:, :, None])))
     # The group still works after all of the above.
     out = anybn.batch_norm(rng.normal(size=(4, 3)), training=True, comm=r.comm)
     r.arrays["after"] = out.mean
@@ -320,23 +385,44 @@ def run_ddp(r: Rank, data: dict) -> None:
         r.arrays[k] = to_numpy(v)
 
 
+def shutdown(r: Rank, scenario: str) -> None:
+    """End the gloo group in order: every rank past its last collective, then destroyed.
+
+    A rank that exits (or lets the interpreter tear the group down) while a peer's
+    collective or gloo's worker threads still run can be killed by SIGABRT
+    ("terminate called without an active exception"); the barrier makes every rank
+    wait until all have finished, so no work is pending when the group goes.
+    ``dead``: a peer is gone, so no barrier (it would only time out).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if scenario != "dead":
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
+    faulthandler.enable()  # a fatal signal prints every thread's Python stack
     engine, scenario, workdir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     r = Rank(engine, workdir)
     data = dict(np.load(workdir / "inputs.npz")) if (workdir / "inputs.npz").exists() else {}
-    {
-        "exact": run_exact,
-        "faults": run_faults,
-        "dead": run_dead,
-        "ddp": run_ddp,
-        "single": run_single,
-    }[scenario](r, data)
-    r.report["done"] = True
-    r.save()
-    if engine == "gloo":
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    try:
+        {
+            "exact": run_exact,
+            "faults": run_faults,
+            "dead": run_dead,
+            "ddp": run_ddp,
+            "single": run_single,
+        }[scenario](r, data)
+        r.report["done"] = True
+        r.save()
+    finally:
+        if engine == "gloo":
+            shutdown(r, scenario)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,46 @@ def test_exact(engine: str, size: int, tmp_path: Path) -> None:
         ref = _reference(data, "float64", "x3", "numpy")
         _check_against(per_rank, "module", ref, 1e-12)
         assert all(r["module:num_batches_tracked"] == 1 for r in reports)
+        _check_momentum_and_half(data, per_rank)
+
+
+def _check_momentum_and_half(data: dict[str, np.ndarray], per_rank: list[dict]) -> None:
+    """SyncBatchNorm: momentum 1.5 as torch.nn.BatchNorm1d on the whole batch; float16 and
+    bfloat16 y and dx against the float64 formula, as close as the local module gets."""
+    import torch
+
+    import anybn.torch as abt
+
+    bn = torch.nn.BatchNorm1d(3, eps=worker.EPS, momentum=1.5).double()
+    bn(torch.from_numpy(data["x3"]))
+    for rank, a in enumerate(per_rank):
+        assert_close(a["momentum:running_mean"], bn.running_mean, 1e-12, f"rank {rank}")
+        assert_close(a["momentum:running_var"], bn.running_var, 1e-12, f"rank {rank}")
+
+    x, dy, w, b = (data[k] for k in ("x3c", "dy3c", "weight", "bias"))
+    for half in ("float16", "bfloat16"):
+        dtype = getattr(torch, half)
+        xh, dyh = torch.from_numpy(x).to(dtype), torch.from_numpy(dy).to(dtype)
+        # the float64 formula on the half-precision values
+        x64, dy64 = xh.double().numpy(), dyh.double().numpy()
+        out = anybn.batch_norm(x64, weight=w, bias=b, training=True, eps=worker.EPS)
+        exact = {"y": out.y, "dx": anybn.batch_norm_backward(dy64, x64, w, out.mean, out.invstd).dx}
+        # the local module on the whole batch, same dtypes: the error to be comparable with
+        local = abt.BatchNorm1d(3, eps=worker.EPS)
+        with torch.no_grad():
+            local.weight.copy_(torch.from_numpy(w))
+            local.bias.copy_(torch.from_numpy(b))
+        xh.requires_grad_()
+        y = local(xh)
+        y.backward(dyh)
+        local_values = {"y": worker.to_numpy(y), "dx": worker.to_numpy(xh.grad)}
+        ulp = float(torch.finfo(dtype).eps)
+        for field, ref in exact.items():
+            got = np.concatenate([a[f"half-{half}:{field}"] for a in per_rank])
+            scale = np.abs(ref).max()
+            err_sync = np.abs(got - ref).max() / scale
+            err_local = np.abs(local_values[field] - ref).max() / scale
+            assert err_sync <= max(2 * err_local, ulp), (half, field, err_sync, err_local)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -234,6 +274,16 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
         assert report["layer_channels"][0] == "ValueError"
         assert "same number of channels" in report["layer_channels"][1]
         assert report["layer_unchanged"]
+        for name in worker.ONE_RANK_FAULTS:
+            # a check failing on one rank only: every rank raises, the last its own error
+            kind, message = report[f"one_rank_{name}"]
+            if rank == size - 1:
+                assert kind == "ValueError" and "comm=" in message, (name, message)
+            else:
+                assert kind == "RuntimeError", (name, kind, message)
+                assert "rank(s) [2] rejected their arguments" in message, (name, message)
+            # ... and the next call pairs with the next call of every rank: mean 5
+            np.testing.assert_array_equal(arrays[f"one_rank_{name}:mean"], np.full(3, 5.0))
         np.testing.assert_array_equal(arrays["running_mean"], np.zeros(3))
         np.testing.assert_array_equal(arrays["running_var"], np.ones(3))
         assert arrays["after"].shape == (3,)
@@ -247,7 +297,15 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
                 ]
             else:
                 assert report["module_ndim"][0] == "RuntimeError"
+            if rank == size - 1:
+                assert report["module_forward_ad"][0] == "TypeError"
+                assert "forward-mode AD" in report["module_forward_ad"][1]
+            else:
+                assert report["module_forward_ad"][0] == "RuntimeError"
             assert report["module_unchanged"]
+            same = worker.SAME_BATCH[:, :, None]
+            expected = anybn.batch_norm(same, training=True).y
+            assert_close(arrays["module_after"], expected, 1e-12, "module after the faults")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -315,3 +315,259 @@ def test_every_shard_empty_is_the_core_empty_batch() -> None:
         np.testing.assert_array_equal(out.new_running_mean, ref.new_running_mean)
         np.testing.assert_array_equal(out.new_running_var, ref.new_running_var)
         np.testing.assert_array_equal(grads.dweight, np.zeros(3))
+
+
+# --- a check failing on one rank fails every rank, and the next call pairs -------------------
+
+_MEAN_FIVE = 5.0 + np.array([[-1.0], [1.0]]) * np.ones((2, 3))
+
+
+def _one_rank_fault(name: str, comm: Communicator, last: bool) -> Any:
+    """The call of fault ``name``: its bad option on the last rank only."""
+    x = np.random.default_rng(comm.rank).normal(size=(4, 3, 2))
+    if name == "mask":
+        return anybn.batch_norm(x, training=True, comm=comm, mask=x > 0 if last else None)
+    if name == "axes":
+        return anybn.batch_norm(x, training=True, comm=comm, axis=(1, 2) if last else 1)
+    if name == "biased":
+        estimator = "biased" if last else "unbiased"
+        return anybn.batch_norm(x, training=True, comm=comm, var_estimator=estimator)
+    if name == "backward_mask":
+        mask = x > 0 if last else None
+        return anybn.batch_norm_backward(
+            x, x, None, np.zeros(3), np.ones(3), comm=comm, mask=mask
+        )
+    if name == "layer_mask":
+        return anybn.BatchNorm(3, comm=comm)(x, mask=x > 0 if last else None)
+    if name == "torch_forward_ad":
+        import torch
+        import torch.autograd.forward_ad as fwAD
+
+        xt = torch.from_numpy(x)
+        if not last:  # (a dual level is global to the process: one thread enters it)
+            return anybn.batch_norm(xt, training=True, comm=comm)
+        with fwAD.dual_level():
+            return anybn.batch_norm(fwAD.make_dual(xt, torch.ones_like(xt)), training=True,
+                                    comm=comm)  # fmt: skip
+    if name == "torch_func":
+        import torch
+
+        xt = torch.from_numpy(x)
+        fn = (lambda a: anybn.batch_norm(a, training=True, comm=comm).y.sum())
+        return torch.func.grad(fn)(xt) if last else fn(xt.requires_grad_())
+    if name == "torch_backward_requires_grad":
+        import torch
+
+        xt = torch.from_numpy(x).requires_grad_(last)
+        ones, zeros = torch.ones(3, dtype=xt.dtype), torch.zeros(3, dtype=xt.dtype)
+        return anybn.batch_norm_backward(xt, xt, None, zeros, ones, comm=comm)
+    if name == "jax_grad":
+        jax = pytest.importorskip("jax")
+        xj = jax.numpy.asarray(x.astype(np.float32))
+        fn = (lambda a: anybn.batch_norm(a, training=True, comm=comm).y.sum())
+        return jax.grad(fn)(xj) if last else fn(xj)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        ("mask", ValueError, "does not support mask="),
+        ("axes", ValueError, "supports one channel axis"),
+        ("biased", ValueError, "var_estimator='unbiased' only"),
+        ("backward_mask", ValueError, "does not support mask="),
+        ("layer_mask", ValueError, "does not support mask="),
+        ("torch_forward_ad", TypeError, "forward-mode AD"),
+        ("torch_func", TypeError, "torch.func transforms"),
+        ("torch_backward_requires_grad", TypeError, "not differentiable"),
+        ("jax_grad", TypeError, "needs concrete JAX arrays"),
+    ],
+)
+def test_one_rank_fault_fails_every_rank_and_the_next_call_pairs(
+    name: str, error: type[Exception], match: str
+) -> None:
+    if name.startswith("torch"):
+        pytest.importorskip("torch")
+
+    def rank_fn(comm: Communicator) -> Any:
+        last = comm.rank == comm.size - 1
+        try:
+            _one_rank_fault(name, comm, last)
+        except Exception as exc:
+            raised: Exception | None = exc
+        else:
+            raised = None
+        # then every rank normalizes the same batch: the statistics are those of that batch
+        return raised, anybn.batch_norm(_MEAN_FIVE, training=True, comm=comm).mean
+
+    got = _values(ThreadGroup(2).run(rank_fn))
+    (raised0, mean0), (raised1, mean1) = got
+    assert isinstance(raised1, error), raised1
+    assert match in str(raised1)
+    assert isinstance(raised0, RuntimeError), raised0
+    assert "rank(s) [1] rejected their arguments" in str(raised0)
+    np.testing.assert_array_equal(mean0, np.full(3, 5.0))
+    np.testing.assert_array_equal(mean1, np.full(3, 5.0))
+
+
+# --- options that change nothing in eval, and one channel axis as a sequence ---------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mask": np.array([True, False, True, True])[:, None, None]},
+        {"axis": (1,)},
+        {"axis": (1, 2)},
+        {"var_estimator": "biased"},
+    ],
+    ids=["mask", "axis-1-tuple", "axes", "biased"],
+)
+def test_eval_with_comm_takes_the_local_options(options: dict[str, Any]) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 3, 2))
+    shape = (3, 2) if options.get("axis") == (1, 2) else (3,)
+    rm, rv = rng.normal(size=shape), rng.uniform(0.5, 2, shape)
+    got = anybn.batch_norm(x, rm, rv, comm=_Refuses(), **options)
+    ref = anybn.batch_norm(x, rm, rv, **options)
+    np.testing.assert_array_equal(got.y, ref.y)
+    grad_options = {k: v for k, v in options.items() if k != "var_estimator"}
+    g = anybn.batch_norm_backward(
+        x, x, None, rm, 1 / np.sqrt(rv), training=False, comm=_Refuses(), **grad_options
+    )
+    gref = anybn.batch_norm_backward(
+        x, x, None, rm, 1 / np.sqrt(rv), training=False, **grad_options
+    )
+    np.testing.assert_array_equal(g.dx, gref.dx)
+
+
+def test_one_channel_axis_as_a_tuple_trains() -> None:
+    """axis=(1,) is one channel axis: the same as axis=1, forward and backward."""
+    rng = np.random.default_rng(4)
+    x, dy = rng.normal(size=(6, 3, 2)), rng.normal(size=(6, 3, 2))
+
+    def rank_fn(comm: Communicator) -> Any:
+        shard = slice(3 * comm.rank, 3 * comm.rank + 3)
+        out = anybn.batch_norm(x[shard], training=True, axis=(1,), comm=comm)
+        g = anybn.batch_norm_backward(dy[shard], x[shard], None, out.mean, out.invstd,
+                                      axis=(1,), comm=comm)  # fmt: skip
+        return out.y, g.dx
+
+    got = _values(ThreadGroup(2).run(rank_fn))
+    ref = anybn.batch_norm(x, training=True)
+    gref = anybn.batch_norm_backward(dy, x, None, ref.mean, ref.invstd)
+    np.testing.assert_allclose(np.concatenate([y for y, _ in got]), ref.y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([d for _, d in got]), gref.dx, rtol=1e-12, atol=1e-12)
+
+
+# --- autograd through the synchronized statistics ---------------------------------------------
+
+
+@pytest.mark.parametrize("splits", [[7], [3, 4], [0, 5, 2]], ids=str)
+@pytest.mark.parametrize("axis", [1, -1])
+def test_torch_autograd_through_synchronized_statistics(splits: list[int], axis: int) -> None:
+    """comm= on tensors that require grad: dx, dweight, dbias (summed over ranks) of a loss
+    on y, mean and invstd equal torch autograd through the whole batch's own formula."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(len(splits))
+    n, c, eps = sum(splits), 3, 1e-3
+    x = 2.0 + rng.normal(size=(n, 4, c) if axis == -1 else (n, c, 4))
+    dy = rng.normal(size=x.shape)
+    g_mean, g_invstd = rng.normal(size=(len(splits), c)), rng.normal(size=(len(splits), c))
+    w, b = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    bounds = np.cumsum([0, *splits])
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+
+    def rank_fn(comm: Communicator) -> Any:
+        r = comm.rank
+        xt = torch.from_numpy(x[bounds[r] : bounds[r + 1]]).requires_grad_()
+        wt, bt = (torch.from_numpy(a).requires_grad_() for a in (w, b))
+        out = anybn.batch_norm(xt, rm, rv, wt, bt, training=True, eps=eps, axis=axis, comm=comm)
+        assert out.new_running_mean.grad_fn is None and not out.new_running_var.requires_grad
+        loss = (
+            (out.y * torch.from_numpy(dy[bounds[r] : bounds[r + 1]])).sum()
+            + (out.mean * torch.from_numpy(g_mean[r])).sum()
+            + (out.invstd * torch.from_numpy(g_invstd[r])).sum()
+        )
+        return [t.numpy() for t in torch.autograd.grad(loss, (xt, wt, bt))]
+
+    got = _values(ThreadGroup(len(splits)).run(rank_fn))
+    # the oracle: torch's own operations on the concatenated batch, one process
+    xt = torch.from_numpy(x).requires_grad_()
+    wt, bt = (torch.from_numpy(a).requires_grad_() for a in (w, b))
+    dims = (0, 1) if axis == -1 else (0, 2)
+    shape = (1, 1, c) if axis == -1 else (1, c, 1)
+    mean = xt.mean(dims)
+    invstd = torch.rsqrt(xt.var(dims, unbiased=False) + eps)
+    y = (xt - mean.view(shape)) * (invstd * wt).view(shape) + bt.view(shape)
+    loss = (y * torch.from_numpy(dy)).sum()
+    loss = loss + (mean * torch.from_numpy(g_mean.sum(0))).sum()
+    loss = loss + (invstd * torch.from_numpy(g_invstd.sum(0))).sum()
+    dx, dw, db = (t.numpy() for t in torch.autograd.grad(loss, (xt, wt, bt)))
+    close = {"rtol": 1e-10, "atol": 1e-10}
+    np.testing.assert_allclose(np.concatenate([g[0] for g in got]), dx, **close)
+    np.testing.assert_allclose(sum(g[1] for g in got), dw, **close)
+    np.testing.assert_allclose(sum(g[2] for g in got), db, **close)
+
+
+def test_torch_autograd_only_weight_requires_grad() -> None:
+    """Only the parameters require grad: their gradients are this rank's own sums."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x, dy = rng.normal(size=(6, 3, 2)), rng.normal(size=(6, 3, 2))
+
+    def rank_fn(comm: Communicator) -> Any:
+        shard = slice(3 * comm.rank, 3 * comm.rank + 3)
+        wt = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        y = anybn.batch_norm(torch.from_numpy(x[shard]), weight=wt, training=True, comm=comm).y
+        (dw,) = torch.autograd.grad((y * torch.from_numpy(dy[shard])).sum(), (wt,))
+        return dw.numpy()
+
+    got = _values(ThreadGroup(2).run(rank_fn))
+    ref = anybn.batch_norm(x, training=True)
+    gref = anybn.batch_norm_backward(dy, x, None, ref.mean, ref.invstd)
+    np.testing.assert_allclose(sum(got), gref.dweight, rtol=1e-12, atol=1e-12)
+
+
+# --- half precision: the synchronized backward rounds once --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lib", "dtype"),
+    [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16"), ("torch", "float32")],
+)
+def test_half_precision_backward_rounds_once(lib: str, dtype: str) -> None:
+    """dx of the synchronized backward is as close to the float64 formula as the local one."""
+    rng = np.random.default_rng(6)
+    x64 = 3.0 + rng.normal(size=(16, 4, 8)) * rng.uniform(0.5, 2, (1, 4, 1))
+    # dy close to 1 + xhat: dx is a small difference of two large terms
+    xhat = (x64 - x64.mean((0, 2), keepdims=True)) / x64.std((0, 2), keepdims=True)
+    dy64 = 1.0 + xhat + 0.05 * rng.normal(size=x64.shape)
+    w = rng.uniform(0.5, 2, 4)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        conv = lambda a: torch.from_numpy(a).to(getattr(torch, dtype))  # noqa: E731
+        back = lambda a: a.double().numpy()  # noqa: E731
+        wc = torch.from_numpy(w).float()
+        eps_dtype = float(torch.finfo(getattr(torch, dtype)).eps)
+    else:
+        conv, back, wc = (lambda a: a.astype(dtype)), (lambda a: a.astype(np.float64)), w
+        wc = w.astype(np.float32)
+        eps_dtype = float(np.finfo(dtype).eps)
+    x, dy = conv(x64), conv(dy64)
+    xr, dyr = back(x), back(dy)  # the values the half-precision arrays hold
+    ref = anybn.batch_norm(xr, weight=w, training=True)
+    exact = anybn.batch_norm_backward(dyr, xr, w, ref.mean, ref.invstd).dx
+
+    def rank_fn(comm: Communicator) -> Any:
+        shard = slice(8 * comm.rank, 8 * comm.rank + 8)
+        out = anybn.batch_norm(x[shard], weight=wc, training=True, comm=comm)
+        return back(anybn.batch_norm_backward(
+            dy[shard], x[shard], wc, out.mean, out.invstd, comm=comm).dx)  # fmt: skip
+
+    got = np.concatenate(_values(ThreadGroup(2).run(rank_fn)))
+    out = anybn.batch_norm(x, weight=wc, training=True)
+    local = back(anybn.batch_norm_backward(dy, x, wc, out.mean, out.invstd).dx)
+    scale = np.abs(exact).max()
+    err_sync, err_local = np.abs(got - exact).max() / scale, np.abs(local - exact).max() / scale
+    assert err_sync <= max(2 * err_local, eps_dtype), (err_sync, err_local)
