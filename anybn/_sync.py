@@ -34,8 +34,14 @@ raise, instead of a collective on mismatched buffers. The header also carries
 the counts: the global count ``N`` is known before the statistics move, so
 ``N <= 1`` raises ValueError on every rank.
 
+Every check of a call (its options and autodiff mode included) runs before the
+header, so that a call failing on one rank fails on every rank and the next calls
+pair; PyTorch tensors that autograd records go through an ``autograd.Function``
+(:mod:`anybn._torch_sync`) whose backward is the synchronized one.
+
 Statistics travel in the accumulation dtype: float32 for float16/bfloat16/float32
-input, float64 for float64 input.
+input, float64 for float64 input; the backward widens half-precision x and dy to
+float32 and rounds dx once.
 """
 
 from __future__ import annotations
@@ -572,7 +578,7 @@ def _check_backward(
     weight: Array | None,
     mean: Array,
     invstd: Array,
-    axis: int,
+    axis: object,
     xp: ModuleType | None,
 ) -> _Local:
     """The local checks of :func:`anybn.batch_norm_backward`."""
