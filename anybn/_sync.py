@@ -166,10 +166,16 @@ def _agree(
     Raised, in this order: ranks in different calls (RuntimeError); ranks whose x
     differ in channel count (ValueError), dtype (TypeError) or device type
     (ValueError); a rank whose own checks failed (its own error there, RuntimeError
-    on the others).
+    on the others). If the exchange itself fails, a rank whose checks failed raises
+    its own error (from the exchange's).
     """
     _exchanges.count = getattr(_exchanges, "count", 0) + 1
-    rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
+    try:
+        rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
+    except Exception as failure:  # the ranks could not be told (no group, a dead peer)
+        if error is not None:
+            raise error from failure  # this rank's own error comes first
+        raise
     where = f"anybn synchronized batch norm ({comm.engine}, {len(rows)} ranks)"
     if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
         ops = ", ".join(f"rank {i}: {_OPS.get(r[1], 'unknown')}" for i, r in enumerate(rows))

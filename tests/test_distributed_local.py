@@ -573,3 +573,16 @@ def test_half_precision_backward_rounds_once(lib: str, dtype: str) -> None:
     scale = np.abs(exact).max()
     err_sync, err_local = np.abs(got - exact).max() / scale, np.abs(local - exact).max() / scale
     assert err_sync <= max(2 * err_local, eps_dtype), (err_sync, err_local)
+
+
+def test_no_process_group_raises_the_rank_own_error() -> None:
+    """When the ranks cannot be told (no process group), a failed check is raised as such."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="supports one channel axis") as info:
+        anybn.batch_norm(np.ones((4, 2, 3)), training=True, axis=(1, 2), comm="torch")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "not initialized" in str(info.value.__cause__)
