@@ -290,8 +290,10 @@ def batch_norm(
         training every rank must call with its shard of the batch; the batch
         statistics (and the running-statistics update) are then those of the
         concatenated batch, on every rank. Ignored in eval. None: local.
-        See :mod:`anybn.distributed`. Not combinable with ``mask``, several
-        channel axes or ``var_estimator="biased"`` (ValueError).
+        See :mod:`anybn.distributed`. In training not combinable with ``mask``,
+        several channel axes or ``var_estimator="biased"`` (ValueError on every
+        rank: every check runs before the ranks communicate); torch tensors that
+        require grad differentiate through the global statistics.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -648,7 +650,9 @@ def batch_norm_backward(
         The communicator of a synchronized forward (see :func:`batch_norm`):
         in training the two sums are all-reduced over its ranks and ``dx`` is
         the gradient through the global statistics; ``dweight`` and ``dbias``
-        stay this rank's own sums. Ignored in eval. None: local.
+        stay this rank's own sums. In training not combinable with ``mask`` or
+        several channel axes, and not differentiable (ValueError / TypeError on
+        every rank). Ignored in eval. None: local.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 

@@ -34,8 +34,14 @@ raise, instead of a collective on mismatched buffers. The header also carries
 the counts: the global count ``N`` is known before the statistics move, so
 ``N <= 1`` raises ValueError on every rank.
 
+Every check of a call (its options and autodiff mode included) runs before the
+header, so that a call failing on one rank fails on every rank and the next calls
+pair; PyTorch tensors that autograd records go through an ``autograd.Function``
+(:mod:`anybn._torch_sync`) whose backward is the synchronized one.
+
 Statistics travel in the accumulation dtype: float32 for float16/bfloat16/float32
-input, float64 for float64 input.
+input, float64 for float64 input; the backward widens half-precision x and dy to
+float32 and rounds dx once.
 """
 
 from __future__ import annotations
@@ -160,10 +166,16 @@ def _agree(
     Raised, in this order: ranks in different calls (RuntimeError); ranks whose x
     differ in channel count (ValueError), dtype (TypeError) or device type
     (ValueError); a rank whose own checks failed (its own error there, RuntimeError
-    on the others).
+    on the others). If the exchange itself fails, a rank whose checks failed raises
+    its own error (from the exchange's).
     """
     _exchanges.count = getattr(_exchanges, "count", 0) + 1
-    rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
+    try:
+        rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
+    except Exception as failure:  # the ranks could not be told (no group, a dead peer)
+        if error is not None:
+            raise error from failure  # this rank's own error comes first
+        raise
     where = f"anybn synchronized batch norm ({comm.engine}, {len(rows)} ranks)"
     if any(r[0] != _MAGIC for r in rows) or len({r[1] for r in rows}) > 1:
         ops = ", ".join(f"rank {i}: {_OPS.get(r[1], 'unknown')}" for i, r in enumerate(rows))
@@ -572,7 +584,7 @@ def _check_backward(
     weight: Array | None,
     mean: Array,
     invstd: Array,
-    axis: int,
+    axis: object,
     xp: ModuleType | None,
 ) -> _Local:
     """The local checks of :func:`anybn.batch_norm_backward`."""

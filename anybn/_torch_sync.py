@@ -143,8 +143,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     statistics of float64 inputs are combined in float64, and the per-rank
     statistics are merged exactly (count-weighted Chan merge; a rank may hold
     an empty batch). A forward that raises leaves
-    ``num_batches_tracked`` and the running statistics unchanged. Double
-    backward is not supported (as in PyTorch).
+    ``num_batches_tracked`` and the running statistics unchanged, and raises
+    on every rank of the group. ``momentum`` may be any number, as in PyTorch.
+    float16 and bfloat16 inputs are synchronized in float32 and ``dx`` is
+    rounded once. Double backward, forward-mode AD and ``torch.func``
+    transforms are not supported (as in PyTorch; refused on every rank).
 
     Examples
     --------

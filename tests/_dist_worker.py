@@ -283,11 +283,22 @@ def run_faults(r: Rank, data: dict) -> None:
         "axes": lambda: fwd(x3, axis=(1, 2) if last else 1),
         "biased": lambda: fwd(x3, var_estimator="biased" if last else "unbiased"),
         "backward_mask": lambda: anybn.batch_norm_backward(
-            x3, x3, None, np.zeros(3), np.ones(3), comm=r.comm,
+            x3,
+            x3,
+            None,
+            np.zeros(3),
+            np.ones(3),
+            comm=r.comm,
             mask=np.ones(x3.shape, bool) if last else None,
         ),
         "backward_axes": lambda: anybn.batch_norm_backward(
-            x3, x3, None, np.zeros(3), np.ones(3), comm=r.comm, axis=(1, 2) if last else (1,),
+            x3,
+            x3,
+            None,
+            np.zeros(3),
+            np.ones(3),
+            comm=r.comm,
+            axis=(1, 2) if last else (1,),
         ),
         "layer_mask": lambda: anybn.BatchNorm(3, comm=r.comm)(
             x3, mask=np.ones(x3.shape, bool) if last else None

@@ -322,6 +322,10 @@ def test_every_shard_empty_is_the_core_empty_batch() -> None:
 _MEAN_FIVE = 5.0 + np.array([[-1.0], [1.0]]) * np.ones((2, 3))
 
 
+def _sum_of_y(x: Any, comm: Communicator) -> Any:
+    return anybn.batch_norm(x, training=True, comm=comm).y.sum()
+
+
 def _one_rank_fault(name: str, comm: Communicator, last: bool) -> Any:
     """The call of fault ``name``: its bad option on the last rank only."""
     x = np.random.default_rng(comm.rank).normal(size=(4, 3, 2))
@@ -334,9 +338,7 @@ def _one_rank_fault(name: str, comm: Communicator, last: bool) -> Any:
         return anybn.batch_norm(x, training=True, comm=comm, var_estimator=estimator)
     if name == "backward_mask":
         mask = x > 0 if last else None
-        return anybn.batch_norm_backward(
-            x, x, None, np.zeros(3), np.ones(3), comm=comm, mask=mask
-        )
+        return anybn.batch_norm_backward(x, x, None, np.zeros(3), np.ones(3), comm=comm, mask=mask)
     if name == "layer_mask":
         return anybn.BatchNorm(3, comm=comm)(x, mask=x > 0 if last else None)
     if name == "torch_forward_ad":
@@ -353,8 +355,9 @@ def _one_rank_fault(name: str, comm: Communicator, last: bool) -> Any:
         import torch
 
         xt = torch.from_numpy(x)
-        fn = (lambda a: anybn.batch_norm(a, training=True, comm=comm).y.sum())
-        return torch.func.grad(fn)(xt) if last else fn(xt.requires_grad_())
+        if last:
+            return torch.func.grad(_sum_of_y, argnums=0)(xt, comm)
+        return _sum_of_y(xt.requires_grad_(), comm)
     if name == "torch_backward_requires_grad":
         import torch
 
@@ -364,8 +367,7 @@ def _one_rank_fault(name: str, comm: Communicator, last: bool) -> Any:
     if name == "jax_grad":
         jax = pytest.importorskip("jax")
         xj = jax.numpy.asarray(x.astype(np.float32))
-        fn = (lambda a: anybn.batch_norm(a, training=True, comm=comm).y.sum())
-        return jax.grad(fn)(xj) if last else fn(xj)
+        return jax.grad(_sum_of_y)(xj, comm) if last else _sum_of_y(xj, comm)
     raise AssertionError(name)
 
 
@@ -571,3 +573,16 @@ def test_half_precision_backward_rounds_once(lib: str, dtype: str) -> None:
     scale = np.abs(exact).max()
     err_sync, err_local = np.abs(got - exact).max() / scale, np.abs(local - exact).max() / scale
     assert err_sync <= max(2 * err_local, eps_dtype), (err_sync, err_local)
+
+
+def test_no_process_group_raises_the_rank_own_error() -> None:
+    """When the ranks cannot be told (no process group), a failed check is raised as such."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="supports one channel axis") as info:
+        anybn.batch_norm(np.ones((4, 2, 3)), training=True, axis=(1, 2), comm="torch")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "not initialized" in str(info.value.__cause__)
