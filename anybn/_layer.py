@@ -650,10 +650,10 @@ class BatchNorm:
             )
             mean, invstd = out.mean, out.invstd
             if update:
-                new = (out.new_running_mean, out.new_running_var)
-                if compat.is_dask_array(new[0]):  # computed now, with the saved statistics
-                    *new, mean, invstd = _materialised(*new, mean, invstd)
-                arrays = arrays._replace(running_mean=new[0], running_var=new[1])
+                new_mean, new_var = out.new_running_mean, out.new_running_var
+                if compat.is_dask_array(new_mean):  # computed now, with the saved statistics
+                    new_mean, new_var, mean, invstd = _materialised(new_mean, new_var, mean, invstd)
+                arrays = arrays._replace(running_mean=new_mean, running_var=new_var)
             _check_storable(arrays)
             # Everything succeeded: commit.
             if update:

@@ -21,9 +21,9 @@ from typing import Any
 import array_api_compat as compat
 import numpy as np
 import pytest
+from _helpers import require
 
 import anybn
-from _helpers import require
 from anybn._backends import Backend
 
 C = 3
@@ -560,7 +560,7 @@ def test_layer_inside_a_jax_transformation(rng: np.random.Generator) -> None:
     bn = anybn.BatchNorm()
     bn(x)
     before = _snapshot(bn)
-    with pytest.raises(RuntimeError, match="inside a JAX transformation.*running_mean"):
+    with pytest.raises(RuntimeError, match=r"inside a JAX transformation.*running_mean"):
         jax.jit(lambda a: bn(a))(x)
     _assert_same_snapshot(before, _snapshot(bn))
     bn(x)  # still works: no tracer was kept
