@@ -365,7 +365,19 @@ class BatchNorm:
     run one at a time; its array work is multi-threaded inside), and
     ``backward`` pairs with the last forward *of the calling thread*. Copies
     (``copy.deepcopy``, ``pickle``) carry the parameters, buffers, counter and
-    mode, not the saved forward.
+    mode, not the saved forward, on every library, with the arrays on the
+    original's device.
+
+    What the layer holds does not grow with the number of batches and keeps no
+    earlier batch alive, on lazy arrays too. On Dask a training forward
+    computes the new running statistics (one pass over ``x``, with Dask's
+    current scheduler) and stores them as Dask arrays of their computed values,
+    instead of a graph that would chain every batch seen; ``y`` stays lazy (and
+    computing it passes over ``x`` again). A batch whose graph fails raises in
+    the forward and leaves the layer as it was. On JAX the layer runs eagerly:
+    a training call inside ``jax.jit`` (or another transformation that makes
+    tracers) raises RuntimeError instead of storing tracers; keep the state
+    explicit with :func:`anybn.batch_norm` there.
 
     Examples
     --------
