@@ -365,7 +365,19 @@ class BatchNorm:
     run one at a time; its array work is multi-threaded inside), and
     ``backward`` pairs with the last forward *of the calling thread*. Copies
     (``copy.deepcopy``, ``pickle``) carry the parameters, buffers, counter and
-    mode, not the saved forward.
+    mode, not the saved forward, on every library, with the arrays on the
+    original's device.
+
+    What the layer holds does not grow with the number of batches and keeps no
+    earlier batch alive, on lazy arrays too. On Dask a training forward
+    computes the new running statistics (one pass over ``x``, with Dask's
+    current scheduler) and stores them as Dask arrays of their computed values,
+    instead of a graph that would chain every batch seen; ``y`` stays lazy (and
+    computing it passes over ``x`` again). A batch whose graph fails raises in
+    the forward and leaves the layer as it was. On JAX the layer runs eagerly:
+    a training call inside ``jax.jit`` (or another transformation that makes
+    tracers) raises RuntimeError instead of storing tracers; keep the state
+    explicit with :func:`anybn.batch_norm` there.
 
     Examples
     --------
@@ -650,10 +662,10 @@ class BatchNorm:
             )
             mean, invstd = out.mean, out.invstd
             if update:
-                new = (out.new_running_mean, out.new_running_var)
-                if compat.is_dask_array(new[0]):  # computed now, with the saved statistics
-                    *new, mean, invstd = _materialised(*new, mean, invstd)
-                arrays = arrays._replace(running_mean=new[0], running_var=new[1])
+                new_mean, new_var = out.new_running_mean, out.new_running_var
+                if compat.is_dask_array(new_mean):  # computed now, with the saved statistics
+                    new_mean, new_var, mean, invstd = _materialised(new_mean, new_var, mean, invstd)
+                arrays = arrays._replace(running_mean=new_mean, running_var=new_var)
             _check_storable(arrays)
             # Everything succeeded: commit.
             if update:

@@ -21,9 +21,9 @@ from typing import Any
 import array_api_compat as compat
 import numpy as np
 import pytest
+from _helpers import require
 
 import anybn
-from _helpers import require
 from anybn._backends import Backend
 
 C = 3
@@ -560,7 +560,7 @@ def test_layer_inside_a_jax_transformation(rng: np.random.Generator) -> None:
     bn = anybn.BatchNorm()
     bn(x)
     before = _snapshot(bn)
-    with pytest.raises(RuntimeError, match="inside a JAX transformation.*running_mean"):
+    with pytest.raises(RuntimeError, match=r"inside a JAX transformation.*running_mean"):
         jax.jit(lambda a: bn(a))(x)
     _assert_same_snapshot(before, _snapshot(bn))
     bn(x)  # still works: no tracer was kept
@@ -606,3 +606,23 @@ def test_jax_layer_copies_stay_on_their_device() -> None:
         [sys.executable, "-c", _JAX_DEVICE_SCRIPT], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_sparse_layer_state_does_not_grow_and_copies(rng: np.random.Generator) -> None:
+    """pydata-sparse, the other library the layer binds to outside the matrix: the same checks."""
+    sparse = pytest.importorskip("sparse")
+    bn = anybn.BatchNorm(momentum=0.3)
+    for k in range(BATCHES):
+        bn(sparse.COO.from_numpy(rng.standard_normal((6, C, 4)) + k % 5))
+        if k == 0:
+            after_one = _state_size(bn)
+    assert _state_size(bn) == after_one and bn.num_batches_tracked == BATCHES
+    x = sparse.COO.from_numpy(rng.standard_normal((6, C, 4)))
+    copies = _copies(bn)
+    expected = bn(x).todense()
+    for how, clone in copies.items():
+        np.testing.assert_array_equal(clone(x).todense(), expected, err_msg=how)
+        assert type(clone.running_mean) is type(bn.running_mean), how
+        np.testing.assert_array_equal(
+            clone.running_var.todense(), bn.running_var.todense(), err_msg=how
+        )
