@@ -120,9 +120,16 @@ def test_functional_forward_ad_like_torch(
 
 
 @pytest.mark.parametrize("subset", SUBSETS, ids=SUBSET_IDS)
-@TRAIN_EVAL
-def test_drop_in_module_forward_ad_like_torch(training: bool, subset: tuple[str, ...]) -> None:
-    """``BatchNorm2d`` under ``functional_call`` with dual parameters and buffers."""
+@pytest.mark.parametrize(
+    ("name", "training"),
+    [("BatchNorm2d", True), ("BatchNorm2d", False), ("SyncBatchNorm", False)],
+    ids=["BatchNorm2d-train", "BatchNorm2d-eval", "SyncBatchNorm-eval"],
+)
+def test_drop_in_module_forward_ad_like_torch(
+    name: str, training: bool, subset: tuple[str, ...]
+) -> None:
+    """The modules under ``functional_call`` with dual parameters and buffers (SyncBatchNorm
+    in eval, where it needs no process group)."""
 
     def call(cls: Any) -> Any:
         module = cls(2, momentum=0.3, dtype=torch.float64).train(training)
@@ -134,8 +141,9 @@ def test_drop_in_module_forward_ad_like_torch(training: bool, subset: tuple[str,
 
         return run
 
-    theirs = _outcome(call(torch.nn.BatchNorm2d), (3, 2, 4, 4), subset)
-    _assert_same_outcome(_outcome(call(abt.BatchNorm2d), (3, 2, 4, 4), subset), theirs)
+    shape = (3, 2, 4, 4)
+    theirs = _outcome(call(getattr(torch.nn, name)), shape, subset)
+    _assert_same_outcome(_outcome(call(getattr(abt, name)), shape, subset), theirs)
 
 
 @TRAIN_EVAL
