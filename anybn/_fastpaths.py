@@ -99,16 +99,20 @@ def fast_paths(on: bool) -> Iterator[None]:
 # These run on every call with tensors: a few hundred nanoseconds per attribute read, so they
 # read as little as they can (the core has already checked dtypes, shapes and devices).
 
-_torch: Any = None  # the torch module, bound on first use (torch is optional)
+_torch: Any = None  # the torch module, bound on first eager use (torch is optional)
 
 
 def _torch_module() -> Any:
     global _torch
-    if _torch is None:
-        import torch
+    if _torch is not None:
+        return _torch
+    import torch
 
+    # Not while torch.compile traces: a global bound there is a side effect, which an
+    # autograd.Function's backward may not have (fullgraph=True then fails).
+    if not torch.compiler.is_compiling():
         _torch = torch
-    return _torch
+    return torch
 
 
 def torch_has_tangent(tensors: tuple[Array | None, ...]) -> bool:

@@ -15,7 +15,9 @@ keeping its parameters and buffers.
 
 Differences from PyTorch: a forward that raises (one value per channel in
 training, say) leaves ``num_batches_tracked`` unchanged, where PyTorch has
-already incremented it; ``torch.jit.script`` is not supported.
+already incremented it; an input with no channels gives an empty output with
+weight and bias too (PyTorch raises IndexError); ``torch.jit.script`` is not
+supported.
 """
 
 from __future__ import annotations
@@ -303,7 +305,12 @@ def batch_norm(
     included): in training the running statistics, if given, are updated in
     place; the channels are on dimension 1; ``momentum`` may be any number (it
     is ignored in eval), and ``eps`` may be 0 in eval. An empty batch gives an
-    empty output and leaves the running statistics as they are.
+    empty output and leaves the running statistics as they are; so does an input
+    with no channels, with or without weight and bias (PyTorch raises IndexError
+    with them). Forward-mode AD does not differentiate the running statistics, as
+    in PyTorch: their tangents never reach the output, and in eval a tangent on
+    one of them together with one on ``input``, ``weight`` or ``bias`` raises
+    RuntimeError.
 
     Examples
     --------

@@ -71,6 +71,13 @@ def test_extras_pull_no_gpu_library(extra: str) -> None:
     assert not gpu, f"extra {extra!r} pulls {gpu}: on Linux that means CUDA wheels by surprise"
 
 
+def test_test_extra_has_what_torch_testing_imports() -> None:
+    """tests/test_torch_upstream.py runs PyTorch's samples from ``torch.testing._internal``,
+    which imports expecttest: without it in the ``test`` extra a plain install skips the file."""
+    names = {re.split(r"[<>=!~\[;\s]", r, maxsplit=1)[0].lower() for r in _extra("test")}
+    assert "expecttest" in names
+
+
 def test_install_section_names_the_cpu_index_and_cuda_builds() -> None:
     section = _install_section()
     assert "--index-url https://download.pytorch.org/whl/cpu" in section

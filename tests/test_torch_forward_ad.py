@@ -20,6 +20,7 @@ import itertools
 from typing import Any
 
 import pytest
+from _fresh import fresh_process
 
 torch = pytest.importorskip("torch")
 
@@ -92,7 +93,9 @@ def _assert_same_outcome(ours: tuple[Any, ...], theirs: tuple[Any, ...]) -> None
         assert ours[1:] == theirs[1:]
         return
     _assert_same_tensor(ours[1], theirs[1], "y tangent")
-    for name, (p, t), (tp, tt) in zip(("running_mean", "running_var"), ours[2], theirs[2]):
+    for name, (p, t), (tp, tt) in zip(
+        ("running_mean", "running_var"), ours[2], theirs[2], strict=True
+    ):
         _assert_same_tensor(p, tp, f"{name} after the call")
         _assert_same_tensor(t, tt, f"{name}'s tangent after the call")
 
@@ -117,9 +120,16 @@ def test_functional_forward_ad_like_torch(
 
 
 @pytest.mark.parametrize("subset", SUBSETS, ids=SUBSET_IDS)
-@TRAIN_EVAL
-def test_drop_in_module_forward_ad_like_torch(training: bool, subset: tuple[str, ...]) -> None:
-    """``BatchNorm2d`` under ``functional_call`` with dual parameters and buffers."""
+@pytest.mark.parametrize(
+    ("name", "training"),
+    [("BatchNorm2d", True), ("BatchNorm2d", False), ("SyncBatchNorm", False)],
+    ids=["BatchNorm2d-train", "BatchNorm2d-eval", "SyncBatchNorm-eval"],
+)
+def test_drop_in_module_forward_ad_like_torch(
+    name: str, training: bool, subset: tuple[str, ...]
+) -> None:
+    """The modules under ``functional_call`` with dual parameters and buffers (SyncBatchNorm
+    in eval, where it needs no process group)."""
 
     def call(cls: Any) -> Any:
         module = cls(2, momentum=0.3, dtype=torch.float64).train(training)
@@ -131,19 +141,23 @@ def test_drop_in_module_forward_ad_like_torch(training: bool, subset: tuple[str,
 
         return run
 
-    theirs = _outcome(call(torch.nn.BatchNorm2d), (3, 2, 4, 4), subset)
-    _assert_same_outcome(_outcome(call(abt.BatchNorm2d), (3, 2, 4, 4), subset), theirs)
+    shape = (3, 2, 4, 4)
+    theirs = _outcome(call(getattr(torch.nn, name)), shape, subset)
+    _assert_same_outcome(_outcome(call(getattr(abt, name)), shape, subset), theirs)
 
 
-@pytest.mark.parametrize("subset", SUBSETS, ids=SUBSET_IDS)
 @TRAIN_EVAL
-def test_func_jvp_like_torch(training: bool, subset: tuple[str, ...]) -> None:
-    """``torch.func.jvp`` with respect to ``subset``: the same tangent or the same error."""
+@fresh_process(timeout=300)
+def test_func_jvp_like_torch(training: bool) -> None:
+    """``torch.func.jvp`` with respect to each subset: the same tangent or the same error.
+
+    A transform: one fresh process runs every subset.
+    """
     primals, tangents = _data((3, 2, 5))
 
-    def outcome(fn: Any) -> tuple[Any, ...]:
+    def outcome(fn: Any, subset: tuple[str, ...]) -> tuple[Any, ...]:
         def f(*duals: Any) -> Any:
-            a = {**primals, **dict(zip(subset, duals))}
+            a = {**primals, **dict(zip(subset, duals, strict=True))}
             if training:  # updated in place: fresh copies each time
                 a["running_mean"], a["running_var"] = a["running_mean"] + 0, a["running_var"] + 0
             return fn(
@@ -152,17 +166,21 @@ def test_func_jvp_like_torch(training: bool, subset: tuple[str, ...]) -> None:
             )  # fmt: skip
 
         try:
-            _, tangent = jvp(f, tuple(primals[n] for n in subset), tuple(tangents[n] for n in subset))
+            _, tangent = jvp(
+                f, tuple(primals[n] for n in subset), tuple(tangents[n] for n in subset)
+            )
         except RuntimeError as e:
             return ("raise", type(e), str(e))
         return ("ok", tangent)
 
-    ours, theirs = outcome(abt.batch_norm), outcome(torch.nn.functional.batch_norm)
-    assert ours[0] == theirs[0], (ours[:2], theirs[:2])
-    if theirs[0] == "raise":
-        assert ours == theirs
-    else:
-        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-10)
+    for subset in SUBSETS:
+        ours = outcome(abt.batch_norm, subset)
+        theirs = outcome(torch.nn.functional.batch_norm, subset)
+        assert ours[0] == theirs[0], (subset, ours[:2], theirs[:2])
+        if theirs[0] == "raise":
+            assert ours == theirs, subset
+        else:
+            torch.testing.assert_close(ours[1], theirs[1], rtol=1e-10, atol=1e-10, msg=str(subset))
 
 
 def _formula(a: dict[str, Any], training: bool) -> Any:
@@ -174,9 +192,7 @@ def _formula(a: dict[str, Any], training: bool) -> Any:
         var = ((x - mean) ** 2).mean(dim=(0, 2), keepdim=True)
     else:
         mean, var = a["running_mean"].reshape(view), a["running_var"].reshape(view)
-    return (x - mean) / torch.sqrt(var + EPS) * a["weight"].reshape(view) + a["bias"].reshape(
-        view
-    )
+    return (x - mean) / torch.sqrt(var + EPS) * a["weight"].reshape(view) + a["bias"].reshape(view)
 
 
 @pytest.mark.parametrize("subset", SUBSETS, ids=SUBSET_IDS)

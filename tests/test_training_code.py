@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _fresh import fresh_process
 
 import anybn
 from anybn import _numpy_kernels
@@ -548,6 +549,7 @@ def test_layer_with_a_communicator_copies_and_refuses_pickle() -> None:
     assert pickle.loads(pickle.dumps(bn)).comm == "torch"
 
 
+@fresh_process(timeout=300)
 def test_core_on_tensors_under_torch_func_and_forward_ad() -> None:
     """anybn.batch_norm called directly inside torch.func transforms and forward AD.
 
