@@ -62,20 +62,29 @@ def clone(*arrays: Any) -> Any:
 
 
 def _chunk_moments(axes: tuple[int, ...], xb: np.ndarray, wb: np.ndarray | None = None) -> Any:
-    """``(n, mean, M2)`` of one chunk, stacked on a new leading axis, float64."""
+    """``(n, mean, M2)`` of one chunk, stacked on a new leading axis, float64.
+
+    With a mask the values left out are selected away (``where``), never
+    multiplied by 0: a NaN or inf there does not reach the statistics.
+    """
     xb = np.asarray(xb, dtype=np.float64)
+    n: Any
     if wb is None:
+        keep = None
         n = np.full([1 if i in axes else s for i, s in enumerate(xb.shape)],
                     float(np.prod([xb.shape[a] for a in axes])))  # fmt: skip
-        wb_f: Any = 1.0
     else:
-        wb_f = np.broadcast_to(np.asarray(wb), xb.shape).astype(np.float64)
-        n = np.sum(wb_f, axis=axes, keepdims=True)
+        keep = np.broadcast_to(np.asarray(wb, dtype=bool), xb.shape)
+        n = np.sum(keep, axis=axes, keepdims=True, dtype=np.float64)
+
+    def kept(a: np.ndarray) -> Any:
+        return a if keep is None else np.where(keep, a, 0.0)
+
     safe = np.where(n > 0, n, 1.0)
-    m1 = np.sum(wb_f * xb, axis=axes, keepdims=True) / safe
-    centered = xb - m1
-    corr = np.sum(wb_f * centered, axis=axes, keepdims=True) / safe
-    m2 = np.sum(wb_f * centered * centered, axis=axes, keepdims=True) - n * corr * corr
+    m1 = np.sum(kept(xb), axis=axes, keepdims=True) / safe
+    centered = kept(xb - m1)
+    corr = np.sum(centered, axis=axes, keepdims=True) / safe
+    m2 = np.sum(centered * centered, axis=axes, keepdims=True) - n * corr * corr
     return np.stack([n, m1 + corr, m2])
 
 
@@ -111,13 +120,27 @@ def moments(
 
 
 def backward_sums(
-    xp: ModuleType, dy: Array, x: Array, mean_b: Array, axis: int | tuple[int, ...]
+    xp: ModuleType,
+    dy: Array,
+    x: Array,
+    mean_b: Array,
+    axis: int | tuple[int, ...],
+    mask: Array | None = None,
 ) -> tuple[Array, Array]:
-    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, keepdims-shaped, in one pass."""
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, keepdims-shaped, in one pass.
+
+    With a mask, a masked-out position whose ``dy`` is 0 adds nothing to the
+    second sum whatever its ``x`` (see :func:`anybn._stats.reaching_loss`).
+    """
+    from ._stats import reaching_loss
+
     axes = reduction_axes(x.ndim, axis)
     wide = np.float64 if x.dtype == np.float32 else x.dtype
+    centered = x - mean_b
+    if mask is not None:
+        centered = reaching_loss(xp, centered, mask, dy)
     sum_dy = xp.sum(dy, axis=axes, keepdims=True, dtype=wide)
-    sum_dy_centered = xp.sum(dy * (x - mean_b), axis=axes, keepdims=True, dtype=wide)
+    sum_dy_centered = xp.sum(dy * centered, axis=axes, keepdims=True, dtype=wide)
     return sum_dy, sum_dy_centered
 
 

@@ -22,7 +22,13 @@ import array_api_compat as compat
 import numpy as _np
 
 from . import _fastpaths
-from ._stats import centered_moments, channel_dot, channel_sum, masked_centered_moments
+from ._stats import (
+    centered_moments,
+    channel_dot,
+    channel_sum,
+    masked_centered_moments,
+    reaching_loss,
+)
 from ._typing import AnyArray
 from ._validation import (
     check_channel_vector,
@@ -275,7 +281,8 @@ def batch_norm(
         axes, in increasing axis order (``x.shape[1], x.shape[2]`` for ``(1, 2)``).
     mask : array or None, optional
         A boolean array broadcastable to ``x``, True where a value counts for
-        the batch statistics (Keras' and Flax' ``mask``; padding is False).
+        the batch statistics (Keras' and Flax' ``mask``; padding is False). Values
+        where it is False never reach the statistics, even NaN or inf.
         Training with fewer than 2 counted values in a channel raises (lazy
         arrays, which cannot be inspected, give NaN for that channel). Ignored
         for the statistics in eval. None: every value counts.
@@ -514,6 +521,20 @@ def counted_values(
     return n
 
 
+def _traced_padding(xp: ModuleType, x: Array, mask: Array) -> Array | None:
+    """Torch tensors with a mask: where the mask is False and x is NaN or inf; else None.
+
+    Autograd differentiates the generic forward on torch tensors, and a NaN in the
+    graph poisons every gradient (``dscale = sum(dy * (x - mean))`` meets ``0 * nan``
+    where the loss ignores the padding). There the graph computes y from 0, and the
+    value at those positions is put back cut from the graph. Other libraries run
+    anybn's own backward (JAX through its custom VJP), which selects such terms away.
+    """
+    if not compat.is_torch_array(x):
+        return None
+    return xp.logical_and(xp.logical_not(mask), xp.logical_not(xp.isfinite(x)))
+
+
 def _generic_forward(
     xp: ModuleType,
     x: Array,
@@ -538,6 +559,7 @@ def _generic_forward(
     xc = _as(xp, x, cdt)
 
     n: Array | int = count
+    padding = None
     if training:
         if compat.is_dask_array(x):
             # Out of core: per-chunk moments merged in a tree, y from a clone of x's graph
@@ -553,9 +575,11 @@ def _generic_forward(
             if mask is None:
                 moments = centered_moments(xp, xc, axes, count)
             else:
-                weights = xp.astype(mask, cdt)
-                n = counted_values(xp, weights, axes, tuple(x.shape))
-                moments = masked_centered_moments(xp, xc, weights, axes, n)
+                n = counted_values(xp, xp.astype(mask, cdt), axes, tuple(x.shape))
+                padding = _traced_padding(xp, xc, mask)
+                zero = xp.zeros((), dtype=cdt, device=compat.device(x))
+                xs = xc if padding is None else xp.where(padding, zero, xc)
+                moments = masked_centered_moments(xp, xs, mask, axes, n)
             mean_b, m2 = moments.mean, moments.m2
             centered, corr = moments.centered, moments.correction
         var = m2 / n
@@ -579,7 +603,12 @@ def _generic_forward(
     if corr is not None:
         # y = (centered - corr) * scale + bias, with the correction folded into the shift
         shift = -corr * scale if shift is None else shift - corr * scale
-    y = _as(xp, _affine(xp, centered, scale, shift), x.dtype)
+    y = _affine(xp, centered, scale, shift)
+    if padding is not None:
+        # the formula's value at a NaN or inf padding value, cut from the graph (see
+        # _traced_padding): x * scale there is (x - mean) * scale + shift exactly
+        y = xp.where(padding, stop_gradient(xc * scale), y)
+    y = _as(xp, y, x.dtype)
 
     new_running_mean, new_running_var = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
@@ -629,6 +658,9 @@ def batch_norm_backward(
     with ``m`` the mask as 0/1 and ``n`` the counted values per channel::
 
         dx = weight * invstd * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n)         (training)
+
+    A masked-out position whose ``dy`` is 0 adds nothing to the sums, even where its
+    ``x`` is NaN or inf (padding), and ``dx`` there is ``weight * invstd * dy``.
 
     Parameters
     ----------
@@ -792,7 +824,8 @@ def _generic_backward(
         from . import _dask
 
         sum_dy, sum_dy_centered = (
-            _as(xp, s, cdt) for s in _dask.backward_sums(xp, dyc, _as(xp, x, cdt), mean_b, axis)
+            _as(xp, s, cdt)
+            for s in _dask.backward_sums(xp, dyc, _as(xp, x, cdt), mean_b, axis, mask)
         )
         if mask is not None:
             mask = _dask.clone(mask)
@@ -800,15 +833,20 @@ def _generic_backward(
         centered, dyc = _as(xp, x_again, cdt) - mean_b, _as(xp, dy_again, cdt)
     else:
         sum_dy = channel_sum(xp, dyc, axes)
-        sum_dy_centered = channel_dot(xp, dyc, centered, axes)
+        if training and mask is not None:
+            sum_dy_centered = channel_dot(xp, dyc, reaching_loss(xp, centered, mask, dyc), axes)
+        else:
+            sum_dy_centered = channel_dot(xp, dyc, centered, axes)
     sum_dy_xhat = invstd_b * sum_dy_centered
     scale = invstd_b if weight is None else invstd_b * xp.reshape(_as(xp, weight, cdt), bshape)
 
     if training and mask is not None:
-        # dx = scale * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n), m the 0/1 mask
-        weights = xp.astype(mask, cdt)
-        n = channel_sum(xp, weights, axes)
-        dx = scale * (dyc - (weights / n) * (sum_dy + centered * (invstd_b * sum_dy_xhat)))
+        # dx = scale * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n), m the mask: the second
+        # term selected (not multiplied) away where m is False, whatever x reads there
+        n = channel_sum(xp, xp.astype(mask, cdt), axes)
+        through_stats = (sum_dy + centered * (invstd_b * sum_dy_xhat)) / n
+        zero = xp.zeros((), dtype=cdt, device=compat.device(x))
+        dx = scale * (dyc - xp.where(mask, through_stats, zero))
     elif training:
         # dx = scale * (dy - sum_dy/n - xhat * sum_dy_xhat/n), with xhat = centered * invstd
         dx = _affine(xp, centered, -(scale * invstd_b * sum_dy_xhat / count), None)

@@ -97,17 +97,15 @@ def _train_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[An
     cdt = compute_dtype(jnp, x.dtype)
     axes = reduction_axes(x.ndim, static.axis)
     bshape = channel_shape(x.ndim, static.axis, param_shape(tuple(x.shape), static.axis))
-    if mask is None:
-        weights: Array = jnp.ones((), dtype=cdt)  # type: ignore[arg-type]
-        n: Array | int = static.n_values
-    else:
-        weights = mask.astype(cdt)
-        n = channel_sum(jnp, weights, axes)
     invstd_b = jnp.reshape(invstd, bshape)
     centered = x.astype(cdt) - jnp.reshape(mean, bshape)
-    d_stats = (weights / n) * (
-        jnp.reshape(dmean, bshape) - jnp.reshape(dinvstd, bshape) * invstd_b**3 * centered
-    )
+    terms = jnp.reshape(dmean, bshape) - jnp.reshape(dinvstd, bshape) * invstd_b**3 * centered
+    if mask is None:
+        d_stats = terms / static.n_values
+    else:
+        # m_i / n selected (not multiplied): a NaN or inf x at a masked-out position stays out
+        n = channel_sum(jnp, mask.astype(cdt), axes)
+        d_stats = jnp.where(mask, terms / n, jnp.zeros_like(terms, shape=()))
     dx = (grads.dx.astype(cdt) + d_stats).astype(x.dtype)
 
     def zero(a: Array | None) -> Array | None:

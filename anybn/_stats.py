@@ -28,6 +28,7 @@ __all__ = [
     "channel_dot",
     "channel_sum",
     "masked_centered_moments",
+    "reaching_loss",
 ]
 
 
@@ -143,25 +144,42 @@ def centered_moments(
 
 
 def masked_centered_moments(
-    xp: ModuleType, x: Array, weights: Array, axes: tuple[int, ...], count: Array
+    xp: ModuleType, x: Array, mask: Array, axes: tuple[int, ...], count: Array
 ) -> CenteredMoments:
-    """:func:`centered_moments` over the values where the 0/1 ``weights`` are 1.
+    """:func:`centered_moments` over the values where the boolean ``mask`` is True.
 
-    The same corrected two-pass algorithm, each sum weighted::
+    The same corrected two-pass algorithm, each sum over the counted values only::
 
-        m1   = sum(w * x) / n
-        corr = sum(w * (x - m1)) / n
-        M2   = sum(w * (x - m1)^2) - n * corr^2
+        m1   = sum_{mask} x / n
+        corr = sum_{mask} (x - m1) / n
+        M2   = sum_{mask} (x - m1)^2 - n * corr^2
 
-    ``count`` (``n``, per channel, broadcastable against ``x``) is ``sum(w)``.
-    ``centered`` is ``x - m1`` at every position, masked or not.
+    The values left out are *selected* away (``where(mask, x, 0)``), never
+    multiplied by 0: a NaN or inf there (padding) does not reach the statistics,
+    where ``0 * nan`` would. ``count`` (``n``, per channel, broadcastable against
+    ``x``) is the number of True values. ``centered`` is ``x - m1`` at every
+    position, masked or not.
     """
-    m1 = channel_dot(xp, x, weights, axes) / count
+    zero = xp.zeros((), dtype=x.dtype, device=compat.device(x))
+    m1 = channel_sum(xp, xp.where(mask, x, zero), axes) / count
     centered = x - m1
-    weighted = centered * weights
-    correction = channel_sum(xp, weighted, axes) / count
-    m2 = channel_dot(xp, weighted, centered, axes) - count * correction * correction
+    kept = xp.where(mask, centered, zero)
+    correction = channel_sum(xp, kept, axes) / count
+    m2 = channel_dot(xp, kept, kept, axes) - count * correction * correction
     return CenteredMoments(m1 + correction, m2, centered, correction, m1)
+
+
+def reaching_loss(xp: ModuleType, centered: Array, mask: Array, dy: Array) -> Array:
+    """``centered`` where a position reaches the loss, 0 elsewhere: the backward's factor.
+
+    With a mask the backward's sums still run over every position (``y`` is
+    computed everywhere, and everywhere depends on the statistics), but a
+    masked-out position whose ``dy`` is 0 adds nothing to ``sum(dy * (x - mean))``
+    whatever its ``x``: padding may hold NaN or inf, and ``0 * nan`` is NaN. Such
+    terms are selected away, never multiplied by 0.
+    """
+    zero = xp.zeros((), dtype=centered.dtype, device=compat.device(centered))
+    return xp.where(xp.logical_or(mask, dy != 0), centered, zero)
 
 
 def chan_merge(

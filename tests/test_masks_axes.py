@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _helpers import assert_close, host
+from _helpers import assert_close, host, require
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -246,3 +246,187 @@ def test_layer_mask_tuple_axis_and_estimator(rng: np.random.Generator) -> None:
     with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
         fresh.load_state_dict({**bn.state_dict(), "bias": np.zeros((4, 3))})
     assert "var_estimator='biased'" in repr(bn)
+
+
+# --- NaN and inf at masked-out positions (padding) -----------------------------------------
+
+POISONS = pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+
+
+def _padded(rng: np.random.Generator, poison: float) -> dict[str, np.ndarray]:
+    """(N, C, L) data whose masked-out values are ``poison``; dy is 0 there (a masked loss)."""
+    shape = (4, 3, 6)
+    mask = rng.random(shape) < 0.6
+    mask[:2, :, :2] = True  # at least 4 counted values per channel
+    x = np.where(mask, rng.normal(5.0, 2.0, size=shape), poison)
+    dy = np.where(mask, rng.normal(size=shape), 0.0)
+    return {
+        "x": x, "dy": dy, "mask": mask,
+        "weight": rng.normal(size=3), "bias": rng.normal(size=3),
+        "running_mean": rng.normal(size=3), "running_var": rng.uniform(0.5, 2.0, 3),
+    }  # fmt: skip
+
+
+def counted_reference(
+    d: dict[str, np.ndarray], var_estimator: str = "unbiased"
+) -> dict[str, np.ndarray]:
+    """Forward and backward in float64 NumPy on each channel's counted values only.
+
+    ``y`` is NaN where the mask is False (not compared); ``dx`` there is the direct
+    path ``weight * invstd * dy`` (the statistics do not depend on that x).
+    """
+    x, dy, mask, w, b = d["x"], d["dy"], d["mask"], d["weight"], d["bias"]
+    channels = x.shape[1]
+    out = {k: np.empty(channels) for k in ("mean", "invstd", "rm", "rv", "dweight", "dbias")}
+    out["y"], out["dx"] = np.full(x.shape, np.nan), np.empty(x.shape)
+    for c in range(channels):
+        m = mask[:, c]
+        v, g = x[:, c][m], dy[:, c][m]
+        n = v.size
+        mean = v.mean()
+        var = ((v - mean) ** 2).mean()
+        invstd = 1.0 / np.sqrt(var + EPS)
+        xhat = (v - mean) * invstd
+        out["mean"][c], out["invstd"][c] = mean, invstd
+        out["rm"][c] = (1 - MOMENTUM) * d["running_mean"][c] + MOMENTUM * mean
+        batch_var = var * n / (n - 1) if var_estimator == "unbiased" else var
+        out["rv"][c] = (1 - MOMENTUM) * d["running_var"][c] + MOMENTUM * batch_var
+        yc = out["y"][:, c]
+        yc[m] = w[c] * xhat + b[c]
+        out["dbias"][c], out["dweight"][c] = g.sum(), (g * xhat).sum()
+        dxc = w[c] * invstd * dy[:, c]
+        dxc[m] = w[c] * invstd * (g - out["dbias"][c] / n - xhat * out["dweight"][c] / n)
+        out["dx"][:, c] = dxc
+    return out
+
+
+def _on_counted(a: Any, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, host(a).astype(np.float64), 0.0)
+
+
+@POISONS
+@pytest.mark.parametrize("var_estimator", ["unbiased", "biased"])
+def test_nan_and_inf_at_masked_positions_stay_out(
+    backend: Any, dtype: str, poison: float, var_estimator: str, rng: np.random.Generator
+) -> None:
+    """Padding holding NaN or +-inf: statistics, running update and gradients are those of
+    the counted values (a masked loss: dy is 0 at the padding), on every backend and dtype."""
+    d = _padded(rng, poison)
+    vec = "float32" if dtype in ("float16", "bfloat16") else dtype
+    a = {k: backend.asarray(d[k], dtype) for k in ("x", "dy")}
+    a.update({k: backend.asarray(d[k], vec) for k in ("weight", "bias", "running_mean")})
+    a["running_var"] = backend.asarray(d["running_var"], vec)
+    m = backend.asarray(d["mask"])
+    # the reference sees the values anybn saw (rounded to the test dtype)
+    want = counted_reference(
+        {**d, **{k: host(v).astype(np.float64) for k, v in a.items()}}, var_estimator
+    )
+
+    def forward(x: Any, rm: Any, rv: Any, w: Any, b: Any, mask: Any) -> Any:
+        return tuple(
+            anybn.batch_norm(
+                x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS, mask=mask,
+                var_estimator=var_estimator,
+            )
+        )  # fmt: skip
+
+    def backward(dy: Any, x: Any, w: Any, mean: Any, invstd: Any, mask: Any) -> Any:
+        return tuple(anybn.batch_norm_backward(dy, x, w, mean, invstd, mask=mask))
+
+    y, mean, invstd, rm, rv = backend.call(
+        forward, a["x"], a["running_mean"], a["running_var"], a["weight"], a["bias"], m
+    )
+    assert_close(_on_counted(y, d["mask"]), np.where(d["mask"], want["y"], 0.0), name="y",
+                 dtype=dtype)  # fmt: skip
+    for name, got, key in [("mean", mean, "mean"), ("invstd", invstd, "invstd"),
+                           ("running_mean", rm, "rm"), ("running_var", rv, "rv")]:  # fmt: skip
+        assert_close(got, want[key], name=name)
+    dx, dweight, dbias = backend.call(backward, a["dy"], a["x"], a["weight"], mean, invstd, m)
+    assert_close(dx, want["dx"], name="dx")  # finite everywhere, masked positions included
+    assert_close(dweight, want["dweight"], name="dweight")
+    assert_close(dbias, want["dbias"], name="dbias")
+
+
+@POISONS
+def test_layer_with_nan_and_inf_padding(backend: Any, poison: float) -> None:
+    """anybn.BatchNorm(x, mask=...) and its backward: the counted values only."""
+    d = _padded(np.random.default_rng(5), poison)
+    d.update(weight=np.ones(3), bias=np.zeros(3), running_mean=np.zeros(3),
+             running_var=np.ones(3))  # fmt: skip
+    want = counted_reference(d)
+    bn = anybn.BatchNorm(momentum=MOMENTUM, eps=EPS)
+    y = bn(backend.asarray(d["x"]), mask=backend.asarray(d["mask"]))
+    assert_close(_on_counted(y, d["mask"]), np.where(d["mask"], want["y"], 0.0), name="y",
+                 dtype="float64")  # fmt: skip
+    assert_close(bn.running_mean, want["rm"], name="running_mean")
+    assert_close(bn.running_var, want["rv"], name="running_var")
+    grads = bn.backward(backend.asarray(d["dy"]))
+    assert_close(grads.dx, want["dx"], name="dx")
+    assert_close(grads.dweight, want["dweight"], name="dweight")
+    assert_close(grads.dbias, want["dbias"], name="dbias")
+
+
+@POISONS
+def test_jax_grad_with_nan_and_inf_padding(poison: float) -> None:
+    """jax.grad and jax.jit(jax.grad) through the custom VJP (y, mean and invstd in the loss):
+    the gradients at counted positions are those of the counted values, finite everywhere."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    require("jax")  # x64 on, as in the matrix
+    d = _padded(np.random.default_rng(9), poison)
+    mask = jnp.asarray(d["mask"])
+    g, a, c = (jnp.asarray(np.random.default_rng(i).normal(size=s))
+               for i, s in ((1, d["x"].shape), (2, 3), (3, 3)))  # fmt: skip
+
+    def loss(x: Any, w: Any, b: Any, stats: Any) -> Any:
+        y, mean, invstd, _, _ = stats(x, w, b)
+        return jnp.sum(jnp.where(mask, y * g, 0.0)) + jnp.sum(mean * a) + jnp.sum(invstd * c)
+
+    def anybn_stats(x: Any, w: Any, b: Any) -> Any:
+        return anybn.batch_norm(x, None, None, w, b, training=True, eps=EPS, mask=mask)
+
+    def definition(x: Any, w: Any, b: Any) -> Any:
+        """The counted values only: the padding replaced by 0 before anything reads it."""
+        x = jnp.where(mask, x, 0.0)
+        m = mask.astype(x.dtype)
+        n = m.sum((0, 2), keepdims=True)
+        mean = (m * x).sum((0, 2), keepdims=True) / n
+        invstd = 1 / jnp.sqrt((m * (x - mean) ** 2).sum((0, 2), keepdims=True) / n + EPS)
+        y = (x - mean) * invstd * w[None, :, None] + b[None, :, None]
+        return y, mean.ravel(), invstd.ravel(), None, None
+
+    x, w, b = jnp.asarray(d["x"]), jnp.asarray(d["weight"]), jnp.asarray(d["bias"])
+    want = jax.grad(loss, (0, 1, 2))(jnp.where(mask, x, 0.0), w, b, definition)
+    grad = jax.grad(lambda x, w, b: loss(x, w, b, anybn_stats), (0, 1, 2))
+    for fn in (grad, jax.jit(grad)):
+        got = fn(x, w, b)
+        for name, gv, wv in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+            assert np.all(np.isfinite(np.asarray(gv))), name
+            np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=1e-10, atol=1e-10,
+                                       err_msg=name)  # fmt: skip
+
+
+@POISONS
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_autograd_with_nan_and_inf_padding(poison: float, dtype: str) -> None:
+    """Tensors that require grad: autograd traces the generic forward, and its gradients
+    (torch.autograd and torch.func.grad) are those of the counted values; y at the padding
+    is still the formula's (NaN or inf)."""
+    d = _padded(np.random.default_rng(13), poison)
+    want = counted_reference(d)
+    mask = torch.from_numpy(d["mask"])
+    g = torch.from_numpy(d["dy"]).to(getattr(torch, dtype))  # 0 at the padding
+
+    def loss(x: Any, w: Any, b: Any) -> Any:
+        y = anybn.batch_norm(x, None, None, w, b, training=True, eps=EPS, mask=mask).y
+        return torch.where(mask, y * g, 0.0).sum()
+
+    x, w, b = (torch.tensor(d[k], dtype=getattr(torch, dtype)) for k in ("x", "weight", "bias"))
+    y = anybn.batch_norm(x, None, None, w, b, training=True, eps=EPS, mask=mask).y
+    assert torch.equal(torch.isnan(y), torch.isnan(x))  # the formula's value at the padding
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    by_autograd = torch.autograd.grad(loss(*leaves), leaves)
+    by_func = torch.func.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    for got in (by_autograd, by_func):
+        for name, gv in zip(("dx", "dweight", "dbias"), got, strict=True):
+            assert_close(gv, want[name], name=name)
