@@ -15,8 +15,10 @@ with the same (or better) numerics and are tested against the generic path:
   (float16/32/64): numba-cuda kernels, :mod:`anybn._kernels.cuda`, when
   numba-cuda is installed (``pip install anybn[cuda]``).
 
-Everything else (array-api-strict, JAX, Dask, torch tensors that require grad,
-bfloat16, GPU arrays without numba-cuda) takes the generic path.
+Every kernel serves both running-variance estimators (``var_estimator``: the
+denominator ``n - 1`` or ``n``). Everything else (masks, several channel axes,
+array-api-strict, JAX, Dask, torch tensors that require grad, bfloat16, GPU arrays
+without numba-cuda) takes the generic path.
 
 Switching
 ---------
@@ -256,10 +258,18 @@ def batch_norm(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
 ) -> tuple[Any, ...] | None:
-    """The forward on a fast path, or None; arguments are already validated."""
+    """The forward on a fast path, or None; arguments are already validated.
+
+    ``var_estimator`` ("unbiased" or "biased") is the running variance's denominator,
+    ``n - 1`` or ``n``: every kernel takes it.
+    """
     args = (x, running_mean, running_var, weight, bias)
-    options = {"training": training, "momentum": momentum, "eps": eps, "axis": axis}
+    options = {
+        "training": training, "momentum": momentum, "eps": eps, "axis": axis,
+        "var_estimator": var_estimator,
+    }  # fmt: skip
     if type(x) is _np.ndarray:
         x = _native_order(x)
         if not _numpy_kernels.supports(x):

@@ -214,6 +214,10 @@ def _lean(
     return xp, axis, math.prod(shape) // channels
 
 
+#: The running-variance estimators a plain call may name (the lean lane passes them on).
+_ESTIMATORS = ("unbiased", "biased")
+
+
 def _plain_options(training: object, momentum: object, eps: object) -> bool:
     """Whether the options are a Python bool and floats that need no further checks."""
     return (
@@ -338,7 +342,7 @@ def batch_norm(
             training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
             var_estimator=var_estimator, xp=xp, comm=comm,
         )  # fmt: skip
-    if xp is None and mask is None and var_estimator == "unbiased":
+    if xp is None and mask is None and type(var_estimator) is str and var_estimator in _ESTIMATORS:
         lean = _lean(x, (running_mean, running_var, weight, bias), axis)
         if (
             lean is not None
@@ -349,6 +353,7 @@ def batch_norm(
             return forward(
                 lean[0], x, running_mean, running_var, weight, bias,
                 training=training, momentum=momentum, eps=eps, axis=lean[1], count=lean[2],
+                var_estimator=var_estimator,
             )  # fmt: skip
     xp = resolve_namespace(
         x,
@@ -436,8 +441,8 @@ def forward(
 
     ``axis`` is non-negative (or a sorted tuple of several such axes), ``count``
     the number of values per channel (before masking), ``mask`` None or boolean
-    of x's shape. The fast paths see neither masks nor several channel axes nor
-    the biased estimator: those run the generic path. The
+    of x's shape. The fast paths see neither masks nor several channel axes:
+    those run the generic path (both estimators run on the fast paths). The
     adapters check arguments by their own rules (``anybn.torch`` by PyTorch's,
     which allow momentum outside [0, 1] and ``eps=0`` in eval) and call this.
 
@@ -449,10 +454,11 @@ def forward(
     if training and count == 0:
         out = _empty_batch(xp, x, running_mean, running_var, axis)
     else:
-        if _fastpaths.enabled() and _plain(axis, mask) and var_estimator == "unbiased":
+        if _fastpaths.enabled() and _plain(axis, mask):
             fast = _fastpaths.batch_norm(
                 xp, x, running_mean, running_var, weight, bias,
                 training=training, momentum=momentum, eps=eps, axis=cast(int, axis),
+                var_estimator=var_estimator,
             )  # fmt: skip
         if fast is not None:
             out = BatchNormOutput(*fast)

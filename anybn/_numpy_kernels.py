@@ -425,6 +425,11 @@ def _small_view(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return a.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
 
 
+def _denominator(count: float, var_estimator: str) -> float:
+    """The running variance's denominator: ``n - 1`` (unbiased) or ``n`` (biased)."""
+    return count - 1 if var_estimator == "unbiased" else count
+
+
 def _small_forward(
     x: np.ndarray,
     running_mean: np.ndarray | None,
@@ -435,6 +440,7 @@ def _small_forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
 ) -> tuple[Any, ...]:
     # Whole-array operations in the compute dtype (float32 for float16), the
     # per-channel arithmetic in float64: few calls, for the per-call overhead.
@@ -462,8 +468,8 @@ def _small_forward(
     new_rm, new_rv = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
         new_rm = ((1.0 - momentum) * running_mean + momentum * mean64).astype(running_mean.dtype)
-        unbiased = m2 / (count - 1)
-        new_rv = ((1.0 - momentum) * running_var + momentum * unbiased).astype(running_var.dtype)
+        batch_var = m2 / _denominator(count, var_estimator)
+        new_rv = ((1.0 - momentum) * running_var + momentum * batch_var).astype(running_var.dtype)
     return y, mean64.astype(cdt), invstd64.astype(cdt), new_rm, new_rv
 
 
@@ -526,11 +532,14 @@ def forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
     block: int | None = None,
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``.
 
-    Arguments are validated by the caller; ``axis`` is non-negative. y is laid
+    Arguments are validated by the caller; ``axis`` is non-negative; the running
+    variance accumulates ``M2 / (n - 1)`` (``var_estimator="unbiased"``) or
+    ``M2 / n`` (``"biased"``). y is laid
     out in memory like x wherever x is a permutation of a C-ordered array
     (channels-last, transposed), at no cost: the kernels run on x's axes in
     memory order.
@@ -539,13 +548,15 @@ def forward(
     if perm is not None:
         out = forward(
             x.transpose(perm), running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=eps, axis=perm.index(axis), block=block,
+            training=training, momentum=momentum, eps=eps, axis=perm.index(axis),
+            var_estimator=var_estimator, block=block,
         )  # fmt: skip
         return (out[0].transpose(np.argsort(perm)), *out[1:])
     if x.size <= SMALL:
         return _small_forward(
-            x, running_mean, running_var, weight, bias, training, momentum, eps, axis
-        )
+            x, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+            var_estimator,
+        )  # fmt: skip
     plan = _make_plan(x, axis, block)
     if plan is None:
         x = np.ascontiguousarray(x)
@@ -638,11 +649,11 @@ def forward(
     new_rm, new_rv = running_mean, running_var
     if training and running_mean is not None and running_var is not None:
         total = float(plan.counts.sum())
-        unbiased = m2 / (total - 1)
+        batch_var = m2 / _denominator(total, var_estimator)
         rm64 = np.asarray(running_mean, dtype=np.float64)
         rv64 = np.asarray(running_var, dtype=np.float64)
         new_rm = ((1.0 - momentum) * rm64 + momentum * mean64).astype(running_mean.dtype)
-        new_rv = ((1.0 - momentum) * rv64 + momentum * unbiased).astype(running_var.dtype)
+        new_rv = ((1.0 - momentum) * rv64 + momentum * batch_var).astype(running_var.dtype)
     return y, mean, invstd, new_rm, new_rv
 
 

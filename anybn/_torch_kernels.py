@@ -131,6 +131,7 @@ def _own_stats_forward(
     bias: Tensor | None,
     momentum: float,
     eps: float,
+    var_estimator: str = "unbiased",
 ) -> tuple[Tensor, ...]:
     """Training forward with anybn's statistics and torch's fused passes."""
     import torch
@@ -162,8 +163,8 @@ def _own_stats_forward(
     new_rm, new_rv = running_mean, running_var
     if running_mean is not None and running_var is not None:
         new_rm = ((1.0 - momentum) * running_mean.double() + momentum * mean).to(running_mean.dtype)
-        unbiased = m2 / (count - 1)
-        new_rv = ((1.0 - momentum) * running_var.double() + momentum * unbiased).to(
+        batch_var = m2 / (count - 1 if var_estimator == "unbiased" else count)
+        new_rv = ((1.0 - momentum) * running_var.double() + momentum * batch_var).to(
             running_var.dtype
         )
     return y, mean.to(xt.dtype), invstd.to(xt.dtype), new_rm, new_rv
@@ -180,16 +181,22 @@ def forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
 ) -> tuple[Tensor, ...]:
-    """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated."""
+    """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated.
+
+    The native kernel's running update is the unbiased one: ``var_estimator="biased"``
+    (denominator ``n``) takes anybn's own statistics, M2 in float64.
+    """
     import torch
 
     native = torch.ops.aten.native_batch_norm
     with torch.no_grad():
         xt = _channel1(x, axis)
-        if training and not _exact_native_stats(xt):
+        biased_update = var_estimator != "unbiased" and running_var is not None
+        if training and (biased_update or not _exact_native_stats(xt)):
             y, mean, invstd, new_rm, new_rv = _own_stats_forward(
-                xt, running_mean, running_var, weight, bias, momentum, eps
+                xt, running_mean, running_var, weight, bias, momentum, eps, var_estimator
             )
         elif training:
             new_rm, new_rv = _clone(running_mean), _clone(running_var)

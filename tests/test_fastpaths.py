@@ -172,6 +172,93 @@ def test_fast_path_exact_on_offset_data(
         assert err_fast <= 2e-6, (err_fast, err_generic)
 
 
+# --- var_estimator="biased": the same kernels, denominator n ---------------------------------
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``module.forward`` of every CPU kernel module, as it is called (``cpu`` is Numba's)."""
+    from anybn import _torch_kernels
+    from anybn._kernels import cpu
+
+    calls: list[str] = []
+
+    def spy(module: Any, name: str) -> None:
+        fn = module.forward
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, "forward", wrapper)
+
+    for module, name in ((_numpy_kernels, "numpy"), (_torch_kernels, "torch"), (cpu, "numba")):
+        spy(module, name)
+    return calls
+
+
+#: Layouts for the biased estimator: small (one block), channels-first planes, channels-last
+#: rows, a middle axis, and sizes above _numpy_kernels.SMALL and torch's native threshold.
+BIASED_SHAPES = [
+    ((8, 16), 1),
+    ((2, 3, 4, 5), 1),
+    ((3, 4, 5, 6), 2),
+    ((6, 8, 40, 40), 1),
+    ((6, 40, 40, 8), -1),
+    ((4, 14, 14, 64), -1),
+]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize(
+    ("shape", "axis"), BIASED_SHAPES, ids=[f"{s}-axis{a}" for s, a in BIASED_SHAPES]
+)
+def test_biased_estimator_takes_the_fast_paths(
+    kernel_calls: list[str], library: str, dtype: str, shape: tuple[int, ...], axis: int
+) -> None:
+    """var_estimator="biased" runs on a kernel and equals the generic path; its running
+    variance is (1 - m) * rv + m * var, var the biased batch variance (float64 NumPy)."""
+    if library == "torch":
+        pytest.importorskip("torch")
+    backend = get_backend(library)
+    rng = np.random.default_rng(12)
+    data = _inputs(rng, shape, axis, offset=3.0)
+    vec = "float32" if dtype == "float16" else dtype
+    x = backend.asarray(data["x"], dtype)
+    rm, rv, w, b = (backend.asarray(data[k], vec)
+                    for k in ("running_mean", "running_var", "weight", "bias"))  # fmt: skip
+    results = []
+    for fast in (True, False):
+        del kernel_calls[:]
+        with fast_paths(fast):
+            out = anybn.batch_norm(
+                x, rm, rv, w, b, training=True, momentum=0.3, axis=axis, var_estimator="biased"
+            )
+        results.append({k: v for k, v in out._asdict().items()})
+        assert bool(kernel_calls) is fast, kernel_calls  # a kernel served it, or none ran
+    count = int(np.prod(shape)) // shape[axis]
+    _assert_agree(results[0], results[1], dtype, count)
+    x64 = _host(x)
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    want = 0.7 * _host(rv) + 0.3 * x64.var(axis=red)
+    np.testing.assert_allclose(_host(results[0]["new_running_var"]), want, rtol=TOL[vec], atol=0)
+    assert np.all(_host(results[0]["new_running_var"]) != _host(
+        anybn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, axis=axis).new_running_var
+    ))  # fmt: skip  # the two estimators differ: the option reached the kernel
+
+
+def test_biased_layer_takes_the_fast_paths(kernel_calls: list[str]) -> None:
+    """A layer as anybn.convert.from_keras/from_flax makes it (biased) runs on a kernel."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 28, 28, 64)).astype(np.float32)
+    bn = anybn.BatchNorm(axis=-1, var_estimator="biased", momentum=0.01)
+    bn(x)
+    assert kernel_calls
+    np.testing.assert_allclose(bn.running_var, 0.99 + 0.01 * x.astype(np.float64).var((0, 1, 2)),
+                               rtol=1e-6)  # fmt: skip
+
+
 # --- the NumPy kernels: blocks, threads, layouts, memory -----------------------------------
 
 

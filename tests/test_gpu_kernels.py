@@ -453,3 +453,23 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
             pytest.skip(f"ptxas is older than NVVM's PTX: {res.stderr.strip()}")
         assert res.returncode == 0, (path, res.stderr)
         assert "0 bytes spill stores" in res.stderr, (path, res.stderr)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("layout", ["planes-S33", "rows-S1", "channels-last-C3"])
+def test_biased_running_variance(dtype: str, layout: str) -> None:
+    """var_estimator="biased": the running variance accumulates M2 / n (float64 NumPy)."""
+    shape, axis = SHAPES[layout]
+    d = _data(np.random.default_rng(17), shape, axis, 3.0, dtype)
+    dev = {k: _to_device(v) for k, v in d.items()}
+    out = kernels.forward(
+        dev["x"], dev["running_mean"], dev["running_var"], dev["weight"], dev["bias"],
+        training=True, momentum=0.3, eps=1e-5, axis=axis % len(shape), var_estimator="biased",
+        launch=SMALL,
+    )  # fmt: skip
+    if not SIMULATOR:
+        cuda.synchronize()
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    want = 0.7 * d["running_var"].astype(np.float64) + 0.3 * d["x"].astype(np.float64).var(red)
+    np.testing.assert_allclose(_host(out[4]).astype(np.float64), want, rtol=1e-6, atol=0)

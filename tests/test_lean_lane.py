@@ -82,6 +82,30 @@ def test_plain_calls_take_the_lean_lane(
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axis"), CASES)
+def test_biased_estimator_takes_the_lean_lane(
+    monkeypatch: pytest.MonkeyPatch, library: str, dtype: str, shape: tuple[int, ...], axis: int
+) -> None:
+    """var_estimator="biased" plain calls: the lean lane, the full path's results."""
+    a = _arrays(shape, axis, dtype, seed=3)
+    if library == "torch":
+        a = _torch(a)
+    x, stats = a["x"], (a["running_mean"], a["running_var"], a["weight"], a["bias"])
+    xp = array_api_compat.array_namespace(x)
+    full = anybn.batch_norm(x, *stats, training=True, axis=axis, var_estimator="biased", xp=xp)
+    with monkeypatch.context() as m:
+        m.setattr(_functional, "resolve_namespace", _refuse)
+        lean = anybn.batch_norm(x, *stats, training=True, axis=axis, var_estimator="biased")
+    for got, want in zip(lean, full, strict=True):
+        _equal(got, want)
+
+
+def _refuse(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the full validation path ran")
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize(("shape", "axis"), CASES)

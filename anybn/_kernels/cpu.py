@@ -210,9 +210,12 @@ def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
 
 
 @_jit
-def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+def _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
                     mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
-    """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``."""
+    """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``.
+
+    The running variance accumulates ``M2 / (n - ddof)``: 1 unbiased, 0 biased.
+    """
     p_, c_, s_ = x.shape
     n = p_ * s_
     mean = np.empty(c_)
@@ -228,7 +231,7 @@ def _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
             invstd[c] = 1.0 / np.sqrt(m2 / n + eps)
             if rm.shape[0] > 0:
                 rm_out[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
-                rv_out[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2 / (n - 1))
+                rv_out[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2 / (n - ddof))
     else:
         for c in range(c_):
             mean[c] = rm[c]
@@ -370,13 +373,13 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
 
 
 @_jit
-def _forward_serial(x, w, b, rm, rv, training, momentum, eps, chunk, rows, s1, s2,
+def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows, s1, s2,
                     y, mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
     """The whole forward on the calling thread: one call, for small inputs."""
     nr, ne = _items(x, chunk, rows)
     if training:
         _stats(x, chunk, rows, 0, nr, s1, s2)
-    _forward_finish(x, w, b, rm, rv, training, momentum, eps, chunk, s1, s2,
+    _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
                     mean_out, invstd_out, rm_out, rv_out, vec)  # fmt: skip
     _affine(x, vec, rows, 0, ne, y)
 
@@ -467,8 +470,13 @@ def forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
 ) -> tuple[Any, ...]:
-    """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x."""
+    """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x.
+
+    The running variance accumulates ``M2 / (n - 1)`` (``var_estimator="unbiased"``)
+    or ``M2 / n`` (``"biased"``).
+    """
     xc, perm, ax = _canonical(x, axis)
     v = _view3(_raw(xc), ax)
     dt = _compute_dtype(x.dtype)
@@ -487,13 +495,14 @@ def forward(
     new_rv_out = new[1] if new is not None else _EMPTY[np.float64]
     vec = np.empty((3, channels), dtype=dt)
     training, momentum, eps = bool(training), float(momentum), float(eps)
+    ddof = 1.0 if var_estimator == "unbiased" else 0.0
     if not _threaded(x.size):
-        _forward_serial(v, w, b, rm, rv, training, momentum, eps, CHUNK, rows, s1, s2,
+        _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, rows, s1, s2,
                         yv, stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
     else:
         if training:
             _parallel(_stats, nr, (v, CHUNK, rows), (s1, s2))
-        _forward_finish(v, w, b, rm, rv, training, momentum, eps, CHUNK, s1, s2,
+        _forward_finish(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, s1, s2,
                         stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
         _parallel(_affine, ne, (v, vec, rows), (yv,))
     if perm is not None:

@@ -239,13 +239,14 @@ def stats_rows(x, n_rows, channels, tile, blocks, part):
 
 
 def finish_stats(
-    x, pivot_stride, part, blocks, channels, count, eps, momentum,
+    x, pivot_stride, part, blocks, channels, count, eps, momentum, ddof,
     weight, bias, has_weight, has_bias, running_mean, running_var, has_running,
     vec, new_rm, new_rv,
 ):  # fmt: skip
     """Per channel: merge the partials (same pivot: add), then the derived vectors.
 
     ``vec`` rows: 0 mean, 1 invstd, 2 centre, 3 scale, 4 shift (see :func:`affine`).
+    The running variance accumulates ``M2 / (n - ddof)``: 1 unbiased, 0 biased.
     """
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     while c < channels:
@@ -269,9 +270,9 @@ def finish_stats(
         vec[0, c] = mean
         vec[1, c] = invstd
         if has_running:
-            unbiased = m2 / (count - 1.0)
+            batch_var = m2 / (count - ddof)
             new_rm[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
-            new_rv[c] = (1.0 - momentum) * float64(running_var[c]) + momentum * unbiased
+            new_rv[c] = (1.0 - momentum) * float64(running_var[c]) + momentum * batch_var
         c += cuda.gridDim.x * cuda.blockDim.x
 
 
@@ -755,12 +756,14 @@ def _forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
     launch: Launch | None = None,
 ) -> tuple[Array, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated.
 
     ``axis`` is non-negative. ``mean`` and ``invstd`` are in the compute dtype
-    (float32 for float16 x), the running statistics in their own dtypes.
+    (float32 for float16 x), the running statistics in their own dtypes; the running
+    variance accumulates ``M2 / (n - 1)`` (unbiased) or ``M2 / n`` (biased).
     """
     launch = launch or DEFAULT_LAUNCH
     lib = _Lib(x)
@@ -797,6 +800,7 @@ def _forward(
                 "finish_stats", vgrid,
                 xflat, layout.inner if layout.planes else 1, part, blocks, channels,
                 float(layout.outer * layout.inner), float(eps), float(momentum),
+                1.0 if var_estimator == "unbiased" else 0.0,
                 w, b, weight is not None, bias is not None,
                 rm, rv, has_running, vec,
                 new_rm if has_running else new_rm_k, new_rv if has_running else new_rv_k,
@@ -884,7 +888,7 @@ def signatures(dtype: str) -> dict[str, tuple[Any, ...]]:
     return {
         "stats_planes": (x, i, i, i, i, f64),
         "stats_rows": (x, i, i, i, i, f64),
-        "finish_stats": (x, i, f64, i, i, f, f, f, a, a, b, b, a, a, b, v, a, a),
+        "finish_stats": (x, i, f64, i, i, f, f, f, f, a, a, b, b, a, a, b, v, a, a),
         "prep_eval": (a, a, a, a, b, b, i, f, v),
         "affine": (x, x, i, i, i, v, i, i, i),
         "sums_planes": (x, x, a, i, i, i, i, f64),
@@ -958,6 +962,7 @@ def forward(
     momentum: float,
     eps: float,
     axis: int,
+    var_estimator: str = "unbiased",
     launch: Launch | None = None,
 ) -> tuple[Array, ...] | None:
     """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated.
@@ -968,7 +973,8 @@ def forward(
     """
     return _guarded(
         _forward, x, running_mean, running_var, weight, bias,
-        training=training, momentum=momentum, eps=eps, axis=axis, launch=launch,
+        training=training, momentum=momentum, eps=eps, axis=axis,
+        var_estimator=var_estimator, launch=launch,
     )  # fmt: skip
 
 
