@@ -416,7 +416,7 @@ class _Null:
 
 
 def targets(bench: dict[str, Any], accuracy: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue-11 targets, each with its measured value and verdict."""
+    """The GPU targets, each with its measured value and verdict."""
     out = []
     rows = bench.get("rows", [])
 
@@ -474,7 +474,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 lines.append(f"- {name}: {t}")
         lines.append("")
     if result.get("targets"):
-        lines += ["## Targets (issue 11)", "", "| target | value | ok |", "| --- | --- | --- |"]
+        lines += ["## Targets", "", "| target | value | ok |", "| --- | --- | --- |"]
         lines += [f"| {t['target']} | {t['value']:.3g} | {'yes' if t['ok'] else 'NO'} |"
                   for t in result["targets"]]  # fmt: skip
         lines.append("")

@@ -1,4 +1,4 @@
-"""GPU targets (issue 11): bandwidth against a device copy, and the ratio to torch CUDA.
+"""GPU targets: bandwidth against a device copy, and the ratio to torch CUDA.
 
 Shapes (32, 64, 56, 56), (128, 64, 112, 112), (4096, 1024) and channels-last,
 float32. Skipped without a GPU. ``python -m anybn gpu-check`` measures the same

@@ -1,4 +1,4 @@
-"""float16 on the CPU: anybn's times per pass beside torch's native kernels (issue 10).
+"""float16 on the CPU: anybn's times per pass beside torch's native kernels.
 
 Usage (from the repository root)::
 

@@ -1,4 +1,4 @@
-"""Where a small ``anybn.torch`` module call spends its time, layer by layer (issue 10).
+"""Where a small ``anybn.torch`` module call spends its time, layer by layer.
 
 Usage (from the repository root)::
 
