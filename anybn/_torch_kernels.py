@@ -186,7 +186,7 @@ def forward(
     """``(y, mean, invstd, new_running_mean, new_running_var)``; arguments validated.
 
     The native kernel's running update is the unbiased one: ``var_estimator="biased"``
-    (denominator ``n``) takes anybn's own statistics, M2 in float64.
+    (denominator ``n``) takes the batch's unbiased variance from it and rescales it.
     """
     import torch
 
@@ -194,23 +194,39 @@ def forward(
     with torch.no_grad():
         xt = _channel1(x, axis)
         biased_update = var_estimator != "unbiased" and running_var is not None
-        if training and (biased_update or not _exact_native_stats(xt)):
+        if training and not _exact_native_stats(xt):
             y, mean, invstd, new_rm, new_rv = _own_stats_forward(
                 xt, running_mean, running_var, weight, bias, momentum, eps, var_estimator
             )
         elif training:
-            new_rm, new_rv = _clone(running_mean), _clone(running_var)
-            y, mean, invstd = native(xt, weight, bias, new_rm, new_rv, True, momentum, eps)
+            # The biased estimator: the native kernel writes the batch's mean and unbiased
+            # variance into zeroed buffers (momentum 1), rescaled to denominator n below.
+            rm_arg, rv_arg, factor = running_mean, running_var, momentum
+            if biased_update:
+                assert running_mean is not None and running_var is not None
+                rm_arg, rv_arg = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+                factor = 1.0
+            new_rm, new_rv = _clone(rm_arg), _clone(rv_arg)
+            y, mean, invstd = native(xt, weight, bias, new_rm, new_rv, True, factor, eps)
             if not _near_zero(mean, invstd):
                 m1 = mean
                 centred = _centre(xt, m1)  # x - m1, exactly
-                new_rm, new_rv = _clone(running_mean), _clone(running_var)
-                y, mean_c, invstd = native(
-                    centred, weight, bias, new_rm, new_rv, True, momentum, eps
-                )
+                new_rm, new_rv = _clone(rm_arg), _clone(rv_arg)
+                y, mean_c, invstd = native(centred, weight, bias, new_rm, new_rv, True, factor, eps)
                 mean = m1 + mean_c
                 if new_rm is not None:
-                    new_rm += momentum * m1
+                    new_rm += factor * m1
+            if biased_update:
+                assert running_mean is not None and running_var is not None
+                assert new_rv is not None
+                count = xt.numel() // xt.shape[1]
+                batch_var = new_rv.double() * ((count - 1) / count)
+                new_rm = ((1.0 - momentum) * running_mean.double() + momentum * mean.double()).to(
+                    running_mean.dtype
+                )
+                new_rv = ((1.0 - momentum) * running_var.double() + momentum * batch_var).to(
+                    running_var.dtype
+                )
         else:
             assert running_mean is not None and running_var is not None
             mean = running_mean
