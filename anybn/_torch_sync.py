@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from . import _sync
 from ._comm import Communicator, TorchComm
 from ._functional import BatchNormOutput
+from ._torch_function import batch_norm, module_arguments
 
 __all__ = ["SyncBatchNorm"]
 
@@ -221,17 +222,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracked is not None and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / (float(tracked) + 1.0)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        running_mean, running_var, use_batch_stats, factor, tracked = module_arguments(self)
         if comm is None:
-            from .torch import batch_norm
-
             y = batch_norm(
                 input, running_mean, running_var, self.weight, self.bias,
                 use_batch_stats, factor, self.eps,
