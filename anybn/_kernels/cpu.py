@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -432,20 +432,58 @@ def _rows_per_block(channels: int, itemsize: int) -> int:
     return max(1, CHUNK // channels, 128 // itemsize)
 
 
-def _table(v: np.ndarray, rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(reduction items, elementwise items, and the two partial-sum tables) of a view."""
-    p_, c_, s_ = v.shape
-    if s_ > 1:
-        nr, ne = p_ * c_ * ((s_ + CHUNK - 1) // CHUNK), p_ * c_
-        size = nr
-    else:
-        nr = ne = (p_ + rows - 1) // rows
-        size = nr * c_
-    return nr, ne, np.empty(size), np.empty(size)
-
-
 def _threaded(size: int) -> bool:
     return size >= PARALLEL_MIN and get_num_threads() > 1
+
+
+class _Layout(NamedTuple):
+    """How the kernels see an input: what :func:`_layout` works out once per shape."""
+
+    copy: bool  #: x has no C order under any permutation: the kernels get a C-ordered copy
+    perm: tuple[int, ...] | None  #: ``x.transpose(perm)`` is C-ordered (None: x is)
+    inverse: tuple[int, ...] | None  #: the permutation back to x's axes
+    shape: tuple[int, ...]  #: the C-ordered array's shape
+    view: tuple[int, int, int]  #: its ``(P, C, S)`` view (channels in the middle)
+    compute: np.dtype  #: the dtype of the statistics and the arithmetic
+    rows: int  #: rows per reduction item
+    nr: int  #: reduction items
+    ne: int  #: elementwise items
+    table: int  #: entries of each partial-sum table
+
+
+#: Layouts by (shape, strides, dtype, axis): small calls skip recomputing them. Bounded:
+#: cleared when full.
+_LAYOUTS: dict[tuple[Any, ...], _Layout] = {}
+_LAYOUTS_MAX = 256
+
+
+def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
+    """``(x in memory order, its layout)``: :func:`_canonical`, :func:`_view3`, tables."""
+    key = (x.shape, x.strides, x.dtype, axis)
+    lay = _LAYOUTS.get(key)
+    if lay is not None:
+        if lay.perm is not None:
+            return x.transpose(lay.perm), lay
+        return (np.ascontiguousarray(x) if lay.copy else x), lay
+    xc, perm, ax = _canonical(x, axis)
+    v = _view3(xc, ax)
+    rows = _rows_per_block(v.shape[1], x.itemsize)
+    p_, c_, s_ = v.shape
+    if s_ > 1:
+        nr = p_ * c_ * ((s_ + CHUNK - 1) // CHUNK)
+        ne, table = p_ * c_, nr
+    else:
+        nr = ne = (p_ + rows - 1) // rows
+        table = nr * c_
+    inverse = None if perm is None else tuple(int(i) for i in np.argsort(perm))
+    lay = _Layout(
+        xc is not x and perm is None, perm, inverse, xc.shape, (p_, c_, s_),
+        _compute_dtype(x.dtype), rows, nr, ne, table,
+    )  # fmt: skip
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = lay
+    return xc, lay
 
 
 _EMPTY = {dt: np.empty(0, dtype=dt) for dt in (np.float32, np.float64)}
@@ -477,20 +515,19 @@ def forward(
     The running variance accumulates ``M2 / (n - 1)`` (``var_estimator="unbiased"``)
     or ``M2 / n`` (``"biased"``).
     """
-    xc, perm, ax = _canonical(x, axis)
-    v = _view3(_raw(xc), ax)
-    dt = _compute_dtype(x.dtype)
-    channels = v.shape[1]
-    rows = _rows_per_block(channels, x.itemsize)
-    y = np.empty(xc.shape, dtype=x.dtype)
-    yv = _view3(_raw(y), ax)
+    xc, lay = _layout(x, axis)
+    v = _raw(xc).reshape(lay.view)
+    dt = lay.compute
+    channels, rows = lay.view[1], lay.rows
+    y = np.empty(lay.shape, dtype=x.dtype)
+    yv = _raw(y).reshape(lay.view)
     stats = np.empty((2, channels), dtype=dt)
     update = training and running_mean is not None and running_var is not None
     new = np.empty((2, channels), dtype=np.float64) if update else None
     rm = _vector(running_mean if (update or not training) else None, dt)
     rv = _vector(running_var if (update or not training) else None, dt)
     w, b = _vector(weight, dt), _vector(bias, dt)
-    nr, ne, s1, s2 = _table(v, rows)
+    nr, ne, s1, s2 = lay.nr, lay.ne, np.empty(lay.table), np.empty(lay.table)
     new_rm_out = new[0] if new is not None else _EMPTY[np.float64]
     new_rv_out = new[1] if new is not None else _EMPTY[np.float64]
     vec = np.empty((3, channels), dtype=dt)
@@ -505,8 +542,8 @@ def forward(
         _forward_finish(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, s1, s2,
                         stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
         _parallel(_affine, ne, (v, vec, rows), (yv,))
-    if perm is not None:
-        y = y.transpose(np.argsort(perm))
+    if lay.inverse is not None:
+        y = y.transpose(lay.inverse)
     new_rm, new_rv = running_mean, running_var
     if new is not None:
         assert running_mean is not None and running_var is not None
@@ -527,21 +564,20 @@ def backward(
     axis: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dx, dweight, dbias)``; dx laid out like x (dy is copied to x's layout if needed)."""
-    xc, perm, ax = _canonical(x, axis)
-    dt = _compute_dtype(x.dtype)
-    dyc = dy.transpose(perm) if perm is not None else dy
+    xc, lay = _layout(x, axis)
+    dt = lay.compute
+    dyc = dy.transpose(lay.perm) if lay.perm is not None else dy
     # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
     dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
     if not dyc.flags.c_contiguous or dyc.dtype != dy_dt:
         dyc = np.ascontiguousarray(dyc, dtype=dy_dt)
-    v, g = _view3(_raw(xc), ax), _view3(_raw(dyc), ax)
-    channels = v.shape[1]
-    rows = _rows_per_block(channels, x.itemsize)
-    dx = np.empty(xc.shape, dtype=x.dtype)
-    dxv = _view3(_raw(dx), ax)
+    v, g = _raw(xc).reshape(lay.view), _raw(dyc).reshape(lay.view)
+    channels, rows = lay.view[1], lay.rows
+    dx = np.empty(lay.shape, dtype=x.dtype)
+    dxv = _raw(dx).reshape(lay.view)
     grads = np.empty((2, channels), dtype=dt)
     w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
-    nr, ne, s1, s2 = _table(v, rows)
+    nr, ne, s1, s2 = lay.nr, lay.ne, np.empty(lay.table), np.empty(lay.table)
     vec = np.empty((4, channels), dtype=dt)
     training = bool(training)
     if not _threaded(x.size):
@@ -551,6 +587,6 @@ def backward(
         _parallel(_sums, nr, (g, v, m, CHUNK, rows), (s1, s2))
         _backward_finish(v, w, m, s, training, CHUNK, s1, s2, grads[0], grads[1], vec)
         _parallel(_grad, ne, (g, v, vec, rows, training), (dxv,))
-    if perm is not None:
-        dx = dx.transpose(np.argsort(perm))
+    if lay.inverse is not None:
+        dx = dx.transpose(lay.inverse)
     return dx, grads[0], grads[1]
