@@ -174,10 +174,10 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> Tensor:
-        """``inputs``: :class:`_BatchNormBase`'s (x, weight, bias, running stats, options), store."""
+        """``inputs``: :class:`_BatchNormBase`'s arguments, then ``store``."""
         *args, store = inputs
         x, weight, bias, running_mean, running_var, training, momentum, eps = args
-        output = None
+        output: tuple[Any, ...] | None = None
         cpu = _kernels(x)
         if cpu is not None:
             views = _views((x, running_mean, running_var, weight, bias))
@@ -205,7 +205,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        cpu = None if torch.is_grad_enabled() else _kernels(x)
+        cpu: Any = None if torch.is_grad_enabled() else _kernels(x)
         views = None if cpu is None else _views((dy, x, weight, mean, invstd))
         if views is None or not (cpu.supports(views[0]) and cpu.supports(views[1])):
             return (*_BatchNormBase.backward(ctx, dy), None)

@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 
 import anybn.torch as abt
-from anybn import _fastpaths, _torch_ops
-from anybn import _torch_function
+from anybn import _fastpaths, _torch_function, _torch_ops
 from anybn._kernels import cpu
 
 

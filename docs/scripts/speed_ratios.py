@@ -1,4 +1,4 @@
-"""Same-process speed ratios for the speed table in docs/benchmarks.md: anybn / peer, interleaved, median of rounds.
+"""Same-process speed ratios (docs/benchmarks.md): anybn / peer, interleaved, median of rounds.
 
 Usage (from the repository root; 2 threads for torch and anybn, as in asv)::
 
