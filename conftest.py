@@ -25,6 +25,7 @@ _NEEDS = {
     "anybn/torch.py": "torch",
     "anybn/_torch_ops.py": "torch",
     "anybn/_torch_sync.py": "torch",
+    "anybn/_torch_function.py": "torch",
     "anybn/_jax.py": "jax",
     "anybn/_kernels/half.py": "numba",
     "tests/_out_of_core.py": "dask",
