@@ -22,11 +22,12 @@ collect_ignore = ["tests/typecheck"]
 
 #: Modules that import an optional dependency at the top, and that dependency.
 _NEEDS = {
-    "anybn/torch.py": "torch",
-    "anybn/_torch_ops.py": "torch",
-    "anybn/_torch_sync.py": "torch",
-    "anybn/_torch_function.py": "torch",
-    "anybn/_jax.py": "jax",
+    "anybn/torch/__init__.py": "torch",
+    "anybn/torch/ops.py": "torch",
+    "anybn/torch/sync.py": "torch",
+    "anybn/torch/function.py": "torch",
+    "anybn/distributed/torch_autograd.py": "torch",
+    "anybn/_kernels/jax.py": "jax",
     "anybn/_kernels/half.py": "numba",
     "tests/_out_of_core.py": "dask",
 }

@@ -6,9 +6,9 @@ PyTorch, array-api-strict and any other conforming library.
 """
 
 from . import convert
-from ._functional import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
+from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
+from ._core.stats import chan_merge
 from ._layer import BatchNorm
-from ._stats import chan_merge
 from ._typing import AnyArray
 
 __version__ = "0.1.0"

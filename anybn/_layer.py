@@ -21,10 +21,8 @@ from typing import Any, NamedTuple
 import array_api_compat as compat
 import numpy as np
 
-from ._functional import BatchNormGrads, batch_norm, batch_norm_backward
-from ._sync import reports_failures
-from ._typing import AnyArray, ArrayT
-from ._validation import (
+from ._api import BatchNormGrads, batch_norm, batch_norm_backward
+from ._checks import (
     check_bool,
     check_eps,
     check_input,
@@ -32,6 +30,7 @@ from ._validation import (
     check_training,
     check_var_estimator,
 )
+from ._typing import AnyArray, ArrayT
 from ._xp import (
     Array,
     check_namespace,
@@ -43,6 +42,7 @@ from ._xp import (
     stop_gradient,
     to_host,
 )
+from .distributed.sync import reports_failures
 
 __all__ = ["BatchNorm", "IncompatibleKeys"]
 

@@ -2,7 +2,7 @@
 
 Written as directly as possible (channel axis moved last, columns reduced with
 NumPy's own ``mean``/``var``), so it shares no code and no algorithm with
-:mod:`anybn._functional`. The report and the tests compare against it.
+:mod:`anybn._api`. The report and the tests compare against it.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._api import batch_norm, batch_norm_backward
 from ._backends import BACKENDS, Backend
-from ._functional import batch_norm, batch_norm_backward
 from ._reference import reference_backward, reference_forward
 
 __all__ = ["BackendResult", "check_backend", "main", "run_report"]

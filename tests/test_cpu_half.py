@@ -1,4 +1,5 @@
-"""float16 on the compiled CPU kernels (:mod:`anybn._kernels.cpu`, :mod:`anybn._kernels.half`).
+"""float16 on the compiled CPU kernels (:mod:`anybn._kernels.numba_cpu` and
+:mod:`anybn._kernels.half`).
 
 The conversions are checked exhaustively (all 65536 half bit patterns) and against NumPy's
 ``astype`` on a large sample of float32 values with every tie; the kernels against the float64
@@ -15,8 +16,8 @@ import pytest
 from _helpers import backward64
 
 import anybn
-from anybn import _fastpaths
-from anybn._kernels import cpu
+from anybn._kernels import numba_cpu as cpu
+from anybn._kernels import torch_cpu
 from anybn._reference import reference_forward
 
 pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="Numba not installed or ANYBN_NUMBA=0")
@@ -244,7 +245,7 @@ def kernel_calls(monkeypatch):
 
 def test_dispatcher_serves_float16_numpy_arrays_with_the_compiled_kernels(kernel_calls):
     x, dy, w, b = _half_data((64, 5, 30), 1, 1e3, "float16")
-    assert _fastpaths._numpy_module(x) is cpu
+    assert torch_cpu._numpy_module(x) is cpu
     out = anybn.batch_norm(x, None, None, w, b, training=True)
     grads = anybn.batch_norm_backward(dy, x, w, out.mean, out.invstd, training=True)
     assert kernel_calls == ["forward", "backward"]

@@ -1,10 +1,10 @@
-"""The compiled CPU kernels (:mod:`anybn._kernels.cpu`): accuracy, layouts, threads, fallback.
+"""The compiled CPU kernels (:mod:`anybn._kernels.numba_cpu`): accuracy, layouts, threads, fallback.
 
 Compared against the float64 reference (:mod:`anybn._reference`) on data offset by up to
 1e5, in every layout the kernels see, and against themselves on one and on two threads
 (the partial sums have fixed places, so the bits must not change). Without Numba (or with
 ``ANYBN_NUMBA=0``) only the fallback test runs: the dispatcher then serves NumPy arrays with
-:mod:`anybn._numpy_kernels`.
+:mod:`anybn._kernels.numpy_blocks`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 from _helpers import backward64
 
 import anybn
-from anybn import _fastpaths, _numpy_kernels
-from anybn._kernels import cpu
+from anybn._kernels import numba_cpu as cpu
+from anybn._kernels import numpy_blocks as _numpy_kernels
+from anybn._kernels import torch_cpu
 from anybn._reference import reference_forward
 
 needs_numba = pytest.mark.skipif(not cpu.AVAILABLE, reason="Numba not installed or ANYBN_NUMBA=0")
@@ -120,8 +121,8 @@ def test_non_finite_values_stay_in_their_channel():
 @needs_numba
 def test_dispatcher_uses_compiled_kernels_for_numpy_and_torch_cpu():
     x = np.ones((4, 3), np.float32)
-    assert _fastpaths._numpy_module(x) is cpu
-    assert _fastpaths._numpy_module(x.astype(np.float16)) is cpu
+    assert torch_cpu._numpy_module(x) is cpu
+    assert torch_cpu._numpy_module(x.astype(np.float16)) is cpu
     torch = pytest.importorskip("torch")
     t = torch.randn(64, 5, dtype=torch.float32) + 1e4
     out = anybn.batch_norm(t, training=True)
@@ -131,10 +132,10 @@ def test_dispatcher_uses_compiled_kernels_for_numpy_and_torch_cpu():
 
 def test_without_numba_the_numpy_kernels_serve():
     code = (
-        "import numpy as np, anybn; from anybn import _fastpaths, _numpy_kernels\n"
+        "import numpy as np, anybn; from anybn._kernels import numpy_blocks, torch_cpu\n"
         "x = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)\n"
-        "assert _fastpaths._cpu_kernels() is None\n"
-        "assert _fastpaths._numpy_module(x) is _numpy_kernels\n"
+        "assert torch_cpu._cpu_kernels() is None\n"
+        "assert torch_cpu._numpy_module(x) is numpy_blocks\n"
         "out = anybn.batch_norm(x, training=True)\n"
         "assert abs(float(out.y.mean())) < 1e-5\n"
     )

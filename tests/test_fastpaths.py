@@ -1,10 +1,10 @@
-"""The fast paths (anybn._fastpaths) against the generic array-API path they replace.
+"""The fast paths (anybn._kernels) against the generic array-API path they replace.
 
 Every backend of the matrix runs each case twice, with ``fast_paths(True)`` and
 ``fast_paths(False)``; the results must agree to the dtype's tolerance (the
 generic path is the reference the fast paths are held to, and the float64 NumPy
 reference checks both). On a machine with a GPU this is where the CUDA kernels
-(anybn._kernels.cuda, for CuPy arrays and torch CUDA tensors) are tested through
+(anybn._kernels.numba_cuda, for CuPy arrays and torch CUDA tensors) are tested through
 the public functions; tests/test_gpu_kernels.py runs them directly, also in the
 simulator.
 """
@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 import anybn
-from anybn import _fastpaths, _numpy_kernels
+from anybn import _kernels as _fastpaths
 from anybn._backends import Backend, get_backend
-from anybn._fastpaths import fast_paths
+from anybn._kernels import fast_paths
+from anybn._kernels import numpy_blocks as _numpy_kernels
 from anybn._reference import reference_backward, reference_forward
 
 
@@ -36,7 +37,7 @@ def _has_numba_cuda() -> bool:
     return importlib.util.find_spec("numba_cuda") is not None
 
 
-#: Backends with a fast path: GPU arrays take anybn._kernels.cuda when numba-cuda is there.
+#: Backends with a fast path: GPU arrays take anybn._kernels.numba_cuda when numba-cuda is there.
 FAST_BACKENDS = ("numpy", "torch") + (("cupy", "torch:cuda") if _has_numba_cuda() else ())
 
 TOL = {"float64": 1e-10, "float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
@@ -178,8 +179,8 @@ def test_fast_path_exact_on_offset_data(
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``module.forward`` of every CPU kernel module, as it is called (``cpu`` is Numba's)."""
-    from anybn import _torch_kernels
-    from anybn._kernels import cpu
+    from anybn._kernels import numba_cpu as cpu
+    from anybn._kernels import torch_cpu as _torch_kernels
 
     calls: list[str] = []
 
@@ -459,8 +460,10 @@ def test_generic_path_really_runs_when_disabled(monkeypatch: pytest.MonkeyPatch)
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("fast path called")
 
-    monkeypatch.setattr(_fastpaths, "batch_norm", boom)
-    monkeypatch.setattr(_fastpaths, "batch_norm_backward", boom)
+    for module in _fastpaths.kernels_for(np.empty(0)):
+        if module.FAST:
+            monkeypatch.setattr(module, "run_forward", boom)
+            monkeypatch.setattr(module, "run_backward", boom)
     x = np.arange(12.0).reshape(4, 3)
     with fast_paths(False):
         out = anybn.batch_norm(x, training=True)
@@ -468,7 +471,7 @@ def test_generic_path_really_runs_when_disabled(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_environment_variable_turns_fast_paths_off() -> None:
-    code = "import anybn._fastpaths as f; print(f.enabled())"
+    code = "import anybn._kernels as f; print(f.enabled())"
     env = {**os.environ, "ANYBN_FAST_PATHS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
@@ -481,7 +484,7 @@ def test_set_num_threads_validates() -> None:
     assert _numpy_kernels.set_num_threads(previous) == previous
 
 
-# --- GPU arrays: CuPy and torch CUDA tensors (anybn._kernels.cuda) -----------------------
+# --- GPU arrays: CuPy and torch CUDA tensors (anybn._kernels.numba_cuda) -----------------------
 
 
 def _gpu_backend(backend: Backend) -> None:
@@ -491,15 +494,17 @@ def _gpu_backend(backend: Backend) -> None:
 
 
 def test_gpu_arrays_take_the_cuda_kernels(backend: Backend) -> None:
-    """CuPy arrays and untracked torch CUDA tensors dispatch to anybn._kernels.cuda."""
+    """CuPy arrays and untracked torch CUDA tensors dispatch to anybn._kernels.numba_cuda."""
     _gpu_backend(backend)
     x = backend.asarray(np.ones((4, 3, 5)), "float32")
-    assert _fastpaths._cuda_kernels((x, None, None, None, None)) is not None
+    from anybn._kernels import numba_cuda
+
+    assert numba_cuda._served((x, None, None, None, None))
     if backend.id == "torch:cuda":
         x.requires_grad_(True)
-        assert _fastpaths._cuda_kernels((x,)) is None  # autograd traces the generic path
+        assert not numba_cuda._served((x,))  # autograd traces the generic path
         x = backend.asarray(np.ones((4, 3, 5)), "bfloat16")
-        assert _fastpaths._cuda_kernels((x,)) is None  # no bfloat16 in numba
+        assert not numba_cuda._served((x,))  # no bfloat16 in numba
 
 
 def test_torch_cuda_no_host_sync_and_channels_last(backend: Backend) -> None:

@@ -1,4 +1,4 @@
-"""The CUDA kernels (anybn._kernels.cuda), executed: in numba-cuda's simulator or on a GPU.
+"""The CUDA kernels (anybn._kernels.numba_cuda), executed: in numba-cuda's simulator or on a GPU.
 
 ``ANYBN_CUDA_SIMULATOR=1 python -m pytest tests/test_gpu_kernels.py`` runs the very
 kernel source on the CPU (the simulator takes NumPy arrays, so shapes stay small and
@@ -34,7 +34,7 @@ pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip insta
 
 from numba import cuda
 
-from anybn._kernels import cuda as kernels
+from anybn._kernels import numba_cuda as kernels
 from anybn._reference import reference_forward
 
 SIMULATOR = kernels.simulated()
@@ -411,7 +411,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import json, sys
-        from anybn._kernels.cuda import compile_ptx
+        from anybn._kernels.numba_cuda import compile_ptx
         out = {{}}
         for cc in ((8, 0), (9, 0)):
             for key, ptx in compile_ptx(cc).items():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import anybn
-from anybn import _functional
+from anybn import _call as _functional
 
 CASES = [((8, 16), 1), ((4, 3, 5, 5), 1), ((4, 5, 5, 3), -1), ((6, 4, 7), 2), ((5, 2), 0)]
 DTYPES = ["float16", "float32", "float64"]

@@ -1,4 +1,4 @@
-"""The generic path's reductions (anybn._stats): float32 within 2e-6 relative of float64.
+"""The generic path's reductions (anybn._core.stats): float32 within 2e-6 relative of float64.
 
 A float32 running sum along a non-contiguous axis loses about ``n * eps``; the
 generic path is what JAX, array-api-strict, Dask and tracked torch tensors get,
@@ -13,9 +13,9 @@ import pytest
 
 import anybn
 from anybn._backends import Backend
-from anybn._fastpaths import fast_paths
+from anybn._core.stats import channel_dot, channel_sum
+from anybn._kernels import fast_paths
 from anybn._reference import reference_backward, reference_forward
-from anybn._stats import channel_dot, channel_sum
 
 #: (shape, axis): channels-last with 100k values per channel (the case that lost 1.6e-5),
 #: NC planes, and 2-D (N, C).

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import anybn.torch as abt  # noqa: E402
-from anybn import _fastpaths  # noqa: E402
+from anybn._kernels import torch_cpu  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +221,7 @@ def test_jit_script_says_unsupported() -> None:
 @fresh_process(timeout=600)
 def test_compile_fullgraph_on_the_first_call(training: bool) -> None:
     """The issue's call, first thing in the process: compiles, and gives torch's numbers."""
-    assert _fastpaths._torch is None, "an earlier call bound torch: not a first call"
+    assert torch_cpu._torch is None, "an earlier call bound torch: not a first call"
     torch.manual_seed(0)
     ours, theirs = abt.BatchNorm2d(8), nn.BatchNorm2d(8)
     with torch.no_grad():
@@ -241,13 +241,13 @@ def test_compile_fullgraph_on_the_first_call(training: bool) -> None:
 @fresh_process(timeout=300)
 def test_compiled_code_binds_no_module_global() -> None:
     """anybn's lazy lookup of the torch module, traced by torch.compile, has no side effect."""
-    assert _fastpaths._torch is None, "an earlier call bound torch: not a first call"
+    assert torch_cpu._torch is None, "an earlier call bound torch: not a first call"
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return x * 2.0 if _fastpaths._torch_module() is torch else x
+        return x * 2.0 if torch_cpu._torch_module() is torch else x
 
     x = torch.ones(3)
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2.0)
-    assert _fastpaths._torch is None
-    assert _fastpaths._torch_module() is torch  # eager: bound once, as before
-    assert _fastpaths._torch is torch
+    assert torch_cpu._torch is None
+    assert torch_cpu._torch_module() is torch  # eager: bound once, as before
+    assert torch_cpu._torch is torch

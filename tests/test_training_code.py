@@ -21,7 +21,7 @@ import pytest
 from _fresh import fresh_process
 
 import anybn
-from anybn import _numpy_kernels
+from anybn._kernels import numpy_blocks as _numpy_kernels
 
 torch = pytest.importorskip("torch")
 import anybn.torch as abt  # noqa: E402

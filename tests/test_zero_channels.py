@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from _helpers import TRAIN_EVAL, assert_like, batch_norm, batch_norm_backward, compute_dtype_name
 
-from anybn import _fastpaths
+from anybn import _kernels as _fastpaths
 from anybn._backends import Backend
+from anybn._kernels import numba_cpu
 
 #: (shape, channel axis): channels first, 2-D, no values at all, channels-last, 4-D.
 ZERO_CHANNEL_DIMS = [
@@ -34,7 +35,7 @@ ZERO_CHANNEL_DIMS = [
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Which kernels may serve the call: every fast path, all but Numba's, or none."""
     if request.param == "no-numba":
-        monkeypatch.setattr(_fastpaths, "_cpu_module", None)  # as with ANYBN_NUMBA=0
+        monkeypatch.setattr(numba_cpu, "AVAILABLE", False)  # as with ANYBN_NUMBA=0
     with _fastpaths.fast_paths(request.param != "generic"):
         yield request.param
 

@@ -1,6 +1,6 @@
 """float16 for the compiled CPU kernels: exact conversions as Numba intrinsics.
 
-Numba has no float16 on the CPU, so :mod:`anybn._kernels.cpu` hands the kernels
+Numba has no float16 on the CPU, so :mod:`anybn._kernels.numba_cpu` hands the kernels
 float16 arrays as ``uint16`` views (the same memory) and reads and writes every
 element through two helpers that the kernels call for every dtype:
 

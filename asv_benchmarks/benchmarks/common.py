@@ -109,9 +109,7 @@ if QUICK:
         import torch  # noqa: F401
     except ImportError:
         pass
-    from anybn import _fastpaths
-
-    _fastpaths._cpu_kernels()
+    from anybn._kernels import numba_cpu  # noqa: F401  (loads the compiled kernels)
 
 
 def timing(cls: type) -> type:
@@ -126,7 +124,7 @@ THREADS = int(os.environ.get("ANYBN_BENCH_THREADS", "2"))
 
 def set_threads() -> None:
     """The same number of CPU threads for torch and for anybn's NumPy kernels."""
-    from anybn import _numpy_kernels
+    from anybn._kernels import numpy_blocks as _numpy_kernels
 
     _numpy_kernels.set_num_threads(THREADS)
     try:

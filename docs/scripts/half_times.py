@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import anybn
-from anybn import _fastpaths
+from anybn import _kernels as _fastpaths
 
 SHAPES = {
     "(32,64,56,56)": ((32, 64, 56, 56), False),

@@ -35,7 +35,7 @@ from benchmarks.bench_peers import textbook_backward, textbook_forward
 
 import anybn
 import anybn.torch as abt
-from anybn import _numpy_kernels
+from anybn._kernels import numpy_blocks as _numpy_kernels
 
 SHAPES = {
     "(8,16)": ((8, 16), False),

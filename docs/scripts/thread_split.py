@@ -17,8 +17,8 @@ import statistics
 import numpy as np
 from module_overhead import best  # docs/scripts/, the directory of this script
 
-from anybn import _fastpaths
-from anybn._kernels import cpu
+from anybn import _kernels as _fastpaths
+from anybn._kernels import numba_cpu as cpu
 
 SHAPES = [(256, 512), (8, 256, 14, 14), (4096, 1024), (32, 64, 56, 56)]
 

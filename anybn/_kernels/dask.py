@@ -1,7 +1,8 @@
-"""The Dask adapter: out-of-core training-mode forward and backward.
+"""The Dask kernel: out-of-core training-mode forward and backward.
 
-Imported lazily by the core when ``x`` is a Dask array. Everything stays lazy
-and chunked:
+The generic kernel's formulas (:mod:`anybn._core.generic`) with out-of-core
+statistics and sums. Imported by the dispatcher when ``x`` is a Dask array.
+Everything stays lazy and chunked:
 
 * the statistics are one pass over ``x``: each chunk gives its own
   ``(count, mean, M2)`` (the corrected two-pass algorithm on that chunk, in
@@ -27,13 +28,23 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import array_api_compat as compat
 import numpy as np
 
-from ._xp import Array, channel_shape, param_shape, reduction_axes
+from .._core import generic
+from .._core.generic import Moments, Sums, as_dtype
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+from .._xp import Array, channel_shape, param_shape, reduction_axes
 
-__all__ = ["backward_sums", "clone", "moments"]
+if TYPE_CHECKING:
+    from .._call import Call
+
+__all__ = ["accepts", "backward_sums", "clone", "moments", "run_backward", "run_forward"]
+
+NAME = "dask"
+FAST = False  # not a fast path: the only kernel that keeps Dask arrays lazy and chunked
 
 
 #: Clone a graph for the second pass only when it has at most this many tasks per
@@ -130,9 +141,9 @@ def backward_sums(
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, keepdims-shaped, in one pass.
 
     With a mask, a masked-out position whose ``dy`` is 0 adds nothing to the
-    second sum whatever its ``x`` (see :func:`anybn._stats.reaching_loss`).
+    second sum whatever its ``x`` (see :func:`anybn._core.stats.reaching_loss`).
     """
-    from ._stats import reaching_loss
+    from .._core.stats import reaching_loss
 
     axes = reduction_axes(x.ndim, axis)
     wide = np.float64 if x.dtype == np.float32 else x.dtype
@@ -148,3 +159,59 @@ def shapes(x: Array, axis: int | tuple[int, ...]) -> tuple[tuple[int, ...], tupl
     """``(param_shape, broadcast_shape)`` of x's channels."""
     channels = param_shape(tuple(x.shape), axis)
     return channels, channel_shape(x.ndim, axis, channels)
+
+
+# --- the kernel protocol -------------------------------------------------------------------
+
+
+def accepts(call: Call, x: Array) -> bool:
+    """Dask arrays, every call."""
+    return compat.is_dask_array(x)
+
+
+def _moments(call: Call, x: Array, xc: Array) -> Moments:
+    xp = call.xp
+    cdt = xc.dtype
+    n64, mean64, m2_64 = moments(xp, xc, call.mask, call.axis)
+    n = call.n if call.mask is None else as_dtype(xp, n64, cdt)
+    mean_b, m2 = as_dtype(xp, mean64, cdt), as_dtype(xp, m2_64, cdt)
+    # centre on the rounded mean, fold its rounding error into the shift (as the generic does)
+    corr = as_dtype(xp, mean64 - as_dtype(xp, mean_b, mean64.dtype), cdt)
+    return Moments(n, mean_b, m2, clone(xc) - mean_b, corr, None)
+
+
+def _sums(call: Call, dy: Array, dyc: Array, x: Array, centered: Array, mean_b: Array) -> Sums:
+    if not call.training:
+        return generic.batch_sums(call, dy, dyc, x, centered, mean_b)
+    # the sums in one pass, dx from clones of the graphs of x, dy and the mask
+    xp = call.xp
+    cdt = dyc.dtype
+    mask = call.mask
+    sum_dy, sum_dy_centered = (
+        as_dtype(xp, s, cdt)
+        for s in backward_sums(xp, dyc, as_dtype(xp, x, cdt), mean_b, call.axis, mask)
+    )
+    if mask is not None:
+        mask = clone(mask)
+    x_again, dy_again = clone(x, dy)
+    centered = as_dtype(xp, x_again, cdt) - mean_b
+    return Sums(sum_dy, sum_dy_centered, centered, as_dtype(xp, dy_again, cdt), mask)
+
+
+def run_forward(
+    call: Call,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+) -> BatchNormOutput:
+    """The generic forward with out-of-core statistics."""
+    return generic.forward(call, x, running_mean, running_var, weight, bias, moments=_moments)
+
+
+def run_backward(
+    call: Call, dy: Array, x: Array, weight: Array | None, mean: Array, invstd: Array
+) -> BatchNormGrads:
+    """The generic backward with the training sums in one out-of-core pass."""
+    return generic.backward(call, dy, x, weight, mean, invstd, sums=_sums)

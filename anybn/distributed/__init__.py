@@ -26,6 +26,6 @@ Examples
 
 from __future__ import annotations
 
-from ._comm import Communicator, MPIComm, TorchComm, as_communicator
+from .comm import Communicator, MPIComm, TorchComm, as_communicator
 
 __all__ = ["Communicator", "MPIComm", "TorchComm", "as_communicator"]

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import array_api_compat as compat
 
-from ._typing import AnyArray
-from ._xp import Array
+from .._typing import AnyArray
+from .._xp import Array
 
 __all__ = [
     "CenteredMoments",

@@ -51,9 +51,15 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import array_api_compat as compat
 import numpy as np
+
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+
+if TYPE_CHECKING:
+    from .._call import Call
 
 if os.environ.get("ANYBN_CUDA_SIMULATOR", "").strip() not in ("", "0"):
     # Must be set before numba.cuda is first imported (tests/test_gpu_kernels.py does it too).
@@ -993,3 +999,69 @@ def backward(
     return _guarded(
         _backward, dy, x, weight, mean, invstd, training=training, axis=axis, launch=launch
     )
+
+
+# --- the kernel protocol -------------------------------------------------------------------
+
+NAME = "numba_cuda"
+FAST = True
+
+
+def accepts(call: Call, x: Array) -> bool:
+    """CuPy arrays and torch CUDA tensors, one channel axis, no mask, with numba-cuda."""
+    if not (AVAILABLE and call.plain):
+        return False
+    if compat.is_torch_array(x):
+        return bool(x.is_cuda)
+    return compat.is_cupy_array(x)
+
+
+def _served(arrays: tuple[Array | None, ...]) -> bool:
+    """Whether these kernels serve the arrays of a call.
+
+    Torch tensors that autograd tracks (or that torch.func transforms) stay on the
+    generic path: autograd traces it.
+    """
+    x = arrays[0] if arrays[0] is not None else arrays[1]
+    if compat.is_torch_array(x):
+        import torch
+
+        from .torch_cpu import torch_transformed
+
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
+            return False
+        if torch_transformed(arrays):
+            return False
+    present = [a for a in arrays if a is not None]
+    return supports(present[0], *present[1:])
+
+
+def run_forward(
+    call: Call,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None,
+    bias: Array | None,
+) -> BatchNormOutput | None:
+    """:func:`forward` on a resolved call, or None where these kernels do not serve x."""
+    args = (x, running_mean, running_var, weight, bias)
+    if not _served(args):
+        return None
+    out = forward(
+        *args, training=call.training, momentum=call.momentum, eps=call.eps,
+        axis=call.axis, var_estimator=call.var_estimator,  # type: ignore[arg-type]
+    )  # fmt: skip
+    # None: the toolchain is unusable here, the next kernel in the list computes.
+    return None if out is None else BatchNormOutput(*out)
+
+
+def run_backward(
+    call: Call, dy: Array, x: Array, weight: Array | None, mean: Array, invstd: Array
+) -> BatchNormGrads | None:
+    """:func:`backward` on a resolved call, or None where these kernels do not serve x."""
+    args = (dy, x, weight, mean, invstd)
+    if not _served(args):
+        return None
+    grads = backward(*args, training=call.training, axis=call.axis)  # type: ignore[arg-type]
+    return None if grads is None else BatchNormGrads(*grads)

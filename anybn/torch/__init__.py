@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._torch_function import batch_norm, module_arguments
-from ._torch_sync import SyncBatchNorm
+from .function import batch_norm, module_arguments
+from .sync import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
-from . import _functional
+from .. import _kernels as kernels
+from .._call import Call
 
 __all__ = [
     "batch_norm",
@@ -77,10 +78,8 @@ def batch_norm_impl(
     Arguments are checked by the caller (:func:`anybn.torch.batch_norm`). The new
     running statistics are empty unless updated (training with running statistics).
     """
-    out = _functional.forward(
-        _xp, input, running_mean, running_var, weight, bias,
-        training=training, momentum=momentum, eps=eps, axis=1, count=_count(input),
-    )  # fmt: skip
+    call = Call(_xp, 1, _count(input), training, momentum, eps)
+    out = kernels.forward(call, input, running_mean, running_var, weight, bias)
     if training and running_mean is not None:
         new_mean, new_var = out.new_running_mean, out.new_running_var
     else:  # two tensors: outputs may not alias each other
@@ -120,10 +119,8 @@ def batch_norm_backward_impl(
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``; dweight and dbias in the accumulation dtype."""
-    g = _functional.backward(
-        _xp, grad_output, input, weight, mean, invstd,
-        training=training, axis=1, count=_count(input),
-    )  # fmt: skip
+    call = Call(_xp, 1, _count(input), training)
+    g = kernels.backward(call, grad_output, input, weight, mean, invstd)
     return _layout_like(g.dx, input), g.dweight, g.dbias
 
 

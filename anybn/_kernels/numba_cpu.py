@@ -1,7 +1,7 @@
 """The compiled CPU fast path: Numba kernels for float16/32/64 NumPy arrays and CPU tensors.
 
 Optional: used when Numba is installed (``pip install anybn[numba]``) and
-``ANYBN_NUMBA`` is not ``0``; without it :mod:`anybn._numpy_kernels` serves the
+``ANYBN_NUMBA`` is not ``0``; without it :mod:`anybn._kernels.numpy_blocks` serves the
 same arrays. The kernels read and write memory the minimum number of times:
 
 * forward, training: one pass reads x for the statistics, one reads x and writes y;
@@ -33,7 +33,7 @@ The reductions are compiled with ``fastmath={"reassoc", "contract"}`` only (the
 float64 sums vectorise; NaN and inf keep their meaning, so a non-finite value
 stays in its channel). Small inputs run in one compiled call on the calling thread;
 large ones share each pass's work items among anybn's worker threads
-(:func:`anybn._fastpaths.set_num_threads`, the pool of :mod:`anybn._numpy_kernels`), the
+(:func:`anybn._kernels.set_num_threads`, the pool of :mod:`anybn._kernels.numpy_blocks`), the
 compiled code running without the GIL. Not Numba's own ``parallel=True`` threads:
 OpenMP workers spin between calls and, beside torch's, slowed a shared 2-core
 machine by up to 40x; anybn's pool sleeps.
@@ -43,13 +43,20 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .._numpy_kernels import _executor, _memory_order, _quietly, get_num_threads
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+from .pool import _executor, _memory_order, _quietly, get_num_threads, native_order
+
+if TYPE_CHECKING:
+    from .._call import Call
 
 __all__ = ["AVAILABLE", "PARALLEL_MIN", "backward", "forward", "supports"]
+
+NAME = "numba_cpu"
+FAST = True
 
 
 def _import_numba() -> Any:
@@ -590,3 +597,48 @@ def backward(
     if lay.inverse is not None:
         dx = dx.transpose(lay.inverse)
     return dx, grads[0], grads[1]
+
+
+# --- the kernel protocol -------------------------------------------------------------------
+
+
+def accepts(call: Call, x: Any) -> bool:
+    """NumPy arrays, one channel axis, no mask, when Numba is installed."""
+    return AVAILABLE and type(x) is np.ndarray and call.plain
+
+
+def run_forward(
+    call: Call,
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+) -> BatchNormOutput | None:
+    """:func:`forward` on a resolved call, or None where these kernels do not serve x."""
+    x = native_order(x)
+    if not supports(x):
+        return None
+    out = forward(
+        x, running_mean, running_var, weight, bias,
+        training=call.training, momentum=call.momentum, eps=call.eps,
+        axis=call.axis, var_estimator=call.var_estimator,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return BatchNormOutput(*out)
+
+
+def run_backward(
+    call: Call,
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+) -> BatchNormGrads | None:
+    """:func:`backward` on a resolved call, or None where these kernels do not serve x."""
+    x, dy = native_order(x), native_order(dy)
+    if not (supports(x) and supports(dy)):
+        return None
+    return BatchNormGrads(
+        *backward(dy, x, weight, mean, invstd, training=call.training, axis=call.axis)  # type: ignore[arg-type]
+    )

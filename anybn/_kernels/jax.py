@@ -1,7 +1,7 @@
-"""The JAX adapter: training-mode batch norm as a ``jax.custom_vjp``.
+"""The JAX kernel: training-mode batch norm as a ``jax.custom_vjp``.
 
-Imported lazily by :func:`anybn.batch_norm` when ``x`` is a JAX array (never at
-``import anybn``). The forward is the generic array-API code on ``jax.numpy``;
+Imported by the dispatcher when ``x`` is a JAX array (never at ``import anybn``).
+The forward is the generic kernel (:mod:`anybn._core.generic`) on ``jax.numpy``;
 the ``custom_vjp`` makes reverse-mode autodiff (``jax.grad``, ``jax.vjp``,
 ``jax.jacrev``) use anybn's analytic backward instead of tracing through the
 forward's two-pass statistics. Both rules are plain ``jax.numpy`` code, so the
@@ -14,22 +14,28 @@ which is ``jacfwd(jacrev)``) is not defined for a ``custom_vjp`` function: JAX
 raises. Use ``jax.jacrev(jax.jacrev(f))`` for a Hessian.
 
 Eval mode needs no custom rule (``y = x * scale + shift``: JAX's own derivative
-is the analytic one) and runs the core directly.
+is the analytic one) and runs the generic kernel directly, as does the backward
+called on JAX arrays.
 """
 
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 from typing import Any, NamedTuple
 
+import array_api_compat as compat
 import jax
 
-from ._functional import BatchNormOutput, _generic_backward, _generic_forward
-from ._stats import channel_sum
-from ._xp import Array, channel_shape, compute_dtype, param_shape, reduction_axes
+from .._call import Call
+from .._core import generic
+from .._core.outputs import BatchNormOutput
+from .._core.stats import channel_sum
+from .._xp import Array, channel_shape, compute_dtype, param_shape, reduction_axes
 
-__all__ = ["forward"]
+__all__ = ["accepts", "run_backward", "run_forward"]
+
+NAME = "jax"
+FAST = False  # not a fast path: JAX's differentiation rule for the forward
 
 
 class _Static(NamedTuple):
@@ -40,6 +46,15 @@ class _Static(NamedTuple):
     axis: int | tuple[int, ...]
     n_values: int
     var_estimator: str
+
+
+def _call(static: _Static, mask: Array | None) -> Call:
+    import jax.numpy as jnp
+
+    return Call(
+        jnp, static.axis, static.n_values, True, static.momentum, static.eps,
+        static.var_estimator, mask,
+    )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -64,13 +79,8 @@ def _train_fwd(
     bias: Array | None,
     mask: Array | None,
 ) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
-    import jax.numpy as jnp
 
-    out = _generic_forward(
-        jnp, x, running_mean, running_var, weight, bias,
-        training=True, momentum=static.momentum, eps=static.eps, axis=static.axis,
-        count=static.n_values, mask=mask, var_estimator=static.var_estimator,
-    )  # fmt: skip
+    out = generic.forward(_call(static, mask), x, running_mean, running_var, weight, bias)
     residuals = (x, weight, out.mean, out.invstd, mask, running_mean, running_var, bias)
     return tuple(out), residuals
 
@@ -90,10 +100,7 @@ def _train_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[An
 
     x, weight, mean, invstd, mask, running_mean, running_var, bias = residuals
     dy, dmean, dinvstd = cotangents[:3]
-    grads = _generic_backward(
-        jnp, dy, x, weight, mean, invstd,
-        training=True, axis=static.axis, count=static.n_values, mask=mask,
-    )  # fmt: skip
+    grads = generic.backward(_call(static, mask), dy, x, weight, mean, invstd)
     cdt = compute_dtype(jnp, x.dtype)
     axes = reduction_axes(x.ndim, static.axis)
     bshape = channel_shape(x.ndim, static.axis, param_shape(tuple(x.shape), static.axis))
@@ -119,32 +126,27 @@ def _train_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[An
 _train.defvjp(_train_fwd, _train_bwd)
 
 
-def forward(
-    xp: ModuleType,
+def accepts(call: Call, x: Array) -> bool:
+    """JAX arrays in training (eval and the backward run the generic kernel)."""
+    return call.training and compat.is_jax_array(x)
+
+
+def run_forward(
+    call: Call,
     x: Array,
     running_mean: Array | None,
     running_var: Array | None,
     weight: Array | None,
     bias: Array | None,
-    *,
-    momentum: float,
-    eps: float,
-    axis: int | tuple[int, ...],
-    count: int,
-    mask: Array | None,
-    var_estimator: str,
 ) -> BatchNormOutput:
-    """Training-mode :func:`anybn._functional.forward` for JAX arrays, with anybn's VJP."""
-    from ._functional import forward as core_forward
-
-    if count == 0:  # the empty batch: nothing to differentiate
-        return core_forward(
-            xp, x, running_mean, running_var, weight, bias, training=True,
-            momentum=momentum, eps=eps, axis=axis, count=count, mask=mask,
-            var_estimator=var_estimator,
-        )  # fmt: skip
-    static = _Static(momentum, eps, axis, count, var_estimator)
-    y, mean, invstd, rm, rv = _train(static, x, running_mean, running_var, weight, bias, mask)
+    """The training forward with anybn's VJP."""
+    static = _Static(call.momentum, call.eps, call.axis, call.n, call.var_estimator)
+    y, mean, invstd, rm, rv = _train(static, x, running_mean, running_var, weight, bias, call.mask)
     if running_mean is not None:
         rm, rv = jax.lax.stop_gradient(rm), jax.lax.stop_gradient(rv)
     return BatchNormOutput(y, mean, invstd, rm, rv)
+
+
+def run_backward(call: Call, *arrays: Array | None) -> None:
+    """None: the generic kernel is JAX's backward."""
+    return None

@@ -12,7 +12,7 @@ torch/nn/parallel/distributed.py), which would defeat the CPU support.
 
 In training with an initialized process group of more than one rank, it
 normalizes with the statistics of the batch concatenated over the group, through
-:mod:`anybn._sync`: CPU tensors over gloo, CUDA tensors over NCCL. In eval,
+:mod:`anybn.distributed.sync`: CPU tensors over gloo, CUDA tensors over NCCL. In eval,
 without a process group, or with a group of one rank, it is
 :func:`anybn.torch.batch_norm`, local.
 
@@ -30,107 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from . import _sync
-from ._comm import Communicator, TorchComm
-from ._functional import BatchNormOutput
-from ._torch_function import batch_norm, module_arguments
+from ..distributed import sync as _sync
+from ..distributed.comm import TorchComm
+from ..distributed.torch_autograd import SyncBatchNormFunction as _SyncBatchNormFunction
+from .function import batch_norm, module_arguments
 
 __all__ = ["SyncBatchNorm"]
-
-
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """y = batch_norm over the ranks of a group, with the synchronized analytic backward.
-
-    Outputs ``(y, mean, invstd, new_running_mean, new_running_var)``. With
-    ``stats=True`` (the functional API) ``mean`` and ``invstd`` are
-    differentiable too: their gradients join the backward's all-reduce. With
-    ``stats=False`` (the module, which returns only y) they are not, and the
-    all-reduce carries ``2 * C`` sums. Every rank must run the backward.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        axis: int,
-        comm: Communicator,
-        stats: bool,
-        momentum_range: bool,
-    ) -> tuple[Tensor | None, ...]:
-        out, total = _sync.forward(
-            x, running_mean, running_var, weight, bias,
-            momentum=momentum, eps=eps, axis=axis, xp=None, comm=comm,
-            momentum_range=momentum_range,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, out.mean, out.invstd)
-        ctx.comm, ctx.total, ctx.axis, ctx.stats = comm, total, axis, stats
-        fixed = [out.new_running_mean, out.new_running_var]
-        if not stats:
-            fixed += [out.mean, out.invstd]
-        ctx.mark_non_differentiable(*(t for t in fixed if t is not None))
-        return out.y, out.mean, out.invstd, out.new_running_mean, out.new_running_var
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: Any, dy: Tensor, d_mean: Tensor | None, d_invstd: Tensor | None, *_: Any
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        local = _sync._check_backward(dy, x, weight, mean, invstd, ctx.axis, None)
-        stats = ctx.stats
-        # Every rank must take part in the all-reduce, even one that needs no dx.
-        dx, dweight, dbias = _sync.backward(
-            ctx.comm, local, dy.contiguous(), x, weight, mean, invstd, ctx.total,
-            _zeros_if_none(d_mean, mean) if stats else None,
-            _zeros_if_none(d_invstd, invstd) if stats else None,
-        )  # fmt: skip
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (
-            dx if need_x else None,
-            _as_param(dweight, weight) if need_weight else None,
-            _as_param(dbias, weight) if need_bias else None,
-            None, None, None, None, None, None, None, None,
-        )  # fmt: skip
-
-
-def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _as_param(grad: Tensor, param: Tensor | None) -> Tensor:
-    """A parameter's gradient in the parameter's dtype (autograd requires it)."""
-    return grad if param is None or grad.dtype == param.dtype else grad.to(param.dtype)
-
-
-def function_batch_norm(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    momentum: float,
-    eps: float,
-    axis: object,
-    comm: Communicator,
-) -> BatchNormOutput:
-    """:func:`anybn.batch_norm` with ``comm=`` on tensors that autograd records.
-
-    ``y``, ``mean`` and ``invstd`` differentiate through the global statistics
-    (the synchronized backward); the new running statistics carry no graph.
-    """
-    y, mean, invstd, new_mean, new_var = _SyncBatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, momentum, eps, axis, comm, True, True
-    )
-    return BatchNormOutput(y, mean, invstd, new_mean, new_var)
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -1,13 +1,13 @@
-"""Synchronized batch norm: the forward and backward of :mod:`anybn._functional` over ranks.
+"""Synchronized batch norm: the forward and backward of the functional API over ranks.
 
 Each rank holds one shard of the batch. In training the statistics are those of
 the whole (concatenated) batch:
 
 Forward
     every rank computes its per-channel ``(count, mean, M2)`` with the corrected
-    two-pass algorithm (:func:`anybn._stats.centered_moments`); one all-gather
+    two-pass algorithm (:func:`anybn._core.stats.centered_moments`); one all-gather
     brings every rank's ``(mean, M2)``, and the exact Chan merge
-    (:func:`anybn._stats.chan_merge`), done in rank order on every rank, gives the
+    (:func:`anybn._core.stats.chan_merge`), done in rank order on every rank, gives the
     statistics of the concatenated batch, bit-identical on all ranks. Ranks with
     an empty shard contribute nothing. ``y`` is then the core's eval forward with
     the global ``(mean, M2 / N)`` in place of the running statistics.
@@ -37,7 +37,7 @@ the counts: the global count ``N`` is known before the statistics move, so
 Every check of a call (its options and autodiff mode included) runs before the
 header, so that a call failing on one rank fails on every rank and the next calls
 pair; PyTorch tensors that autograd records go through an ``autograd.Function``
-(:mod:`anybn._torch_sync`) whose backward is the synchronized one.
+(:mod:`anybn.distributed.torch_autograd`) whose backward is the synchronized one.
 
 Statistics travel in the accumulation dtype: float32 for float16/bfloat16/float32
 input, float64 for float64 input; the backward widens half-precision x and dy to
@@ -55,22 +55,19 @@ from typing import Any, NamedTuple, TypeVar
 
 import array_api_compat as compat
 
-from ._comm import Communicator, as_communicator
-from ._functional import BatchNormGrads, BatchNormOutput
-from ._functional import backward as _core_backward
-from ._functional import batch_norm as _local_batch_norm
-from ._functional import batch_norm_backward as _local_batch_norm_backward
-from ._functional import forward as _core_forward
-from ._stats import centered_moments, chan_merge
-from ._validation import (
+from .. import _kernels as kernels
+from .._call import Call
+from .._checks import (
     check_channel_vector,
     check_eps,
     check_input,
     check_momentum,
-    check_training,
     check_var_estimator,
 )
-from ._xp import (
+from .._core.generic import running_update
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+from .._core.stats import centered_moments, chan_merge
+from .._xp import (
     Array,
     check_floating,
     compute_dtype,
@@ -82,11 +79,11 @@ from ._xp import (
     values_per_channel,
     writeable,
 )
+from .comm import Communicator, as_communicator
 
 __all__ = [
     "SyncForward",
-    "batch_norm",
-    "batch_norm_backward",
+    "backward",
     "failures_reported",
     "forward",
     "reports_failures",
@@ -458,10 +455,8 @@ def forward(
         )
     xp, axis, channels, count = local
     if total == 0:  # every shard empty: the core's empty batch (NaN statistics, as torch)
-        out = _core_forward(
-            xp, x, running_mean, running_var, weight, bias,
-            training=True, momentum=momentum, eps=eps, axis=axis, count=0,
-        )  # fmt: skip
+        call = Call(xp, axis, 0, True, momentum, eps)
+        out = kernels.forward(call, x, running_mean, running_var, weight, bias)
         return SyncForward(out, 0)
     cdt = compute_dtype(xp, x.dtype)
     pair_and_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
@@ -495,87 +490,17 @@ def forward(
     shift = -offset * scale
     if bias is not None:
         shift = shift + _as(xp, bias, cdt)
-    out = _core_forward(
-        xp, x, anchor, var, weight, shift,
-        training=False, momentum=0.0, eps=eps, axis=axis, count=count,
-    )  # fmt: skip
+    out = kernels.forward(Call(xp, axis, count, False, 0.0, eps), x, anchor, var, weight, shift)
 
     new_running_mean, new_running_var = running_mean, running_var
     if running_mean is not None and running_var is not None:
-        unbiased = m2 / (total - 1)
-        new_running_mean = _as(
-            xp, (1.0 - momentum) * _as(xp, running_mean, cdt) + momentum * mean, running_mean.dtype
-        )
-        new_running_var = _as(
-            xp,
-            (1.0 - momentum) * _as(xp, running_var, cdt) + momentum * unbiased,
-            running_var.dtype,
-        )
+        new_running_mean, new_running_var = running_update(
+            Call(xp, axis, total, True, momentum, eps), running_mean, running_var, mean, m2,
+            total, (channels,),
+        )  # fmt: skip
     return SyncForward(
         BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total
     )
-
-
-def _torch_autograd(*arrays: object) -> bool:
-    """Whether autograd should record a synchronized call on these arrays."""
-    if not compat.is_torch_array(arrays[0]):
-        return False
-    import torch
-
-    return torch.is_grad_enabled() and any(
-        a is not None and a.requires_grad  # type: ignore[attr-defined]
-        for a in arrays
-    )
-
-
-def batch_norm(
-    x: Array,
-    running_mean: Array | None = None,
-    running_var: Array | None = None,
-    weight: Array | None = None,
-    bias: Array | None = None,
-    *,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    axis: object = 1,
-    mask: Array | None = None,
-    var_estimator: str = "unbiased",
-    xp: ModuleType | None = None,
-    comm: object,
-) -> BatchNormOutput:
-    """:func:`anybn.batch_norm` over the ranks of ``comm``.
-
-    In training: the statistics of the batch concatenated over ranks (two
-    collectives: the header, then one all-gather of ``3 * C`` values); every
-    check, the options' included, runs before the header and fails every rank.
-    PyTorch tensors that autograd records go through an ``autograd.Function``
-    whose backward is the synchronized one (one all-reduce), so that gradients
-    flow through the global statistics. In eval: the local computation, with
-    every option of the local one (``mask`` and ``var_estimator`` change
-    nothing in eval), and no communication.
-    """
-    if not check_training(training):
-        return _local_batch_norm(
-            x, running_mean, running_var, weight, bias,
-            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
-            var_estimator=var_estimator, xp=xp,
-        )  # fmt: skip
-    with failures_reported(comm, x, axis):
-        if _torch_autograd(x, weight, bias):
-            axis = check_options(axis, mask, var_estimator)
-            check_autodiff(x, running_mean, running_var, weight, bias)
-            from ._torch_sync import function_batch_norm
-
-            return function_batch_norm(
-                x, running_mean, running_var, weight, bias,
-                momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
-            )  # fmt: skip
-        return forward(
-            x, running_mean, running_var, weight, bias,
-            momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm, mask=mask,
-            var_estimator=var_estimator,
-        ).out  # fmt: skip
 
 
 def _check_backward(
@@ -602,33 +527,26 @@ def _check_backward(
     return _Local(xp, axis, channels, values_per_channel(tuple(x.shape), axis))
 
 
-def batch_norm_backward(
+def checked_backward(
     dy: Array,
     x: Array,
     weight: Array | None,
     mean: Array,
     invstd: Array,
     *,
-    training: bool = True,
-    axis: object = 1,
-    mask: Array | None = None,
-    xp: ModuleType | None = None,
+    axis: object,
+    mask: Array | None,
+    xp: ModuleType | None,
     comm: object,
     total_count: int | None = None,
 ) -> BatchNormGrads:
-    """:func:`anybn.batch_norm_backward` over the ranks of ``comm``.
+    """The synchronized training backward of :func:`anybn.batch_norm_backward`.
 
-    In training: one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values),
-    preceded by the header exchange unless ``total_count`` (the global count per
-    channel, known from a synchronized forward) is given; every check runs
-    before the header and fails every rank. In eval: local, with every option
-    of the local one.
+    One all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values), preceded by
+    the header exchange unless ``total_count`` (the global count per channel,
+    known from a synchronized forward) is given; every check runs before the
+    header and fails every rank.
     """
-    if not check_training(training):
-        return _local_batch_norm_backward(
-            dy, x, weight, mean, invstd, training=False, axis=axis, mask=mask,  # type: ignore[arg-type]
-            xp=xp,
-        )  # fmt: skip
     communicator = as_communicator(comm)
     if total_count is None:
         local: _Local | None = None
@@ -671,15 +589,13 @@ def backward(
     """
     xp, axis, channels, count = local
     if total_count == 0:  # every shard empty (NaN statistics): the core's zeros
-        return _core_backward(xp, dy, x, weight, mean, invstd, training=True, axis=axis, count=0)
+        return kernels.backward(Call(xp, axis, 0, True), dy, x, weight, mean, invstd)
     cdt = compute_dtype(xp, x.dtype)
     xc, dyc = _as(xp, x, cdt), _as(xp, dy, cdt)
     # The local sums, and dy * weight * invstd, from the core's eval backward (and its
     # fast paths): with mean and invstd as constants, dweight = sum(dy * xhat) and
     # dbias = sum(dy) over this shard.
-    local_grads = _core_backward(
-        xp, dyc, xc, weight, mean, invstd, training=False, axis=axis, count=count
-    )
+    local_grads = kernels.backward(Call(xp, axis, count, False), dyc, xc, weight, mean, invstd)
     sum_dy, sum_dy_xhat = local_grads.dbias, local_grads.dweight
     parts = [sum_dy, sum_dy_xhat]
     if d_mean is not None and d_invstd is not None:
@@ -699,19 +615,10 @@ def backward(
     # The correction (x - mean) * slope + shift is the core's eval forward with
     # running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is exactly 1), in one fused
     # pass: (x - mean) * weight + bias.
-    correction = _core_forward(
-        xp,
-        xc,
-        _as(xp, mean, cdt),
-        xp.zeros_like(invstd),
-        slope,
-        shift,
-        training=False,
-        momentum=0.0,
-        eps=1.0,
-        axis=axis,
-        count=count,
-    ).y
+    correction = kernels.forward(
+        Call(xp, axis, count, False, 0.0, 1.0),
+        xc, _as(xp, mean, cdt), xp.zeros_like(invstd), slope, shift,
+    ).y  # fmt: skip
     dx = local_grads.dx
     if writeable(xp, dx):
         dx -= correction

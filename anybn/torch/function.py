@@ -4,7 +4,7 @@
 messages) and runs it in one of three ``torch.autograd.Function`` classes: a lean
 one for plain eager calls, one with a generated vmap rule for ``torch.func``
 transforms, one for ``torch.compile``. :mod:`anybn.torch` (the modules) and
-:mod:`anybn._torch_sync` (``SyncBatchNorm``) build on it; it imports neither.
+:mod:`anybn.torch.sync` (``SyncBatchNorm``) build on it; it imports neither.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _fastpaths, _functional, _torch_ops
-from ._torch_ops import _xp
+from .. import _kernels as kernels
+from .._call import Call
+from .._kernels import torch_cpu
+from . import ops as _torch_ops
+from .ops import _xp
 
 __all__ = ["batch_norm", "module_arguments"]
 
@@ -74,7 +77,7 @@ class _BatchNormBase(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled() or _fastpaths.torch_has_tangent((dy, x, weight)):
+        if torch.is_grad_enabled() or torch_cpu.torch_has_tangent((dy, x, weight)):
             dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
         else:
             op = (
@@ -144,13 +147,13 @@ def _views(tensors: tuple[Tensor | None, ...]) -> list[Any] | None:
 def _kernels(x: Tensor) -> Any:
     """The compiled CPU kernels if they may serve a plain eager call on ``x``, else None.
 
-    The same choice as the fast paths make for CPU tensors (:mod:`anybn._fastpaths`),
+    The same choice as the fast paths make for CPU tensors (:mod:`anybn._kernels.torch_cpu`),
     made once per call: fast paths on, Numba installed, x a CPU tensor, no
     forward-mode AD level entered.
     """
-    if not (x.is_cpu and _fastpaths.enabled()):
+    if not (x.is_cpu and kernels.enabled()):
         return None
-    cpu = _fastpaths._cpu_kernels()
+    cpu = torch_cpu._cpu_kernels()
     if cpu is None or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
         return None
     return cpu
@@ -235,19 +238,16 @@ def _differentiable_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward by the core's generic path, on tensors that autograd traces."""
     count = x.numel() // x.shape[1]
-    with _fastpaths.fast_paths(False):
+    with kernels.fast_paths(False):
         if ctx.training:
             # In training the batch statistics are functions of x: recompute them
             # under autograd, so the second derivative sees that dependence.
-            stats = _functional.forward(
-                _xp, x, None, None, None, None,
-                training=True, momentum=0.0, eps=ctx.eps, axis=1, count=count,
-            )  # fmt: skip
+            stats = kernels.forward(
+                Call(_xp, 1, count, True, 0.0, ctx.eps), x, None, None, None, None
+            )
             mean, invstd = stats.mean, stats.invstd
         return tuple(
-            _functional.backward(
-                _xp, dy, x, weight, mean, invstd, training=ctx.training, axis=1, count=count
-            )
+            kernels.backward(Call(_xp, 1, count, ctx.training), dy, x, weight, mean, invstd)
         )
 
 
@@ -406,7 +406,7 @@ def batch_norm(
         if bias is not None:
             out = out + bias.reshape(-1)[:1].sum()
         return out
-    if _fastpaths.torch_has_tangent((running_mean, running_var)):
+    if torch_cpu.torch_has_tangent((running_mean, running_var)):
         running_mean, running_var = _running_primals(
             input, running_mean, running_var, weight, bias, training
         )
@@ -452,7 +452,7 @@ def _running_primals(
     a tangent on x, weight or bias as well raises. The primals share the
     statistics' memory, so the update still lands in the given tensors.
     """
-    if not training and _fastpaths.torch_has_tangent((input, weight, bias)):
+    if not training and torch_cpu.torch_has_tangent((input, weight, bias)):
         raise RuntimeError(
             "batch_norm is not differentiable wrt running_mean and running_var, "
             "they cannot have forward grad defined"

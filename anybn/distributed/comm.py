@@ -1,7 +1,7 @@
 """Communicators: the two collectives synchronized batch norm needs, over existing engines.
 
 anybn writes no networking of its own. A :class:`Communicator` wraps what the
-user already runs and offers exactly what :mod:`anybn._sync` needs:
+user already runs and offers exactly what :mod:`anybn.distributed.sync` needs:
 
 ``all_gather(a)``
     every rank's 1-D array ``a`` (same length everywhere), stacked ``(size, len)``;
@@ -25,7 +25,7 @@ from typing import Any
 import array_api_compat as compat
 import numpy as np
 
-from ._xp import Array
+from .._xp import Array
 
 __all__ = ["Communicator", "MPIComm", "TorchComm", "as_communicator"]
 

@@ -14,7 +14,7 @@ it is still in cache. Memory then sees
 and the blocks are shared among :func:`num_threads` threads (NumPy releases
 the GIL inside its loops and BLAS calls).
 
-Statistics are per block and exact in the same way as :mod:`anybn._stats`:
+Statistics are per block and exact in the same way as :mod:`anybn._core.stats`:
 each block is centred on its own first-pass mean ``m1_r`` (the corrected
 two-pass algorithm inside the cache), and the blocks' ``(n_r, mean_r, M2_r)``
 are merged in float64 with Chan's formula, the means kept as ``m1_r`` plus a
@@ -36,16 +36,27 @@ products, on the contiguous axis.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+from .pool import (
+    _executor,
+    _memory_order,
+    _quiet,
+    _quietly,
+    get_num_threads,
+    native_order,
+    set_num_threads,
+)
+
+if TYPE_CHECKING:
+    from .._call import Call
 
 __all__ = [
     "BLOCK",
@@ -55,6 +66,9 @@ __all__ = [
     "set_num_threads",
     "supports",
 ]
+
+NAME = "numpy_blocks"
+FAST = True
 
 #: Values per block, for planes and for rows. A block, its output and one or
 #: two scratch blocks should stay in a core's L2 cache (2 MiB here), yet blocks
@@ -67,82 +81,6 @@ PARALLEL_MIN = 1 << 18
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NUMPY2 = int(np.__version__.split(".", 1)[0]) >= 2
-
-
-#: Non-finite input gives non-finite output in its channel (inf - inf is NaN), as in
-#: the generic path and in PyTorch, without a RuntimeWarning from anybn's internals.
-#: (np.errstate also restores the ufunc buffer size that a block loop sets.) A new
-#: errstate per use: one instance entered on two threads at once would mix up their states.
-def _quiet() -> np.errstate:
-    return np.errstate(invalid="ignore", divide="ignore", over="ignore")
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _quietly(fn: _F) -> _F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _quiet():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-# --- threads ------------------------------------------------------------------------------
-
-
-def _default_threads() -> int:
-    env = os.environ.get("ANYBN_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
-_threads = _default_threads()
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_pool_lock = threading.Lock()
-
-
-def get_num_threads() -> int:
-    """The number of threads the CPU fast path uses for large arrays."""
-    return _threads
-
-
-def set_num_threads(n: int) -> int:
-    """Use ``n`` threads (>= 1) for large arrays; returns the previous number.
-
-    The default is ``$ANYBN_NUM_THREADS`` or the CPUs this process may run on,
-    at most 8. Results do not depend on it. Safe to call while other threads
-    run anybn: a call already running keeps the pool it started with, and the
-    old pool's workers exit once nothing uses it.
-    """
-    global _threads, _pool
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"the number of threads must be an int >= 1, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"the number of threads must be an int >= 1, got {n!r}")
-    with _pool_lock:
-        previous, _threads = _threads, n
-        # Never shut the old pool down: a call on another thread may be about to
-        # submit to it. Dropped, it is garbage-collected and its workers exit.
-        _pool = None
-    return previous
-
-
-def _executor() -> tuple[ThreadPoolExecutor, int]:
-    """The worker pool and the thread count it serves, created on first use and after a fork."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=max(1, _threads - 1), thread_name_prefix="anybn")
-            _pool_pid = os.getpid()
-        return _pool, _threads
 
 
 # --- layout and blocks --------------------------------------------------------------------
@@ -396,19 +334,6 @@ def _run(
 def _block_size(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     """The number of values in ``view[index]`` for a view of ``shape``."""
     return math.prod(len(range(*sl.indices(n))) for sl, n in zip(index, shape, strict=True))
-
-
-def _memory_order(x: np.ndarray) -> tuple[int, ...] | None:
-    """The axes of x from the largest stride down, if that order is C-contiguous and not x's.
-
-    ``x.transpose(order)`` is then a C-ordered view of x's memory: a channels-last
-    ``(N, C, H, W)`` array gives ``(0, 2, 3, 1)``. None for C-ordered x, and for
-    layouts that no permutation makes C-ordered (slices, negative strides).
-    """
-    if x.flags.c_contiguous or x.ndim < 2:
-        return None
-    order = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))
-    return order if x.transpose(order).flags.c_contiguous else None
 
 
 # --- small inputs: one block, no plan, no threads -------------------------------------------
@@ -768,3 +693,48 @@ def backward(
         vectors = (scale,)
     _run(plan, cdt, 2, grad, vectors)
     return dx, sum_dy_xhat.astype(cdt), sum_dy.astype(cdt)
+
+
+# --- the kernel protocol -------------------------------------------------------------------
+
+
+def accepts(call: Call, x: Any) -> bool:
+    """NumPy arrays, one channel axis, no mask."""
+    return type(x) is np.ndarray and call.plain
+
+
+def run_forward(
+    call: Call,
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+) -> BatchNormOutput | None:
+    """:func:`forward` on a resolved call, or None where these kernels do not serve x."""
+    x = native_order(x)
+    if not supports(x):
+        return None
+    out = forward(
+        x, running_mean, running_var, weight, bias,
+        training=call.training, momentum=call.momentum, eps=call.eps,
+        axis=call.axis, var_estimator=call.var_estimator,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return BatchNormOutput(*out)
+
+
+def run_backward(
+    call: Call,
+    dy: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+) -> BatchNormGrads | None:
+    """:func:`backward` on a resolved call, or None where these kernels do not serve x."""
+    x, dy = native_order(x), native_order(dy)
+    if not (supports(x) and supports(dy)):
+        return None
+    return BatchNormGrads(
+        *backward(dy, x, weight, mean, invstd, training=call.training, axis=call.axis)  # type: ignore[arg-type]
+    )

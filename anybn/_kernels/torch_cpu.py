@@ -14,7 +14,7 @@ per channel, measured). So:
   float32 batch mean ``m1`` (the native kernel in eval mode with weight 1, mean
   ``m1``, variance 1 and eps 0 computes exactly ``x - m1``) and the native kernel
   runs again on ``c = x - m1``: the corrected two-pass algorithm of
-  :mod:`anybn._stats` with torch's kernels doing the passes.
+  :mod:`anybn._core.stats` with torch's kernels doing the passes.
 * other layouts, training: ``m1 = x.mean``, ``c = x - m1`` (exact, as above),
   ``sum(c)`` and ``sum(c * c)`` with torch's cascade sums, merged in float64;
   y is the native eval kernel on ``c`` (weight ``invstd * w``, bias
@@ -25,24 +25,40 @@ per channel, measured). So:
   invstd; for the layouts whose kernel cancels, on ``x - mean`` (exact) when the
   ratio is above :data:`RATIO`.
 
-Only float32/float64 CPU tensors take this path (not tracked by autograd); the
+The kernel for CPU tensors (:func:`run_forward`, :func:`run_backward`) picks
+among three: the compiled CPU kernels on NumPy views of the tensors (no copies)
+where Numba is installed, these native kernels where they are faster, and the
+NumPy block kernels on NumPy views (float16 included).
+
+Only float32/float64 CPU tensors take the native kernels (not tracked by autograd); the
 running statistics are updated on copies, never in place.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from . import _numpy_kernels
+import array_api_compat as compat
 
-__all__ = ["RATIO", "backward", "forward", "supports"]
+from .._core.outputs import BatchNormGrads, BatchNormOutput
+from . import numba_cpu, numpy_blocks
+
+if TYPE_CHECKING:
+    from .._call import Call
+
+__all__ = ["RATIO", "accepts", "backward", "forward", "run_backward", "run_forward", "supports"]
+
+NAME = "torch_cpu"
+FAST = True
 
 #: Above this ``|mean| * invstd`` torch's ``x * alpha + beta`` loses more than
 #: about 4 ulps of y to cancellation, and anybn centres the input first: the
 #: same bound as the NumPy kernels'.
-RATIO = _numpy_kernels.RATIO
+RATIO = numpy_blocks.RATIO
 
 Tensor = Any
+Array = Any
 
 
 def supports(x: Tensor, *others: Tensor | None) -> bool:
@@ -66,12 +82,10 @@ def wanted(x: Tensor, axis: int) -> bool:
     enough (few values per channel); between the two, the NumPy small path.
     Never an empty tensor (no channels or no values): the generic path's.
     """
-    from ._numpy_kernels import SMALL
-
     size = x.numel()
     if size == 0:
         return False
-    return bool(size > SMALL or size // x.shape[axis] <= NATIVE_STATS_COUNT)
+    return bool(size > numpy_blocks.SMALL or size // x.shape[axis] <= NATIVE_STATS_COUNT)
 
 
 def _channel1(a: Tensor, axis: int) -> Tensor:
@@ -265,3 +279,184 @@ def backward(
         if axis != 1:
             dx = dx.movedim(1, axis)
     return dx, dweight, dbias
+
+
+# --- PyTorch CPU tensors as NumPy arrays --------------------------------------------------
+#
+# These run on every call with tensors: a few hundred nanoseconds per attribute read, so they
+# read as little as they can (the core has already checked dtypes, shapes and devices).
+
+_torch: Any = None  # the torch module, bound on first eager use (torch is optional)
+
+
+def _torch_module() -> Any:
+    global _torch
+    if _torch is not None:
+        return _torch
+    import torch
+
+    # Not while torch.compile traces: a global bound there is a side effect, which an
+    # autograd.Function's backward may not have (fullgraph=True then fails).
+    if not torch.compiler.is_compiling():
+        _torch = torch
+    return torch
+
+
+def torch_has_tangent(tensors: tuple[Array | None, ...]) -> bool:
+    """Whether forward-mode AD is tracking any of these tensors."""
+    forward_ad = _torch_module().autograd.forward_ad
+    # No dual level entered (the common case): nothing to unpack. The level is
+    # private to torch.autograd.forward_ad; without it, unpack every tensor.
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def torch_transformed(arrays: tuple[Array | None, ...]) -> bool:
+    """Whether torch.func or forward-mode AD is tracing these tensors.
+
+    The fast paths read tensors as NumPy views, call ``.item()`` and update
+    temporaries in place: under ``torch.func.vmap``/``grad``/``jvp`` that fails,
+    and forward-AD tangents would be dropped silently. The generic path's torch
+    operations compose with both.
+    """
+    if _torch_module()._C._functorch.maybe_current_level() is not None:
+        return True
+    return torch_has_tangent(arrays)
+
+
+def _torch_as_numpy(arrays: tuple[Array | None, ...]) -> list[Any] | None:
+    """NumPy views of the CPU tensors of a validated call that autograd does not track, or None.
+
+    The core has checked that the tensors share x's device and a floating dtype;
+    ``numpy()`` refuses what NumPy cannot view (other devices, bfloat16, sparse,
+    conjugate or negative bits), and then None sends the call elsewhere.
+    """
+    grad = _torch_module().is_grad_enabled()
+    out: list[Any] = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        if a.requires_grad:
+            if grad:
+                return None
+            a = a.detach()
+        try:
+            out.append(a.numpy())
+        except (RuntimeError, TypeError):
+            return None
+    return out
+
+
+def _to_torch(
+    results: tuple[Any, ...], views: list[Any] | tuple[()] = (), tensors: tuple[Any, ...] = ()
+) -> tuple[Any, ...]:
+    """Wrap NumPy results as tensors; a result that *is* one of ``views`` returns its tensor."""
+    from_numpy = _torch_module().from_numpy
+    out: list[Any] = []
+    for r in results:
+        if r is None:
+            out.append(None)
+            continue
+        for v, t in zip(views, tensors, strict=True):
+            if r is v:
+                out.append(t)
+                break
+        else:
+            out.append(from_numpy(r))
+    return tuple(out)
+
+
+# --- the kernel protocol -------------------------------------------------------------------
+
+def _cpu_kernels() -> ModuleType | None:
+    """:mod:`anybn._kernels.numba_cpu` when Numba is installed (and ``ANYBN_NUMBA`` is not 0)."""
+    return numba_cpu if numba_cpu.AVAILABLE else None
+
+
+def _numpy_module(*arrays: Any) -> Any:
+    """The kernels for these NumPy arrays: compiled where they serve them, else NumPy's."""
+    cpu = _cpu_kernels()
+    if cpu is not None and all(cpu.supports(a) for a in arrays):
+        return cpu
+    return numpy_blocks
+
+
+def accepts(call: Call, x: Any) -> bool:
+    """CPU tensors, one channel axis, no mask."""
+    return call.plain and compat.is_torch_array(x) and x.is_cpu
+
+
+def run_forward(
+    call: Call,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> BatchNormOutput | None:
+    """The forward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    args = (x, running_mean, running_var, weight, bias)
+    if torch_transformed(args):
+        return None
+    options = {
+        "training": call.training, "momentum": call.momentum, "eps": call.eps,
+        "axis": call.axis, "var_estimator": call.var_estimator,
+    }  # fmt: skip
+    out = _torch_cpu_forward(args, options)
+    return None if out is None else BatchNormOutput(*out)
+
+
+def run_backward(
+    call: Call, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+) -> BatchNormGrads | None:
+    """The backward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    args = (dy, x, weight, mean, invstd)
+    if torch_transformed(args):
+        return None
+    out = _torch_cpu_backward(args, {"training": call.training, "axis": call.axis})
+    return None if out is None else BatchNormGrads(*out)
+
+
+def _torch_cpu_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The forward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    x = args[0]
+    compiled = _cpu_kernels() is not None
+    views = _torch_as_numpy(args) if compiled else None
+    if views is not None:
+        module = _numpy_module(views[0])
+        if module is not numpy_blocks:
+            return _to_torch(module.forward(*views, **options), views, args)
+    if wanted(x, options["axis"]) and supports(*args):
+        return forward(*args, **options)
+    if views is None:
+        views = _torch_as_numpy(args)
+    if views is None or not numpy_blocks.supports(views[0]):
+        return None
+    return _to_torch(numpy_blocks.forward(*views, **options), views, args)
+
+
+def _torch_cpu_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The backward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
+    dy, x = args[0], args[1]
+    compiled = _cpu_kernels() is not None
+    views = _torch_as_numpy(args) if compiled else None
+    if views is not None:
+        module = _numpy_module(views[0], views[1])
+        if module is not numpy_blocks:
+            return _to_torch(module.backward(*views, **options))
+    if (
+        options["training"]
+        and dy.dtype == x.dtype
+        and wanted(x, options["axis"])
+        and supports(x, dy, *args[2:])
+    ):
+        return backward(*args, axis=options["axis"])
+    if views is None:
+        views = _torch_as_numpy(args)
+    if views is None or not (
+        numpy_blocks.supports(views[0]) and numpy_blocks.supports(views[1])
+    ):
+        return None
+    return _to_torch(numpy_blocks.backward(*views, **options))

@@ -1,0 +1,341 @@
+"""The functional API: :func:`batch_norm` and :func:`batch_norm_backward`.
+
+One call's way: resolve it (:mod:`anybn._call`: the plain branch or the full
+checks), hand a synchronised training call to :mod:`anybn.distributed.sync`,
+else to the dispatcher (:mod:`anybn._kernels`), which runs the first kernel that
+computes it and applies the post-conditions once.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as compat
+
+from . import _kernels as kernels
+from ._call import resolve_backward, resolve_forward
+from ._checks import check_training
+from ._core.outputs import BatchNormGrads, BatchNormOutput
+from ._typing import AnyArray
+from .distributed import sync as _sync
+from .distributed.comm import as_communicator
+
+__all__ = ["BatchNormGrads", "BatchNormOutput", "batch_norm", "batch_norm_backward"]
+
+Array = Any
+
+
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    comm: object = None,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput:
+    r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
+
+    With ``training=True`` the batch statistics are used and, if running
+    statistics are given, updated copies are returned::
+
+        y                = (x - mean) / sqrt(var + eps) * weight + bias
+        new_running_mean = (1 - momentum) * running_mean + momentum * mean
+        new_running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    where ``var`` is the biased batch variance and ``n`` the number of values
+    per channel (``var_estimator="biased"`` stores ``var`` itself, as Keras and
+    Flax do). With ``mask``, ``mean``, ``var`` and ``n`` are those of the values
+    where the mask is True; ``y`` is still computed at every position. With
+    ``training=False`` the running statistics are used in place of ``mean`` and
+    ``var`` and are returned unchanged. This matches
+    :func:`torch.nn.functional.batch_norm`.
+
+    Parameters
+    ----------
+    x : array
+        Input of shape ``(N, C, ...)`` (or with the channels on ``axis``), any
+        real floating dtype. float16 and bfloat16 accumulate in float32.
+    running_mean, running_var : array or None, optional
+        Running statistics of shape ``(C,)``. Required when ``training=False``;
+        give both or neither. Never modified: updated copies are returned.
+    weight, bias : array or None, optional
+        Affine parameters of shape ``(C,)``; ``None`` means 1 and 0.
+    training : bool, optional
+        Normalize with batch statistics (True) or running statistics (False).
+    momentum : float, optional
+        Weight of the batch statistic in the running update, in [0, 1].
+    eps : float, optional
+        Added to the variance for stability; must be > 0.
+    axis : int or tuple of int, optional
+        The channel axis; negative values count from the end (-1 for channels-last).
+        A tuple names several channel axes (Keras' list ``axis``, Chainer's
+        ``param_shape``): the per-channel arrays then have the shape of those
+        axes, in increasing axis order (``x.shape[1], x.shape[2]`` for ``(1, 2)``).
+    mask : array or None, optional
+        A boolean array broadcastable to ``x``, True where a value counts for
+        the batch statistics (Keras' and Flax' ``mask``; padding is False). Values
+        where it is False never reach the statistics, even NaN or inf.
+        Training with fewer than 2 counted values in a channel raises (lazy
+        arrays, which cannot be inspected, give NaN for that channel). Ignored
+        for the statistics in eval. None: every value counts.
+    var_estimator : {"unbiased", "biased"}, optional
+        What ``new_running_var`` accumulates: the unbiased batch variance
+        (``n / (n - 1)`` times the biased one; PyTorch, Chainer) or the biased
+        one (Keras, Flax).
+    comm : optional
+        Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
+        mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
+        (``COMM_WORLD``) or an :class:`anybn.distributed.Communicator`. In
+        training every rank must call with its shard of the batch; the batch
+        statistics (and the running-statistics update) are then those of the
+        concatenated batch, on every rank. Ignored in eval. None: local.
+        See :mod:`anybn.distributed`. In training not combinable with ``mask``,
+        several channel axes or ``var_estimator="biased"`` (ValueError on every
+        rank: every check runs before the ranks communicate); torch tensors that
+        require grad differentiate through the global statistics.
+    xp : module, optional
+        The array namespace; resolved from ``x`` when omitted.
+
+    Returns
+    -------
+    BatchNormOutput
+        ``(y, mean, invstd, new_running_mean, new_running_var)``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating dtypes, arrays from different libraries, wrong argument types.
+    ValueError
+        Bad shapes or axis, ``eps <= 0``, ``momentum`` outside [0, 1], arrays on
+        different devices, one value per channel in training, eval without
+        running statistics, or only one of them given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> out = anybn.batch_norm(x, training=True)
+    >>> out.y
+    array([[-0.99999...,  -0.99999...],
+           [ 0.99999...,  0.99999...]])
+    >>> out.mean
+    array([ 2., 20.])
+    """
+    if comm is not None:
+        return _sync_batch_norm(
+            x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
+            var_estimator=var_estimator, xp=xp, comm=comm,
+        )  # fmt: skip
+    call, (running_mean, running_var, weight, bias) = resolve_forward(
+        x, running_mean, running_var, weight, bias,
+        training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
+        var_estimator=var_estimator, xp=xp,
+    )  # fmt: skip
+    return kernels.forward(call, x, running_mean, running_var, weight, bias)
+
+
+def batch_norm_backward(
+    dy: AnyArray,
+    x: AnyArray,
+    weight: AnyArray | None,
+    mean: AnyArray,
+    invstd: AnyArray,
+    *,
+    training: bool = True,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    comm: object = None,
+    xp: ModuleType | None = None,
+) -> BatchNormGrads:
+    r"""Gradients of :func:`batch_norm` with respect to x, weight and bias.
+
+    With ``xhat = (x - mean) * invstd`` and per-channel sums over the ``n``
+    values of each channel::
+
+        sum_dy      = sum(dy)
+        sum_dy_xhat = sum(dy * xhat)
+        dbias       = sum_dy
+        dweight     = sum_dy_xhat
+        dx          = weight * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n)   (training)
+        dx          = weight * invstd * dy                                           (eval)
+
+    In training the batch statistics depend on x and the gradient flows through
+    them; in eval ``mean`` and ``invstd`` are constants. With a ``mask`` the sums
+    still run over every position (every output depends on the statistics), and
+    with ``m`` the mask as 0/1 and ``n`` the counted values per channel::
+
+        dx = weight * invstd * (dy - m * (sum_dy + xhat * sum_dy_xhat) / n)         (training)
+
+    A masked-out position whose ``dy`` is 0 adds nothing to the sums, even where its
+    ``x`` is NaN or inf (padding), and ``dx`` there is ``weight * invstd * dy``.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to ``y``; same shape as ``x``.
+    x : array
+        The forward input.
+    weight : array or None
+        The forward weight, shape ``(C,)``; ``None`` means 1.
+    mean, invstd : array
+        The ``mean`` and ``invstd`` returned by the forward call, shape ``(C,)``.
+    training : bool, optional
+        Whether the forward call normalized with batch statistics.
+    axis : int or tuple of int, optional
+        The channel axis (or axes) used in the forward call.
+    mask : array or None, optional
+        The mask of the forward call (see :func:`batch_norm`); only training uses it.
+    comm : optional
+        The communicator of a synchronized forward (see :func:`batch_norm`):
+        in training the two sums are all-reduced over its ranks and ``dx`` is
+        the gradient through the global statistics; ``dweight`` and ``dbias``
+        stay this rank's own sums. In training not combinable with ``mask`` or
+        several channel axes, and not differentiable (ValueError / TypeError on
+        every rank). Ignored in eval. None: local.
+    xp : module, optional
+        The array namespace; resolved from ``x`` when omitted.
+
+    Returns
+    -------
+    BatchNormGrads
+        ``(dx, dweight, dbias)``; dx in x's dtype, the others in the
+        accumulation dtype (float32 for half-precision x).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`batch_norm`, and ValueError when ``dy.shape != x.shape``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    >>> out = anybn.batch_norm(x, training=True)
+    >>> g = anybn.batch_norm_backward(np.ones_like(x), x, None, out.mean, out.invstd)
+    >>> g.dbias
+    array([3., 3.])
+    >>> bool(np.allclose(g.dx, 0.0))
+    True
+    """
+    if comm is not None:
+        return _sync_batch_norm_backward(
+            dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
+            comm=comm,
+        )  # fmt: skip
+    call, (dy, weight, mean, invstd) = resolve_backward(
+        dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp
+    )
+    return kernels.backward(call, dy, x, weight, mean, invstd)
+
+
+# --- comm=: the synchronised calls ---------------------------------------------------------
+
+
+def _torch_autograd(*arrays: object) -> bool:
+    """Whether autograd should record a synchronized call on these arrays."""
+    if not compat.is_torch_array(arrays[0]):
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        a is not None and a.requires_grad  # type: ignore[attr-defined]
+        for a in arrays
+    )
+
+
+def _sync_batch_norm(
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: object = 1,
+    mask: Array | None = None,
+    var_estimator: str = "unbiased",
+    xp: ModuleType | None = None,
+    comm: object,
+) -> BatchNormOutput:
+    """:func:`anybn.batch_norm` over the ranks of ``comm``.
+
+    In training: the statistics of the batch concatenated over ranks (two
+    collectives: the header, then one all-gather of ``3 * C`` values); every
+    check, the options' included, runs before the header and fails every rank.
+    PyTorch tensors that autograd records go through an ``autograd.Function``
+    whose backward is the synchronized one (one all-reduce), so that gradients
+    flow through the global statistics. In eval: the local computation, with
+    every option of the local one (``mask`` and ``var_estimator`` change
+    nothing in eval), and no communication.
+    """
+    if not check_training(training):
+        return batch_norm(
+            x, running_mean, running_var, weight, bias,
+            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
+            var_estimator=var_estimator, xp=xp,
+        )  # fmt: skip
+    with _sync.failures_reported(comm, x, axis):
+        if _torch_autograd(x, weight, bias):
+            axis = _sync.check_options(axis, mask, var_estimator)
+            _sync.check_autodiff(x, running_mean, running_var, weight, bias)
+            from .distributed.torch_autograd import function_batch_norm
+
+            return function_batch_norm(
+                x, running_mean, running_var, weight, bias,
+                momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
+            )  # fmt: skip
+        return _sync.forward(
+            x, running_mean, running_var, weight, bias,
+            momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm, mask=mask,
+            var_estimator=var_estimator,
+        ).out  # fmt: skip
+
+
+
+def _sync_batch_norm_backward(
+    dy: Array,
+    x: Array,
+    weight: Array | None,
+    mean: Array,
+    invstd: Array,
+    *,
+    training: bool = True,
+    axis: object = 1,
+    mask: Array | None = None,
+    xp: ModuleType | None = None,
+    comm: object,
+    total_count: int | None = None,
+) -> BatchNormGrads:
+    """:func:`anybn.batch_norm_backward` over the ranks of ``comm``.
+
+    In training: one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values),
+    preceded by the header exchange unless ``total_count`` (the global count per
+    channel, known from a synchronized forward) is given; every check runs
+    before the header and fails every rank. In eval: local, with every option
+    of the local one.
+    """
+    if not check_training(training):
+        return batch_norm_backward(
+            dy, x, weight, mean, invstd, training=False, axis=axis, mask=mask,  # type: ignore[arg-type]
+            xp=xp,
+        )  # fmt: skip
+    return _sync.checked_backward(
+        dy, x, weight, mean, invstd, axis=axis, mask=mask, xp=xp, comm=comm,
+        total_count=total_count,
+    )  # fmt: skip
+
+
