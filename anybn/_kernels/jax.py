@@ -147,6 +147,8 @@ def run_forward(
     return BatchNormOutput(y, mean, invstd, rm, rv)
 
 
-def run_backward(call: Call, *arrays: Array | None) -> None:
+def run_backward(
+    call: Call, dy: Array, x: Array, weight: Array | None, mean: Array, invstd: Array
+) -> None:
     """None: the generic kernel is JAX's backward."""
     return None
