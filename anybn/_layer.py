@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import array_api_compat as compat
 import numpy as np
 
+from . import _kernels as kernels
 from ._api import BatchNormGrads, batch_norm, batch_norm_backward
+from ._call import resolve_forward
 from ._checks import (
     check_bool,
     check_eps,
@@ -50,6 +52,10 @@ _COUNTER = "num_batches_tracked"
 
 #: ``num_batches_tracked`` is stored as int64, as torch stores it.
 _COUNTER_MAX = 2**63 - 1
+
+#: Input types whose calls the layer keeps resolved between calls (see _forward_resolved):
+#: NumPy arrays, and torch tensors once one has come.
+_RESOLVED_TYPES: set[type] = {np.ndarray}
 
 
 class IncompatibleKeys(NamedTuple):
@@ -619,6 +625,10 @@ class BatchNorm:
             count other than ``num_features``, one value per channel in training.
         """
         with self._lock:  # read, compute, commit: one update at a time
+            if mask is None and (self.comm is None or not self.training):
+                hit = self._forward_resolved(x)
+                if hit is not None:
+                    return hit
             storage = self._placement_for(x)
             xp = storage.xp
             axes = normalize_axes(self.axis, x.ndim)
@@ -645,21 +655,34 @@ class BatchNorm:
                 factor = 1.0 / count if self.momentum is None else self.momentum
             use_batch_stats = training or not self.track_running_stats
             comm = self.comm if training else None
-            out = batch_norm(
-                x,
-                arrays.running_mean,
-                arrays.running_var,
-                arrays.weight,
-                arrays.bias,
-                training=use_batch_stats,
-                momentum=factor,
-                eps=self.eps,
-                axis=axis,
-                mask=mask,
-                var_estimator=self.var_estimator,
-                comm=comm,
-                xp=xp,
-            )
+            if comm is None and mask is None:
+                # The one validation of the call; kept (per thread) for the next calls
+                # with the same kind of x (see _forward_resolved).
+                call, _ = resolve_forward(
+                    x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias,
+                    training=use_batch_stats, momentum=factor, eps=self.eps, axis=axis,
+                    mask=None, var_estimator=self.var_estimator, xp=xp,
+                )  # fmt: skip
+                out = kernels.forward(
+                    call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
+                )
+            else:
+                call = None
+                out = batch_norm(
+                    x,
+                    arrays.running_mean,
+                    arrays.running_var,
+                    arrays.weight,
+                    arrays.bias,
+                    training=use_batch_stats,
+                    momentum=factor,
+                    eps=self.eps,
+                    axis=axis,
+                    mask=mask,
+                    var_estimator=self.var_estimator,
+                    comm=comm,
+                    xp=xp,
+                )
             mean, invstd = out.mean, out.invstd
             if update:
                 new_mean, new_var = out.new_running_mean, out.new_running_var
@@ -676,6 +699,59 @@ class BatchNorm:
             self._local.saved = _Saved(
                 xp, x, arrays.weight, mean, invstd, use_batch_stats, axis, comm, mask
             )
+            if compat.is_torch_array(x):
+                _RESOLVED_TYPES.add(type(x))
+            self._local.resolved = (
+                None
+                if call is None or type(x) not in _RESOLVED_TYPES
+                else (self._resolved_key(x, arrays), storage, call)
+            )
+        return out.y
+
+    def _resolved_key(self, x: Array, arrays: _Arrays) -> tuple[Any, ...]:
+        """What a kept call depends on: x's kind, the layer's options and its arrays' kinds."""
+        return (
+            type(x), x.shape, x.dtype, getattr(x, "device", None), self.training,
+            self.track_running_stats, self.axis, self.eps, self.var_estimator,
+            self.momentum is None,
+            *[None if a is None else (type(a), a.shape, a.dtype, getattr(a, "device", None))
+              for a in arrays],
+        )  # fmt: skip
+
+    def _forward_resolved(self, x: Array) -> Array | None:
+        """The forward on the call kept from the last one with the same kind of x, or None.
+
+        NumPy arrays and torch tensors only (their ``shape``, ``dtype`` and ``device``
+        are cheap and decide everything the checks looked at); the running update,
+        the counter and the commit are those of :meth:`forward`.
+        """
+        kept = getattr(self._local, "resolved", None)
+        if kept is None or type(x) not in _RESOLVED_TYPES:
+            return None
+        key, storage, call = kept
+        arrays = self._arrays()
+        if storage is not self._storage or key != self._resolved_key(x, arrays):
+            return None
+        update = call.training and self.track_running_stats
+        count = self.num_batches_tracked
+        if update:
+            assert count is not None
+            if count >= _COUNTER_MAX:
+                return None  # forward raises
+            count += 1
+            factor = 1.0 / count if self.momentum is None else check_momentum(self.momentum)
+            call = call._replace(momentum=factor)
+        out = kernels.forward(
+            call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
+        )
+        if update:
+            arrays = arrays._replace(
+                running_mean=out.new_running_mean, running_var=out.new_running_var
+            )
+            self.num_batches_tracked = count
+            self._set_arrays(arrays)
+        saved = (call.xp, x, arrays.weight, out.mean, out.invstd, call.training, call.axis)
+        self._local.saved = _Saved(*saved, None, None)
         return out.y
 
     def backward(self, dy: AnyArray, /) -> BatchNormGrads:

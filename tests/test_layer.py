@@ -626,3 +626,57 @@ def test_sparse_layer_state_does_not_grow_and_copies(rng: np.random.Generator) -
         np.testing.assert_array_equal(
             clone.running_var.todense(), bn.running_var.todense(), err_msg=how
         )
+
+
+# --- the call the layer keeps resolved between calls ---------------------------------------
+
+
+def _functional_steps(xs: list[np.ndarray], *, momentum: float | None) -> list[np.ndarray]:
+    """The layer's training semantics written with the functional API (the oracle)."""
+    rm, rv = np.zeros(C), np.ones(C)
+    ys = []
+    for step, x in enumerate(xs, start=1):
+        factor = 1.0 / step if momentum is None else momentum
+        out = anybn.batch_norm(x, rm, rv, np.ones(C), np.zeros(C), training=True, momentum=factor)
+        rm, rv = out.new_running_mean, out.new_running_var
+        ys.append(out.y)
+    ys.append(anybn.batch_norm(xs[0], rm, rv, np.ones(C), np.zeros(C), training=False).y)
+    return ys
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_kept_call_gives_the_functional_results_bit_for_bit(momentum: float | None) -> None:
+    """Repeated calls (the kept call) equal fresh functional calls, counter and all."""
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((6, C)) for _ in range(4)]
+    bn = anybn.BatchNorm(C, momentum=momentum)
+    ys = [bn(x) for x in xs]
+    bn.eval()
+    ys.append(bn(xs[0]))
+    for got, want in zip(ys, _functional_steps(xs, momentum=momentum)):
+        np.testing.assert_array_equal(got, want)
+    assert bn.num_batches_tracked == 4
+
+
+def test_kept_call_rechecks_what_changed_since() -> None:
+    """Options or arrays changed after a call are checked again, with the same errors."""
+    x = np.random.default_rng(0).standard_normal((6, C))
+    bn = anybn.BatchNorm(C)
+    bn(x)
+    bn.running_var = bn.running_var.astype(np.float32)  # no longer x's dtype family
+    with pytest.raises(TypeError, match="running_var"):
+        bn(x)
+    bn.running_var = np.ones(C)
+    bn.momentum = 2.0
+    before = (bn.running_mean.copy(), bn.num_batches_tracked)
+    with pytest.raises(ValueError, match="momentum"):
+        bn(x)
+    np.testing.assert_array_equal(bn.running_mean, before[0])
+    assert bn.num_batches_tracked == before[1]
+    bn.momentum = 0.1
+    with pytest.raises(ValueError, match="channels"):
+        bn(np.ones((6, C + 1)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(np.ones((1, C)))
+    bn(np.ones((10, C)))  # another batch size: resolved afresh, not refused
+    assert bn.num_batches_tracked == 2
