@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_ratios import ratio
 
 import anybn
-from anybn._kernels import numpy_blocks as _numpy_kernels
 from anybn._kernels import fast_paths
+from anybn._kernels import numpy_blocks as _numpy_kernels
 
 
 def measure(library: str, dtype: str, args: argparse.Namespace) -> list[float]:

@@ -20,9 +20,9 @@ import torch
 
 import anybn.torch as abt
 from anybn import _kernels as _fastpaths
+from anybn._kernels import numba_cpu as cpu
 from anybn.torch import function as _torch_function
 from anybn.torch import ops as _torch_ops
-from anybn._kernels import numba_cpu as cpu
 
 
 def best(fn: Callable[[], object], number: int, repeat: int = 7) -> float:
