@@ -383,6 +383,7 @@ def test_unusable_toolchain_falls_back_to_the_generic_path(
         raise error.CudaSupportError("libnvvm not found")
 
     monkeypatch.setattr(kernels, "_broken", None)
+    monkeypatch.setattr(kernels, "_probed", True)
     monkeypatch.setattr(kernels, "_forward", no_nvvm)
     x = np.ones((4, 3), np.float32)
     with pytest.warns(RuntimeWarning, match="generic array-API path"):
@@ -390,6 +391,33 @@ def test_unusable_toolchain_falls_back_to_the_generic_path(
             x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
         ) is None  # fmt: skip
     assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+
+
+def test_numba_cuda_that_fails_to_build_its_target_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """numba-cuda installed but unusable in another way (numba-cuda 0.30 with NumPy 2.5 raises
+    AttributeError while building its CUDA target): the one-store probe fails, the generic
+    path runs, one warning names the cause."""
+
+    class Unusable:
+        @staticmethod
+        def device_array(*args: object, **kwargs: object) -> None:
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(kernels, "_broken", None)
+    monkeypatch.setattr(kernels, "_probed", False)
+    monkeypatch.setattr(kernels, "cuda", Unusable)
+    x = np.ones((4, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match="row_stack"):
+        assert kernels.forward(
+            x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
+        ) is None  # fmt: skip
+    assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+
+
+def test_probe_passes_where_numba_cuda_works() -> None:
+    assert kernels._probe() is None
 
 
 def test_launch_validates_threads() -> None:

@@ -653,7 +653,7 @@ def test_kept_call_gives_the_functional_results_bit_for_bit(momentum: float | No
     ys = [bn(x) for x in xs]
     bn.eval()
     ys.append(bn(xs[0]))
-    for got, want in zip(ys, _functional_steps(xs, momentum=momentum)):
+    for got, want in zip(ys, _functional_steps(xs, momentum=momentum), strict=True):
         np.testing.assert_array_equal(got, want)
     assert bn.num_batches_tracked == 4
 

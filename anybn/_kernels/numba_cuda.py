@@ -939,21 +939,58 @@ def _toolchain_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_probed = False
+
+
+def _probe_kernel(out: Any) -> None:  # compiled by _probe: one store, nothing of anybn's
+    out[0] = 1.0
+
+
+def _probe() -> str | None:
+    """Compile and launch a one-store kernel once: why numba-cuda is unusable here, or None.
+
+    An install whose numba-cuda does not match NumPy (numba-cuda 0.30 with NumPy 2.5 raises
+    AttributeError while it builds its CUDA target) or lacks NVVM, NVRTC or a driver fails
+    here with whatever it raises, before any of anybn's kernels is compiled; afterwards only
+    the toolchain's own errors count as "unusable", so a defect in anybn's kernels is not
+    hidden behind the generic path.
+    """
+    try:
+        out = cuda.device_array(1, dtype=np.float32)
+        cuda.jit(_probe_kernel)[1, 1](out)
+        cuda.synchronize()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _mark_broken(reason: str) -> None:
+    global _broken
+    _broken = reason
+    warnings.warn(
+        f"anybn: the CUDA kernels cannot be compiled here ({reason}); GPU arrays take "
+        "the generic array-API path (install a numba-cuda matching this NumPy and CUDA, "
+        "with its cu12/cu13 extra)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
 def _guarded(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``run(...)``, or None (the generic path) once the toolchain has proven unusable."""
-    global _broken
+    global _probed
     if _broken is not None:
         return None
+    if not _probed:
+        _probed = True
+        reason = _probe()
+        if reason is not None:
+            _mark_broken(reason)
+            return None
     try:
         return run(*args, **kwargs)
     except _toolchain_errors() as exc:
-        _broken = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"anybn: the CUDA kernels cannot be compiled here ({_broken}); GPU arrays take "
-            "the generic array-API path (install numba-cuda with its cu12/cu13 extra)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _mark_broken(f"{type(exc).__name__}: {exc}")
         return None
 
 
