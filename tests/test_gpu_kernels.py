@@ -416,6 +416,7 @@ def test_numba_cuda_that_fails_to_build_its_target_falls_back(
     assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
 
 
+@needs_device
 def test_probe_passes_where_numba_cuda_works() -> None:
     assert kernels._probe() is None
 
