@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import numbers
+import operator
 import threading
 from collections.abc import Mapping
 from types import ModuleType
@@ -94,6 +95,35 @@ class _Saved(NamedTuple):
     axis: int | tuple[int, ...]
     comm: Any = None
     mask: Array | None = None
+
+
+def _kinds(arrays: _Arrays) -> tuple[Any, ...]:
+    """Each array's type, shape, dtype and device (None stays None)."""
+    return tuple(
+        None if a is None else (type(a), a.shape, a.dtype, getattr(a, "device", None))
+        for a in arrays
+    )
+
+
+class _Kept(NamedTuple):
+    """A resolved call kept for the next forward with the same kind of x.
+
+    It serves a call whose x has this type, shape, dtype and device, on a layer
+    whose storage and options are these very objects (identity: a reassigned
+    option, even to an equal value, is checked again) and whose arrays are these
+    objects or of the same kinds.
+    """
+
+    x_type: type[Any]
+    shape: tuple[int, ...]
+    dtype: Any
+    device: Any
+    storage: _Storage
+    options: tuple[Any, ...]
+    arrays: _Arrays
+    kinds: tuple[Any, ...]
+    call: Any
+    update: bool
 
 
 class _JaxDevice(NamedTuple):
@@ -597,7 +627,6 @@ class BatchNorm:
         """Same as :meth:`forward`."""
         return self.forward(x, mask=mask)
 
-    @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
     def forward(self, x: ArrayT, /, *, mask: AnyArray | None = None) -> ArrayT:
         """Normalize ``x``, updating the running statistics in training mode.
 
@@ -624,11 +653,17 @@ class BatchNorm:
             ``x`` with fewer than 2 dimensions, ``axis`` out of range, a channel
             count other than ``num_features``, one value per channel in training.
         """
-        with self._lock:  # read, compute, commit: one update at a time
-            if mask is None and (self.comm is None or not self.training):
+        if mask is None and (self.comm is None or not self.training):
+            with self._lock:
                 hit = self._forward_resolved(x)
-                if hit is not None:
-                    return hit
+            if hit is not None:
+                return hit
+        return self._forward_checked(x, mask)
+
+    @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
+    def _forward_checked(self, x: ArrayT, mask: AnyArray | None) -> ArrayT:
+        """:meth:`forward` with every check: the first call, and any whose kind changed."""
+        with self._lock:  # read, compute, commit: one update at a time
             storage = self._placement_for(x)
             xp = storage.xp
             axes = normalize_axes(self.axis, x.ndim)
@@ -704,54 +739,61 @@ class BatchNorm:
             self._local.resolved = (
                 None
                 if call is None or type(x) not in _RESOLVED_TYPES
-                else (self._resolved_key(x, arrays), storage, call)
-            )
+                else _Kept(
+                    type(x), tuple(x.shape), x.dtype, getattr(x, "device", None), storage,
+                    self._options(), arrays, _kinds(arrays), call, update,
+                )
+            )  # fmt: skip
         return out.y
 
-    def _resolved_key(self, x: Array, arrays: _Arrays) -> tuple[Any, ...]:
-        """What a kept call depends on: x's kind, the layer's options and its arrays' kinds."""
+    def _options(self) -> tuple[Any, ...]:
+        """The options a kept call was resolved with (compared by identity, see _Kept)."""
         return (
-            type(x), x.shape, x.dtype, getattr(x, "device", None), self.training,
-            self.track_running_stats, self.axis, self.eps, self.var_estimator,
-            self.momentum is None,
-            *[None if a is None else (type(a), a.shape, a.dtype, getattr(a, "device", None))
-              for a in arrays],
+            self.training, self.track_running_stats, self.axis, self.eps,
+            self.var_estimator, self.momentum,
         )  # fmt: skip
 
-    def _forward_resolved(self, x: Array) -> Array | None:
+    def _forward_resolved(self, x: Any) -> Array | None:
         """The forward on the call kept from the last one with the same kind of x, or None.
 
         NumPy arrays and torch tensors only (their ``shape``, ``dtype`` and ``device``
         are cheap and decide everything the checks looked at); the running update,
         the counter and the commit are those of :meth:`forward`.
         """
-        kept = getattr(self._local, "resolved", None)
-        if kept is None or type(x) not in _RESOLVED_TYPES:
+        kept: _Kept | None = getattr(self._local, "resolved", None)
+        if (
+            kept is None
+            or type(x) is not kept.x_type
+            or x.shape != kept.shape
+            or x.dtype != kept.dtype
+            or getattr(x, "device", None) != kept.device
+            or self._storage is not kept.storage
+            or not all(map(operator.is_, self._options(), kept.options))
+        ):
             return None
-        key, storage, call = kept
-        arrays = self._arrays()
-        if storage is not self._storage or key != self._resolved_key(x, arrays):
+        arrays = _Arrays(self.weight, self.bias, self.running_mean, self.running_var)
+        if not all(map(operator.is_, arrays, kept.arrays)) and _kinds(arrays) != kept.kinds:
             return None
-        update = call.training and self.track_running_stats
-        count = self.num_batches_tracked
-        if update:
+        call = kept.call
+        if kept.update:
+            count = self.num_batches_tracked
             assert count is not None
             if count >= _COUNTER_MAX:
                 return None  # forward raises
             count += 1
-            factor = 1.0 / count if self.momentum is None else check_momentum(self.momentum)
-            call = call._replace(momentum=factor)
+            if self.momentum is None:
+                call = call._replace(momentum=1.0 / count)
         out = kernels.forward(
             call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
         )
-        if update:
-            arrays = arrays._replace(
-                running_mean=out.new_running_mean, running_var=out.new_running_var
-            )
+        if kept.update:
+            arrays = _Arrays(arrays.weight, arrays.bias, out.new_running_mean, out.new_running_var)
             self.num_batches_tracked = count
-            self._set_arrays(arrays)
-        saved = (call.xp, x, arrays.weight, out.mean, out.invstd, call.training, call.axis)
-        self._local.saved = _Saved(*saved, None, None)
+            self.running_mean, self.running_var = arrays.running_mean, arrays.running_var
+            self._local.resolved = kept._replace(arrays=arrays)
+        self._local.saved = _Saved(
+            call.xp, x, arrays.weight, out.mean, out.invstd, call.training, call.axis
+        )
         return out.y
 
     def backward(self, dy: AnyArray, /) -> BatchNormGrads:

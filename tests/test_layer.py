@@ -680,3 +680,33 @@ def test_kept_call_rechecks_what_changed_since() -> None:
         bn(np.ones((1, C)))
     bn(np.ones((10, C)))  # another batch size: resolved afresh, not refused
     assert bn.num_batches_tracked == 2
+
+
+def test_kept_call_rechecks_an_option_reassigned_to_an_equal_value_of_another_type() -> None:
+    """``training = 1`` equals True but is not a bool: the next call checks it and raises."""
+    x = np.random.default_rng(1).standard_normal((6, C))
+    bn = anybn.BatchNorm(C)
+    bn(x)
+    bn.training = 1  # type: ignore[assignment]
+    before = (bn.running_mean.copy(), bn.num_batches_tracked)
+    with pytest.raises(TypeError, match="training"):
+        bn(x)
+    np.testing.assert_array_equal(bn.running_mean, before[0])
+    assert bn.num_batches_tracked == before[1]
+
+
+def test_kept_call_uses_arrays_replaced_by_ones_of_the_same_kind() -> None:
+    """New weight and running arrays (an optimizer step that rebinds) are used, not the old."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, C))
+    bn = anybn.BatchNorm(C)
+    bn(x)
+    w, b, rm, rv = rng.uniform(0.5, 2, C), rng.normal(size=C), rng.normal(size=C), np.full(C, 2.0)
+    bn.weight, bn.bias, bn.running_mean, bn.running_var = w, b, rm, rv
+    want = anybn.batch_norm(x, rm, rv, w, b, training=True)
+    np.testing.assert_array_equal(bn(x), want.y)
+    np.testing.assert_array_equal(bn.running_mean, want.new_running_mean)
+    bn.eval()
+    np.testing.assert_array_equal(
+        bn(x), anybn.batch_norm(x, want.new_running_mean, want.new_running_var, w, b).y
+    )

@@ -254,12 +254,12 @@ def reports_failures(method: _Method) -> _Method:
     """
 
     @functools.wraps(method)
-    def wrapper(self: Any, x: Any, /, **options: Any) -> Any:
+    def wrapper(self: Any, x: Any, /, *args: Any, **options: Any) -> Any:
         comm = getattr(self, "comm", None)
         if comm is None or not getattr(self, "training", False):
-            return method(self, x, **options)
+            return method(self, x, *args, **options)
         with failures_reported(comm, x, getattr(self, "axis", 1)):
-            return method(self, x, **options)
+            return method(self, x, *args, **options)
 
     return wrapper  # type: ignore[return-value]
 
