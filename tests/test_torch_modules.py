@@ -321,3 +321,24 @@ def test_cnn_trains_like_torch(device: str, gen: Any) -> None:
     reference.eval()
     converted.eval()
     torch.testing.assert_close(converted(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_input_changed_in_place_after_forward_makes_backward_raise_as_nn_does() -> None:
+    for module in (nn.BatchNorm1d(4), abt.BatchNorm1d(4)):
+        x = torch.randn(8, 4, requires_grad=True)
+        a = x * 1.0
+        y = module(a)
+        a.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_running_statistics_given_as_2d_views_are_updated() -> None:
+    """Running statistics that are not 1-D (the functional drop-in) are updated in place."""
+    x = torch.randn(8, 4) * 3 + 1
+    rm, rv = torch.zeros(1, 4), torch.ones(1, 4)
+    rm_n, rv_n = torch.zeros(4), torch.ones(4)
+    abt.batch_norm(x, rm, rv, training=True)
+    torch.nn.functional.batch_norm(x, rm_n, rv_n, training=True)
+    torch.testing.assert_close(rm.reshape(4), rm_n)
+    torch.testing.assert_close(rv.reshape(4), rv_n)

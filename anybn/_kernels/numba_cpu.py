@@ -516,11 +516,14 @@ def forward(
     eps: float,
     axis: int,
     var_estimator: str = "unbiased",
+    running_out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Any, ...]:
     """``(y, mean, invstd, new_running_mean, new_running_var)``; y laid out like x.
 
     The running variance accumulates ``M2 / (n - 1)`` (``var_estimator="unbiased"``)
-    or ``M2 / n`` (``"biased"``).
+    or ``M2 / n`` (``"biased"``). With ``running_out`` (two arrays of the running
+    statistics' shape and dtype) an update is written there, rounded as by
+    ``astype``, and those arrays are returned as the new statistics.
     """
     xc, lay = _layout(x, axis)
     v = _raw(xc).reshape(lay.view)
@@ -552,7 +555,11 @@ def forward(
     if lay.inverse is not None:
         y = y.transpose(lay.inverse)
     new_rm, new_rv = running_mean, running_var
-    if new is not None:
+    if new is not None and running_out is not None:
+        new_rm, new_rv = running_out
+        np.copyto(new_rm, new[0])
+        np.copyto(new_rv, new[1])
+    elif new is not None:
         assert running_mean is not None and running_var is not None
         new_rm = new[0].astype(running_mean.dtype)
         new_rv = new[1].astype(running_var.dtype)

@@ -76,23 +76,29 @@ class _BatchNormBase(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled() or torch_cpu.torch_has_tangent((dy, x, weight)):
-            dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
-        else:
-            op = (
-                _torch_ops.batch_norm_backward_impl
-                if _torch_ops.direct()
-                else torch.ops.anybn.batch_norm_backward
-            )
-            dx, dweight, dbias = op(dy, x, weight, mean, invstd, ctx.training)
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (
-            dx if need_x else None,
-            dweight.to(ctx.weight_dtype) if need_weight else None,
-            dbias.to(ctx.bias_dtype) if need_bias else None,
-            None, None, None, None, None,
-        )  # fmt: skip
+        return _backward(ctx, dy, *ctx.saved_tensors)
+
+
+def _backward(
+    ctx: Any, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor | None, ...]:
+    """:meth:`_BatchNormBase.backward` on the saved tensors."""
+    if torch.is_grad_enabled() or torch_cpu.torch_has_tangent((dy, x, weight)):
+        dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
+    else:
+        op = (
+            _torch_ops.batch_norm_backward_impl
+            if _torch_ops.direct()
+            else torch.ops.anybn.batch_norm_backward
+        )
+        dx, dweight, dbias = op(dy, x, weight, mean, invstd, ctx.training)
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    return (
+        dx if need_x else None,
+        dweight.to(ctx.weight_dtype) if need_weight else None,
+        dbias.to(ctx.bias_dtype) if need_bias else None,
+        None, None, None, None, None,
+    )  # fmt: skip
 
 
 class _TransformFunction(_BatchNormBase):
@@ -169,7 +175,10 @@ class _BatchNormFunction(torch.autograd.Function):
     :class:`_BatchNormBase`; the arithmetic is the same. Where the compiled CPU
     kernels serve the call, forward and backward call them on NumPy views of the
     tensors directly (the kernels and results of the fast paths, without their
-    routing); otherwise they run the operators' implementations.
+    routing): the batch statistics stay NumPy arrays on ``ctx`` (only x and the
+    weight are saved tensors, so that autograd still sees an in-place change to
+    them), and the running statistics are written through their NumPy views.
+    Otherwise they run the operators' implementations.
 
     The last argument, ``store``, is ``(running_mean, running_var)`` as the caller
     gave them (any shape), written in place in training, or None.
@@ -180,51 +189,62 @@ class _BatchNormFunction(torch.autograd.Function):
         """``inputs``: :class:`_BatchNormBase`'s arguments, then ``store``."""
         *args, store = inputs
         x, weight, bias, running_mean, running_var, training, momentum, eps = args
-        output: tuple[Any, ...] | None = None
         cpu = _kernels(x)
-        if cpu is not None:
-            views = _views((x, running_mean, running_var, weight, bias))
-            if views is not None and cpu.supports(views[0]):
-                result = cpu.forward(
-                    *views, training=training, momentum=momentum, eps=eps, axis=1
-                )
-                from_numpy = torch.from_numpy
-                output = (
-                    _torch_ops._layout_like(from_numpy(result[0]), x),
-                    from_numpy(result[1]),
-                    from_numpy(result[2]),
-                    None if result[3] is views[1] else from_numpy(result[3]),
-                    None if result[4] is views[2] else from_numpy(result[4]),
-                )
-        if output is None:
-            output = tuple(_torch_ops.batch_norm_impl(*args))
-        y, mean, invstd, new_mean, new_var = output
-        _save(ctx, tuple(args), mean, invstd)
-        if store is not None and training and new_mean is not None and new_mean.numel():
-            _store(store[0], new_mean)
-            _store(store[1], new_var)
-        return y
+        views = None if cpu is None else _views((x, running_mean, running_var, weight, bias))
+        if views is None or not cpu.supports(views[0]):
+            ctx.stats = None
+            y, mean, invstd, new_mean, new_var = _torch_ops.batch_norm_impl(*args)
+            _save(ctx, tuple(args), mean, invstd)
+            if store is not None and training and new_mean is not None and new_mean.numel():
+                _store(store[0], new_mean)
+                _store(store[1], new_var)
+            return y
+        # In place through the views where they are the caller's very (1-D) tensors.
+        direct = store is not None and store[0] is running_mean and store[1] is running_var
+        result = cpu.forward(
+            *views, training=training, momentum=momentum, eps=eps, axis=1,
+            running_out=(views[1], views[2]) if direct else None,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (result[1], result[2])
+        ctx.training, ctx.eps = training, eps
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if store is not None and training:
+            if not direct:  # (a direct write leaves the version counter, as nn's kernels do)
+                _store(store[0], torch.from_numpy(result[3]))
+                _store(store[1], torch.from_numpy(result[4]))
+        return _torch_ops._layout_like(torch.from_numpy(result[0]), x)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        cpu: Any = None if torch.is_grad_enabled() else _kernels(x)
-        views = None if cpu is None else _views((dy, x, weight, mean, invstd))
-        if views is None or not (cpu.supports(views[0]) and cpu.supports(views[1])):
+        if ctx.stats is None:
             return (*_BatchNormBase.backward(ctx, dy), None)
-        dx, dweight, dbias = cpu.backward(*views, training=ctx.training, axis=1)
+        x, weight = ctx.saved_tensors
+        mean, invstd = ctx.stats
+        cpu: Any = None if torch.is_grad_enabled() else _kernels(x)
+        views = None if cpu is None else _views((dy, x, weight))
+        if views is None or not (cpu.supports(views[0]) and cpu.supports(views[1])):
+            stats = torch.from_numpy(mean), torch.from_numpy(invstd)
+            return (*_backward(ctx, dy, x, weight, *stats), None)
+        dx, dweight, dbias = cpu.backward(*views, mean, invstd, training=ctx.training, axis=1)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         from_numpy = torch.from_numpy
         return (
             _torch_ops._layout_like(from_numpy(dx), x) if need_x else None,
-            from_numpy(dweight).to(ctx.weight_dtype) if need_weight else None,
-            from_numpy(dbias).to(ctx.bias_dtype) if need_bias else None,
+            _as(from_numpy(dweight), ctx.weight_dtype) if need_weight else None,
+            _as(from_numpy(dbias), ctx.bias_dtype) if need_bias else None,
             None, None, None, None, None, None,
         )  # fmt: skip
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor | None:
         return _TransformFunction.jvp(ctx, *tangents[:3])[0]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call where t has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # torch's Function.apply binds its arguments with inspect.signature(forward) on every call when
