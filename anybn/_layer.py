@@ -771,7 +771,7 @@ class BatchNorm:
             or not all(map(operator.is_, self._options(), kept.options))
         ):
             return None
-        arrays = _Arrays(self.weight, self.bias, self.running_mean, self.running_var)
+        arrays = self._arrays()
         if not all(map(operator.is_, arrays, kept.arrays)) and _kinds(arrays) != kept.kinds:
             return None
         call = kept.call
@@ -789,7 +789,7 @@ class BatchNorm:
         if kept.update:
             arrays = _Arrays(arrays.weight, arrays.bias, out.new_running_mean, out.new_running_var)
             self.num_batches_tracked = count
-            self.running_mean, self.running_var = arrays.running_mean, arrays.running_var
+            self._set_arrays(arrays)
             self._local.resolved = kept._replace(arrays=arrays)
         self._local.saved = _Saved(
             call.xp, x, arrays.weight, out.mean, out.invstd, call.training, call.axis

@@ -373,6 +373,16 @@ def test_inputs_are_not_modified() -> None:
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def _assert_generic_path_with_one_warning(match: str) -> None:
+    """forward warns (``match``) and returns None, the generic path; backward then too, silently."""
+    x = np.ones((4, 3), np.float32)
+    with pytest.warns(RuntimeWarning, match=match):
+        assert kernels.forward(
+            x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
+        ) is None  # fmt: skip
+    assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+
+
 def test_unusable_toolchain_falls_back_to_the_generic_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -385,12 +395,7 @@ def test_unusable_toolchain_falls_back_to_the_generic_path(
     monkeypatch.setattr(kernels, "_broken", None)
     monkeypatch.setattr(kernels, "_probed", True)
     monkeypatch.setattr(kernels, "_forward", no_nvvm)
-    x = np.ones((4, 3), np.float32)
-    with pytest.warns(RuntimeWarning, match="generic array-API path"):
-        assert kernels.forward(
-            x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
-        ) is None  # fmt: skip
-    assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+    _assert_generic_path_with_one_warning("generic array-API path")
 
 
 def test_numba_cuda_that_fails_to_build_its_target_falls_back(
@@ -408,12 +413,7 @@ def test_numba_cuda_that_fails_to_build_its_target_falls_back(
     monkeypatch.setattr(kernels, "_broken", None)
     monkeypatch.setattr(kernels, "_probed", False)
     monkeypatch.setattr(kernels, "cuda", Unusable)
-    x = np.ones((4, 3), np.float32)
-    with pytest.warns(RuntimeWarning, match="row_stack"):
-        assert kernels.forward(
-            x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1
-        ) is None  # fmt: skip
-    assert kernels.backward(x, x, None, x[0], x[0], training=True, axis=1) is None
+    _assert_generic_path_with_one_warning("row_stack")
 
 
 @needs_device

@@ -210,10 +210,10 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.training, ctx.eps = training, eps
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if store is not None and training:
-            if not direct:  # (a direct write leaves the version counter, as nn's kernels do)
-                _store(store[0], torch.from_numpy(result[3]))
-                _store(store[1], torch.from_numpy(result[4]))
+        if store is not None and training and not direct:
+            # (a direct write leaves the version counter as it is, as nn's kernels do)
+            _store(store[0], torch.from_numpy(result[3]))
+            _store(store[1], torch.from_numpy(result[4]))
         return _torch_ops._layout_like(torch.from_numpy(result[0]), x)
 
     @staticmethod
