@@ -380,24 +380,37 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
 
 
 @_jit
-def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows, s1, s2,
-                    y, mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
-    """The whole forward on the calling thread: one call, for small inputs."""
+def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
+                    rm_out, rv_out, y, stats):  # fmt: skip  # pragma: no cover - compiled
+    """The whole forward on the calling thread, for small inputs: y, and ``(mean, invstd)``
+    in ``stats``. One compiled call, which allocates its own tables (returning arrays
+    would cost more: each is boxed for Python)."""
+    c_ = x.shape[1]
     nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
     if training:
         _stats(x, chunk, rows, 0, nr, s1, s2)
+    vec = np.empty((3, c_), stats.dtype)
     _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
-                    mean_out, invstd_out, rm_out, rv_out, vec)  # fmt: skip
+                    stats[0], stats[1], rm_out, rv_out, vec)  # fmt: skip
     _affine(x, vec, rows, 0, ne, y)
 
 
 @_jit
-def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows, s1, s2,
-                     dx, dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
-    """The whole backward on the calling thread: one call, for small inputs."""
+def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows,
+                     dx, grads):  # fmt: skip  # pragma: no cover - compiled
+    """The whole backward on the calling thread, for small inputs: dx, and ``(dweight,
+    dbias)`` in ``grads``; the tables are allocated here."""
+    c_ = x.shape[1]
     nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
     _sums(dy, x, mean, chunk, rows, 0, nr, s1, s2)
-    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, dw_out, db_out, vec)
+    vec = np.empty((4, c_), grads.dtype)
+    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, grads[0], grads[1], vec)
     _grad(dy, x, vec, rows, training, 0, ne, dx)
 
 
@@ -439,10 +452,6 @@ def _rows_per_block(channels: int, itemsize: int) -> int:
     return max(1, CHUNK // channels, 128 // itemsize)
 
 
-def _threaded(size: int) -> bool:
-    return size >= PARALLEL_MIN and get_num_threads() > 1
-
-
 class _Layout(NamedTuple):
     """How the kernels see an input: what :func:`_layout` works out once per shape."""
 
@@ -452,6 +461,7 @@ class _Layout(NamedTuple):
     shape: tuple[int, ...]  #: the C-ordered array's shape
     view: tuple[int, int, int]  #: its ``(P, C, S)`` view (channels in the middle)
     compute: np.dtype  #: the dtype of the statistics and the arithmetic
+    half: bool  #: float16 x, which the kernels read as its bits (see _raw)
     rows: int  #: rows per reduction item
     nr: int  #: reduction items
     ne: int  #: elementwise items
@@ -485,7 +495,7 @@ def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
     inverse = None if perm is None else tuple(int(i) for i in np.argsort(perm))
     lay = _Layout(
         xc is not x and perm is None, perm, inverse, xc.shape, (p_, c_, s_),
-        _compute_dtype(x.dtype), rows, nr, ne, table,
+        _compute_dtype(x.dtype), x.dtype == _HALF, rows, nr, ne, table,
     )  # fmt: skip
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         _LAYOUTS.clear()
@@ -501,6 +511,14 @@ def _vector(a: np.ndarray | None, dt: np.dtype) -> np.ndarray:
     if a is None:
         return _EMPTY[dt.type]
     return a if type(a) is np.ndarray and a.dtype in _FLOATS else np.asarray(a, dtype=dt)
+
+
+def vectors_serve(*arrays: np.ndarray | None, dtype: np.dtype) -> bool:
+    """Whether per-channel arrays reach the kernels as they are: NumPy arrays of ``dtype``
+    (float32 or float64), or None (see :func:`forward_laid`)."""
+    return dtype in _FLOATS and all(
+        a is None or (type(a) is np.ndarray and a.dtype == dtype) for a in arrays
+    )
 
 
 @_quietly
@@ -526,44 +544,82 @@ def forward(
     ``astype``, and those arrays are returned as the new statistics.
     """
     xc, lay = _layout(x, axis)
-    v = _raw(xc).reshape(lay.view)
     dt = lay.compute
-    channels, rows = lay.view[1], lay.rows
-    y = np.empty(lay.shape, dtype=x.dtype)
-    yv = _raw(y).reshape(lay.view)
-    stats = np.empty((2, channels), dtype=dt)
     update = training and running_mean is not None and running_var is not None
-    new = np.empty((2, channels), dtype=np.float64) if update else None
     rm = _vector(running_mean if (update or not training) else None, dt)
     rv = _vector(running_var if (update or not training) else None, dt)
-    w, b = _vector(weight, dt), _vector(bias, dt)
-    nr, ne, s1, s2 = lay.nr, lay.ne, np.empty(lay.table), np.empty(lay.table)
-    new_rm_out = new[0] if new is not None else _EMPTY[np.float64]
-    new_rv_out = new[1] if new is not None else _EMPTY[np.float64]
-    vec = np.empty((3, channels), dtype=dt)
-    training, momentum, eps = bool(training), float(momentum), float(eps)
     ddof = 1.0 if var_estimator == "unbiased" else 0.0
-    if not _threaded(x.size):
-        _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, rows, s1, s2,
-                        yv, stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
+    out: tuple[np.ndarray, np.ndarray] | None = None
+    if update and running_out is not None and vectors_serve(*running_out, dtype=dt):
+        out = running_out  # the kernels write the update there (the same rounding as astype)
+    elif update:
+        out = (np.empty(lay.view[1]), np.empty(lay.view[1]))  # float64, cast below
+    y, mean, invstd = forward_laid(
+        xc, lay, rm, rv, _vector(weight, dt), _vector(bias, dt),
+        training=bool(training), momentum=float(momentum), eps=float(eps), ddof=ddof,
+        running_out=out,
+    )  # fmt: skip
+    new_rm, new_rv = running_mean, running_var
+    if out is not None and out is running_out:
+        new_rm, new_rv = running_out
+    elif out is not None and running_out is not None:
+        new_rm, new_rv = running_out
+        np.copyto(new_rm, out[0])
+        np.copyto(new_rv, out[1])
+    elif out is not None:
+        assert running_mean is not None and running_var is not None
+        new_rm = out[0].astype(running_mean.dtype)
+        new_rv = out[1].astype(running_var.dtype)
+    return y, mean, invstd, new_rm, new_rv
+
+
+def forward_laid(
+    xc: np.ndarray,
+    lay: _Layout,
+    rm: np.ndarray,
+    rv: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    ddof: float,
+    running_out: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(y, mean, invstd)`` of x in memory order (``xc, lay = _layout(x, axis)``); y laid out
+    like x.
+
+    The per-channel arrays are the kernels' (:func:`_vector`: float32/float64, empty for
+    "absent"); ``running_out``, float32 or float64 arrays, receives the running update
+    (training only; None: no update). Nothing here needs NumPy's error state: the
+    compiled code raises no floating-point warnings and nothing is cast.
+    """
+    view, compute = lay.view, lay.compute
+    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
+    if running_out is None:
+        rm_out = rv_out = _EMPTY[np.float64]
+        if training:  # (the kernels update where rm_out has the channels)
+            rm = rv = _EMPTY[compute.type]
     else:
+        rm_out, rv_out = running_out
+    y = np.empty(lay.shape, dtype=xc.dtype)
+    yv = (y.view(np.uint16) if lay.half else y).reshape(view)
+    stats = np.empty((2, view[1]), dtype=compute)
+    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+        _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
+                        rm_out, rv_out, yv, stats)  # fmt: skip
+    else:
+        rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
+        vec = np.empty((3, view[1]), dtype=compute)
         if training:
-            _parallel(_stats, nr, (v, CHUNK, rows), (s1, s2))
+            _parallel(_stats, lay.nr, (v, CHUNK, rows), (s1, s2))
         _forward_finish(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, s1, s2,
-                        stats[0], stats[1], new_rm_out, new_rv_out, vec)  # fmt: skip
-        _parallel(_affine, ne, (v, vec, rows), (yv,))
+                        stats[0], stats[1], rm_out, rv_out, vec)  # fmt: skip
+        _parallel(_affine, lay.ne, (v, vec, rows), (yv,))
     if lay.inverse is not None:
         y = y.transpose(lay.inverse)
-    new_rm, new_rv = running_mean, running_var
-    if new is not None and running_out is not None:
-        new_rm, new_rv = running_out
-        np.copyto(new_rm, new[0])
-        np.copyto(new_rv, new[1])
-    elif new is not None:
-        assert running_mean is not None and running_var is not None
-        new_rm = new[0].astype(running_mean.dtype)
-        new_rv = new[1].astype(running_var.dtype)
-    return y, stats[0], stats[1], new_rm, new_rv
+    return y, stats[0], stats[1]
 
 
 @_quietly
@@ -580,27 +636,48 @@ def backward(
     """``(dx, dweight, dbias)``; dx laid out like x (dy is copied to x's layout if needed)."""
     xc, lay = _layout(x, axis)
     dt = lay.compute
-    dyc = dy.transpose(lay.perm) if lay.perm is not None else dy
     # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
     dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
-    if not dyc.flags.c_contiguous or dyc.dtype != dy_dt:
-        dyc = np.ascontiguousarray(dyc, dtype=dy_dt)
-    v, g = _raw(xc).reshape(lay.view), _raw(dyc).reshape(lay.view)
-    channels, rows = lay.view[1], lay.rows
-    dx = np.empty(lay.shape, dtype=x.dtype)
-    dxv = _raw(dx).reshape(lay.view)
-    grads = np.empty((2, channels), dtype=dt)
-    w, m, s = _vector(weight, dt), _vector(mean, dt), _vector(invstd, dt)
-    nr, ne, s1, s2 = lay.nr, lay.ne, np.empty(lay.table), np.empty(lay.table)
-    vec = np.empty((4, channels), dtype=dt)
-    training = bool(training)
-    if not _threaded(x.size):
-        _backward_serial(g, v, w, m, s, training, CHUNK, rows, s1, s2,
-                         dxv, grads[0], grads[1], vec)  # fmt: skip
+    return backward_laid(
+        dy_laid(dy, lay, dy_dt), xc, lay, _vector(weight, dt), _vector(mean, dt),
+        _vector(invstd, dt), training=bool(training),
+    )  # fmt: skip
+
+
+def dy_laid(dy: np.ndarray, lay: _Layout, dtype: np.dtype) -> np.ndarray:
+    """dy in the memory order of x's layout, C-ordered, of ``dtype`` (a copy where needed)."""
+    dyc = dy.transpose(lay.perm) if lay.perm is not None else dy
+    if not dyc.flags.c_contiguous or dyc.dtype != dtype:
+        dyc = np.ascontiguousarray(dyc, dtype=dtype)
+    return dyc
+
+
+def backward_laid(
+    dyc: np.ndarray,
+    xc: np.ndarray,
+    lay: _Layout,
+    w: np.ndarray,
+    m: np.ndarray,
+    s: np.ndarray,
+    *,
+    training: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx, dweight, dbias)`` of x and dy in memory order (:func:`dy_laid`); dx laid out like
+    x. The per-channel arrays are the kernels' (:func:`_vector`)."""
+    view, compute = lay.view, lay.compute
+    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
+    g = (dyc.view(np.uint16) if dyc.dtype == _HALF else dyc).reshape(view)
+    dx = np.empty(lay.shape, dtype=xc.dtype)
+    dxv = (dx.view(np.uint16) if lay.half else dx).reshape(view)
+    grads = np.empty((2, view[1]), dtype=compute)
+    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+        _backward_serial(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads)
     else:
-        _parallel(_sums, nr, (g, v, m, CHUNK, rows), (s1, s2))
+        rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
+        vec = np.empty((4, view[1]), dtype=compute)
+        _parallel(_sums, lay.nr, (g, v, m, CHUNK, rows), (s1, s2))
         _backward_finish(v, w, m, s, training, CHUNK, s1, s2, grads[0], grads[1], vec)
-        _parallel(_grad, ne, (g, v, vec, rows, training), (dxv,))
+        _parallel(_grad, lay.ne, (g, v, vec, rows, training), (dxv,))
     if lay.inverse is not None:
         dx = dx.transpose(lay.inverse)
     return dx, grads[0], grads[1]

@@ -22,9 +22,10 @@ supported.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .function import batch_norm, module_arguments
+from .function import KeptCall, batch_norm, module_arguments
 from .sync import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
@@ -34,6 +35,13 @@ class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
     """``_BatchNorm.forward`` with the computation done by :func:`batch_norm`."""
 
     def forward(self, input: Tensor) -> Tensor:
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            kept = self.__dict__.get("_anybn_kept")
+            if kept is not None:
+                y = kept.forward(self, input)
+                if y is not None:
+                    return y
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats, factor, tracked = module_arguments(self)
         y = batch_norm(
@@ -42,7 +50,15 @@ class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
         )  # fmt: skip
         if tracked is not None:
             tracked.add_(1)
+        if eager:  # the next call like this one skips the checks above (see KeptCall)
+            self.__dict__["_anybn_kept"] = KeptCall.of(self, input)
         return y
+
+    def __getstate__(self) -> dict[str, object]:
+        """The module's state without the kept call (NumPy views of its own tensors)."""
+        state = dict(super().__getstate__())
+        state.pop("_anybn_kept", None)
+        return state
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this first: say that TorchScript is not supported."""

@@ -10,7 +10,7 @@ transforms, one for ``torch.compile``. :mod:`anybn.torch` (the modules) and
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .. import _kernels as kernels
 from .._call import Call
-from .._kernels import torch_cpu
+from .._kernels import numba_cpu, torch_cpu
+from .._kernels.pool import _quiet as pool_quiet
 from . import ops as _torch_ops
 from .ops import _xp
 
@@ -165,86 +166,231 @@ def _kernels(x: Tensor) -> Any:
     return cpu
 
 
+class Lane(NamedTuple):
+    """A plain eager call on CPU tensors, in the form the compiled kernels take it.
+
+    Built once per call by :func:`batch_norm`, or kept between calls by the modules
+    (:mod:`anybn.torch`), whose parameters and buffers are the same tensors call after
+    call: the NumPy views of the per-channel tensors are then made once.
+    """
+
+    running_mean: np.ndarray  #: the kernels' per-channel arrays (empty: absent)
+    running_var: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    training: bool
+    momentum: float
+    eps: float
+    #: training with running statistics: the update is written
+    update: bool
+    #: NumPy views of the caller's running statistics, updated in place through them; None:
+    #: the update is copied into ``store``
+    running_out: tuple[np.ndarray, np.ndarray] | None
+    #: whether the kernels write ``running_out`` themselves (it has their dtype)
+    in_kernel: bool
+    #: the running statistics as the caller gave them (any shape)
+    store: tuple[Tensor, Tensor] | None
+
+
+def lane(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    store: tuple[Tensor, Tensor] | None,
+    *,
+    keep: bool = False,
+) -> Lane | None:
+    """The :class:`Lane` of a checked eager call, or None where the compiled kernels do not
+    serve it (no Numba, fast paths off, forward-mode AD, a dtype or tensor NumPy cannot view).
+
+    ``store`` is ``(running_mean, running_var)`` as the caller gave them (any shape), to
+    update in training, or None. ``keep``: the lane is kept between calls, and its views
+    are made of detached tensors, which hold the memory they view even where a tensor's
+    ``.data`` is later replaced.
+    """
+    cpu = _kernels(x)
+    if cpu is None or not _viewable(x) or x.dtype not in _LANE_DTYPES or x.numel() == 0:
+        return None
+    vectors = (running_mean, running_var, weight, bias)
+    if keep:
+        vectors = tuple(None if t is None else t.detach() for t in vectors)  # type: ignore[assignment]
+    views = _views(vectors)
+    if views is None:
+        return None
+    dt = _LANE_DTYPES[x.dtype]
+    rm, rv, w, b = laid = [cpu._vector(v, dt) for v in views]
+    if keep and any(v is not None and k is not v for k, v in zip(laid, views, strict=True)):
+        return None  # a copy in the kernels' dtype (float16 parameters) would not follow them
+    update = store is not None and training
+    running_out = None
+    if update:
+        assert store is not None
+        # In place through the views where they are the caller's very (1-D) tensors
+        # (a direct write leaves the version counter as it is, as nn's kernels do).
+        if store[0] is running_mean and store[1] is running_var:
+            running_out = (views[0], views[1])
+    elif training:
+        rm = rv = cpu._vector(None, dt)
+    in_kernel = running_out is not None and cpu.vectors_serve(*running_out, dtype=dt)
+    return Lane(
+        rm, rv, w, b, training, momentum, eps, update, running_out, in_kernel,
+        store if update else None,
+    )  # fmt: skip
+
+
+def _viewable(x: Tensor) -> bool:
+    """Whether ``x.numpy()`` gives a view: a strided tensor without the negative bit."""
+    return x.layout is torch.strided and not x.is_neg()
+
+
+#: x dtypes the lane serves -> the dtype of the kernels' arithmetic
+_LANE_DTYPES = {
+    torch.float16: np.dtype(np.float32),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
+
+
+class Eager(NamedTuple):
+    """A plain eager call that the compiled kernels do not serve: the operators'
+    implementations compute it (:mod:`anybn.torch.ops`)."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    training: bool
+    momentum: float
+    eps: float
+    #: the running statistics as the caller gave them (any shape), to update, or None
+    store: tuple[Tensor, Tensor] | None
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """The plain eager call: y only, the running statistics written in the forward.
+
+    ``call`` is a :class:`Lane` (the compiled CPU kernels on NumPy views of the tensors:
+    the kernels and results of the fast paths, without their routing) or an
+    :class:`Eager` call (the operators' implementations). On the lane the batch
+    statistics stay NumPy arrays on ``ctx``, and only x and the weight are saved
+    tensors, so that autograd still sees an in-place change to them.
 
     ``Function.apply`` binds the arguments to ``forward``'s signature (inspect) on
     every call when ``setup_context`` is defined; without it, it does not. The
     generated vmap rule needs ``setup_context``, so calls under ``torch.func``
     transforms use :class:`_TransformFunction` and compiled code uses
-    :class:`_BatchNormBase`; the arithmetic is the same. Where the compiled CPU
-    kernels serve the call, forward and backward call them on NumPy views of the
-    tensors directly (the kernels and results of the fast paths, without their
-    routing): the batch statistics stay NumPy arrays on ``ctx`` (only x and the
-    weight are saved tensors, so that autograd still sees an in-place change to
-    them), and the running statistics are written through their NumPy views.
-    Otherwise they run the operators' implementations.
-
-    The last argument, ``store``, is ``(running_mean, running_var)`` as the caller
-    gave them (any shape), written in place in training, or None.
+    :class:`_BatchNormBase`; the arithmetic is the same.
     """
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:
-        """``inputs``: :class:`_BatchNormBase`'s arguments, then ``store``."""
-        *args, store = inputs
-        x, weight, bias, running_mean, running_var, training, momentum, eps = args
-        cpu = _kernels(x)
-        views = None if cpu is None else _views((x, running_mean, running_var, weight, bias))
-        if views is None or not cpu.supports(views[0]):
-            ctx.stats = None
-            y, mean, invstd, new_mean, new_var = _torch_ops.batch_norm_impl(*args)
-            _save(ctx, tuple(args), mean, invstd)
-            if store is not None and training and new_mean is not None and new_mean.numel():
-                _store(store[0], new_mean)
-                _store(store[1], new_var)
-            return y
-        # In place through the views where they are the caller's very (1-D) tensors.
-        direct = store is not None and store[0] is running_mean and store[1] is running_var
-        result = cpu.forward(
-            *views, training=training, momentum=momentum, eps=eps, axis=1,
-            running_out=(views[1], views[2]) if direct else None,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight)
-        ctx.stats = (result[1], result[2])
-        ctx.training, ctx.eps = training, eps
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, call: Lane | Eager
+    ) -> Tensor:
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if store is not None and training and not direct:
-            # (a direct write leaves the version counter as it is, as nn's kernels do)
-            _store(store[0], torch.from_numpy(result[3]))
-            _store(store[1], torch.from_numpy(result[4]))
-        return _torch_ops._layout_like(torch.from_numpy(result[0]), x)
+        if type(call) is Eager:
+            ctx.laid = None
+            args = (x, weight, bias, call.running_mean, call.running_var, call.training,
+                    call.momentum, call.eps)  # fmt: skip
+            y, mean, invstd, new_mean, new_var = _torch_ops.batch_norm_impl(*args)
+            _save(ctx, args, mean, invstd)
+            if call.store is not None and call.training and new_mean.numel():
+                _store(call.store[0], new_mean)
+                _store(call.store[1], new_var)
+            return y
+        return _lane_forward(ctx, x, weight, call)  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.stats is None:
-            return (*_BatchNormBase.backward(ctx, dy), None)
-        x, weight = ctx.saved_tensors
-        mean, invstd = ctx.stats
-        cpu: Any = None if torch.is_grad_enabled() else _kernels(x)
-        views = None if cpu is None else _views((dy, x, weight))
-        if views is None or not (cpu.supports(views[0]) and cpu.supports(views[1])):
-            stats = torch.from_numpy(mean), torch.from_numpy(invstd)
-            return (*_backward(ctx, dy, x, weight, *stats), None)
-        dx, dweight, dbias = cpu.backward(*views, mean, invstd, training=ctx.training, axis=1)
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        from_numpy = torch.from_numpy
-        return (
-            _torch_ops._layout_like(from_numpy(dx), x) if need_x else None,
-            _as(from_numpy(dweight), ctx.weight_dtype) if need_weight else None,
-            _as(from_numpy(dbias), ctx.bias_dtype) if need_bias else None,
-            None, None, None, None, None, None,
-        )  # fmt: skip
+        if ctx.laid is None:
+            return (*_backward(ctx, dy, *ctx.saved_tensors)[:3], None)
+        return _lane_backward(ctx, dy)
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor | None:
+        # (the lane is never taken under forward-mode AD: see _kernels)
         return _TransformFunction.jvp(ctx, *tangents[:3])[0]
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, without the call where t has that dtype already."""
-    return t if t.dtype == dtype else t.to(dtype)
+def _lane_forward(ctx: Any, x: Tensor, weight: Tensor | None, lane: Lane) -> Tensor:
+    """:meth:`_BatchNormFunction.forward` on the compiled kernels."""
+    xv = x.detach().numpy() if x.requires_grad else x.numpy()
+    xc, layout = numba_cpu._layout(xv, 1)
+    running_out = lane.running_out if lane.in_kernel else None
+    if lane.update and running_out is None:
+        channels = layout.view[1]
+        running_out = (np.empty(channels), np.empty(channels))  # float64, rounded below
+    y, mean, invstd = numba_cpu.forward_laid(
+        xc, layout, lane.running_mean, lane.running_var, lane.weight, lane.bias,
+        training=lane.training, momentum=lane.momentum, eps=lane.eps, ddof=1.0,
+        running_out=running_out,
+    )  # fmt: skip
+    if lane.update and not lane.in_kernel:
+        assert running_out is not None and lane.store is not None
+        with pool_quiet():  # (a float64 -> float32/float16 cast may overflow)
+            if lane.running_out is not None:
+                for view, new in zip(lane.running_out, running_out, strict=True):
+                    np.copyto(view, new)
+            else:
+                for buffer, new in zip(lane.store, running_out, strict=True):
+                    _store(buffer, torch.from_numpy(new.astype(_NUMPY[buffer.dtype])))
+    ctx.save_for_backward(x, weight)
+    ctx.laid = (xc, layout, lane.weight, mean, invstd)
+    ctx.training, ctx.eps = lane.training, lane.eps
+    return _like(torch.from_numpy(y), x, layout)
+
+
+def _like(out: Tensor, x: Tensor, layout: Any) -> Tensor:
+    """The kernels' y or dx as a tensor with the strides ``torch.empty_like(x)`` has; a
+    C-ordered x (no permutation, no copy) gives a C-ordered result as it is."""
+    if layout.perm is None and not layout.copy:
+        return out
+    return _torch_ops._layout_like(out, x)
+
+
+def _lane_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    """:meth:`_BatchNormFunction.backward` on the compiled kernels (or, where dy is not
+    for them, the operators')."""
+    x, weight = ctx.saved_tensors  # (raises if either was changed in place)
+    xc, layout, w, mean, invstd = ctx.laid
+    dyv = None
+    if not torch.is_grad_enabled() and dy.dtype == x.dtype and _kernels(dy) is not None:
+        try:
+            dyv = dy.detach().numpy() if dy.requires_grad else dy.numpy()
+        except (RuntimeError, TypeError):  # conjugate or negative bits
+            dyv = None
+    if dyv is None:
+        stats = torch.from_numpy(mean), torch.from_numpy(invstd)
+        return (*_backward(ctx, dy, x, weight, *stats)[:3], None)
+    dx, dw, db = numba_cpu.backward_laid(
+        numba_cpu.dy_laid(dyv, layout, dyv.dtype), xc, layout, w, mean, invstd,
+        training=ctx.training,
+    )  # fmt: skip
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    from_numpy = torch.from_numpy
+    dweight = dbias = None
+    if need_weight:
+        dweight = from_numpy(dw)
+        if dweight.dtype != ctx.weight_dtype:
+            dweight = dweight.to(ctx.weight_dtype)
+    if need_bias:
+        dbias = from_numpy(db)
+        if dbias.dtype != ctx.bias_dtype:
+            dbias = dbias.to(ctx.bias_dtype)
+    return _like(from_numpy(dx), x, layout) if need_x else None, dweight, dbias, None
+
+
+#: x dtype -> the dtype of the kernels' arithmetic (the per-channel tensors a kept call views)
+_COMPUTE = {
+    torch.float16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 # torch's Function.apply binds its arguments with inspect.signature(forward) on every call when
@@ -269,6 +415,110 @@ def _differentiable_backward(
         return tuple(
             kernels.backward(Call(_xp, 1, count, ctx.training), dy, x, weight, mean, invstd)
         )
+
+
+class KeptCall(NamedTuple):
+    """A drop-in module's last call, kept so that the next one like it skips every check.
+
+    It serves a call on a CPU tensor of the same shape and dtype, in plain eager mode
+    with the compiled kernels on, on a module whose options are these very objects
+    (identity: a reassigned option, even to an equal value, is checked again) and
+    whose parameters and buffers are these very tensors on the memory they had
+    (``data_ptr``, shape and dtype: the lane's views are of that memory). Anything
+    else takes the module's checked call, which keeps a new one.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    options: tuple[Any, ...]  #: training, momentum, eps, track_running_stats
+    tensors: tuple[Tensor | None, ...]  #: weight, bias, running_mean, running_var, counter
+    memory: tuple[tuple[int, torch.Size, torch.dtype], ...]  #: of each tensor present
+    lane: Lane
+    cumulative: bool  #: momentum=None in training: the factor is 1 / (batches + 1)
+    #: a NumPy view of the counter to advance (training with running statistics), or None
+    counter: np.ndarray | None
+
+    @classmethod
+    def of(cls, module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> KeptCall | None:
+        """The kept call of the call ``module(x)`` that has just succeeded, or None."""
+        if type(x) is not Tensor or torch.compiler.is_compiling() or _kernels(x) is None:
+            return None
+        if torch._C._functorch.maybe_current_level() is not None:
+            return None
+        params, buffers = module._parameters, module._buffers
+        tensors = (
+            params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+            buffers.get("running_var"), buffers.get("num_batches_tracked"),
+        )  # fmt: skip
+        registered = (module.weight, module.bias, module.running_mean, module.running_var)
+        if any(t is not r for t, r in zip(tensors, registered, strict=False)):
+            return None  # a parameter or buffer that is a plain attribute
+        compute = _COMPUTE.get(x.dtype)
+        if any(t is not None and (t.dim() != 1 or t.dtype is not compute) for t in tensors[:4]):
+            return None  # (the lane would read copies of them in the kernels' dtype)
+        running_mean, running_var, use_batch_stats, factor, tracked = module_arguments(module)
+        update = use_batch_stats and running_mean is not None and running_var is not None
+        kept = lane(
+            x, tensors[0], tensors[1], running_mean, running_var, use_batch_stats, factor,
+            module.eps, (running_mean, running_var) if update else None, keep=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+        if kept is None:
+            return None
+        options = (module.training, module.momentum, module.eps, module.track_running_stats)
+        memory = tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors if t is not None)
+        cumulative = tracked is not None and module.momentum is None
+        counter = None if tracked is None else tracked.detach().numpy()
+        return cls(x.shape, x.dtype, options, tensors, memory, kept, cumulative, counter)
+
+    def forward(self, module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor | None:
+        """``module(x)`` if this call serves it (else None): y, the running statistics and
+        the counter updated as the checked call would."""
+        if (
+            type(x) is not Tensor
+            or x.shape != self.shape
+            or x.dtype is not self.dtype
+            or not x.is_cpu
+            or not _viewable(x)
+        ):
+            return None
+        training, momentum, eps, track = self.options
+        if (
+            module.training is not training
+            or module.momentum is not momentum
+            or module.eps is not eps
+            or module.track_running_stats is not track
+        ):
+            return None
+        params, buffers = module._parameters, module._buffers
+        weight, bias, running_mean, running_var, counter = self.tensors
+        if (
+            params.get("weight") is not weight
+            or params.get("bias") is not bias
+            or buffers.get("running_mean") is not running_mean
+            or buffers.get("running_var") is not running_var
+            or buffers.get("num_batches_tracked") is not counter
+        ):
+            return None
+        present = (t for t in self.tensors if t is not None)
+        for t, (pointer, shape, dtype) in zip(present, self.memory, strict=False):
+            if t.data_ptr() != pointer or t.shape != shape or t.dtype is not dtype:
+                return None
+        if (
+            not kernels.enabled()
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.maybe_current_level() is not None
+            or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+        ):
+            return None
+        call = self.lane
+        if self.cumulative:
+            assert self.counter is not None
+            call = call._replace(momentum=1.0 / (float(self.counter) + 1.0))
+        y: Tensor = _BatchNormFunction.apply(x, weight, bias, call)
+        if self.counter is not None:
+            # (through its view: num_batches_tracked.add_(1) costs 2 us a call here)
+            self.counter[()] += 1
+        return y
 
 
 # --- PyTorch's argument rules --------------------------------------------------------------
@@ -441,9 +691,11 @@ def batch_norm(
     )  # fmt: skip
     update = training and running_mean is not None and running_var is not None
     if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None:
-        y: Tensor = _BatchNormFunction.apply(
-            *args, (running_mean, running_var) if update else None
-        )
+        store = (running_mean, running_var) if update else None
+        call: Lane | Eager | None = lane(input, *args[1:], store)  # type: ignore[arg-type]
+        if call is None:
+            call = Eager(*args[3:], store)  # type: ignore[arg-type]
+        y: Tensor = _BatchNormFunction.apply(input, args[1], args[2], call)
         return y
     function = (
         _BatchNormBase if torch.compiler.is_compiling() else _TransformFunction

@@ -6,8 +6,9 @@ Usage (from the repository root)::
 
 Each line is the best of 7 repeats of ``number`` calls, in microseconds per call, for one
 layer of the stack (each includes the layers below it): the compiled kernels on NumPy views,
-the core on tensors (``_torch_ops.*_impl``), the ``autograd.Function``, the functional drop-in
-with PyTorch's argument rules, the module; and torch's own functional and module beside them.
+the core on tensors (``_torch_ops.*_impl``), the ``autograd.Function`` (on the compiled kernels'
+lane where Numba is installed), the functional drop-in with PyTorch's argument rules, the module
+(its kept call: no checks after the first); and torch's own functional and module beside them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def main() -> None:
     out = _torch_ops.batch_norm_impl(xd, wd, bd, rm.clone(), rv.clone(), True, 0.1, 1e-5)
     mean, invstd = out[1], out[2]
     views = [t.numpy() for t in (dy, xd, wd, mean, invstd)]
+    fn = _torch_function
+    lane = fn.lane(x, w, b, rm, rv, True, 0.1, 1e-5, (rm, rv)) or fn.Eager(
+        rm, rv, True, 0.1, 1e-5, (rm, rv)
+    )
     module_cls = abt.BatchNorm1d if len(shape) <= 3 else abt.BatchNorm2d
     nn_cls = torch.nn.BatchNorm1d if len(shape) <= 3 else torch.nn.BatchNorm2d
     mod, ref = module_cls(c), nn_cls(c)
@@ -74,7 +79,7 @@ def main() -> None:
         ("core on tensors, backward", lambda: _torch_ops.batch_norm_backward_impl(
             dy, xd, wd, mean, invstd, True)),
         ("autograd.Function, forward", lambda: _torch_function._BatchNormFunction.apply(
-            x, w, b, rm, rv, True, 0.1, 1e-5, None)),
+            x, w, b, lane)),
         ("anybn.torch.batch_norm, forward", lambda: abt.batch_norm(
             x, rm, rv, w, b, True, 0.1, 1e-5)),
         ("anybn.torch module, forward", lambda: mod(x)),
