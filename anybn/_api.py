@@ -318,15 +318,12 @@ def _sync_batch_norm_backward(
     mask: Array | None = None,
     xp: ModuleType | None = None,
     comm: object,
-    total_count: int | None = None,
 ) -> BatchNormGrads:
     """:func:`anybn.batch_norm_backward` over the ranks of ``comm``.
 
-    In training: one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values),
-    preceded by the header exchange unless ``total_count`` (the global count per
-    channel, known from a synchronized forward) is given; every check runs
-    before the header and fails every rank. In eval: local, with every option
-    of the local one.
+    In training: the header exchange, then one all-reduce of ``(sum_dy, sum_dy_xhat)``
+    (``2 * C`` values); every check runs before the header and fails every rank. In
+    eval: local, with every option of the local one.
     """
     if not check_training(training):
         return batch_norm_backward(
@@ -334,8 +331,7 @@ def _sync_batch_norm_backward(
             xp=xp,
         )  # fmt: skip
     return _sync.checked_backward(
-        dy, x, weight, mean, invstd, axis=axis, mask=mask, xp=xp, comm=comm,
-        total_count=total_count,
-    )  # fmt: skip
+        dy, x, weight, mean, invstd, axis=axis, mask=mask, xp=xp, comm=comm
+    )
 
 

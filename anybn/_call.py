@@ -216,10 +216,14 @@ def resolve_forward(
     mask: Array | None,
     var_estimator: object,
     xp: ModuleType | None,
+    shard: bool = False,
 ) -> tuple[Call, tuple[Array | None, Array | None, Array | None, Array | None]]:
     """The call of :func:`anybn.batch_norm`, and its per-channel vectors in x's namespace.
 
     Raises as :func:`anybn.batch_norm` documents, before anything is computed.
+    ``shard=True``: x is one rank's shard of a synchronised batch, whose values per
+    channel are counted over every rank (:mod:`anybn.distributed.sync`), so one value per
+    channel here is not an error.
     """
     if xp is None and mask is None and type(var_estimator) is str and var_estimator in _ESTIMATORS:
         plain = _plain(x, (running_mean, running_var, weight, bias), axis)
@@ -227,7 +231,7 @@ def resolve_forward(
             plain is not None
             and _plain_options(training, momentum, eps)
             and (running_mean is None) == (running_var is None)
-            and (plain[2] != 1 if training else running_mean is not None)
+            and ((shard or plain[2] != 1) if training else running_mean is not None)
         ):
             call = Call(
                 plain[0], plain[1], plain[2], training, momentum, eps, var_estimator  # type: ignore[arg-type]
@@ -270,7 +274,7 @@ def resolve_forward(
             "running_mean and running_var must be given together, got only "
             + ("running_mean" if running_var is None else "running_var")
         )
-    if training and count == 1:
+    if training and count == 1 and not shard:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )

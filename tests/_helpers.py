@@ -2,7 +2,7 @@
 
 Every test compares anybn against two independent oracles computed in float64
 on the very values anybn saw (inputs rounded to the test dtype first): the plain
-NumPy reference in :mod:`anybn._reference` and, where PyTorch is installed,
+NumPy reference in :mod:`anybn._testing.reference` and, where PyTorch is installed,
 ``torch.nn.functional.batch_norm`` with torch autograd.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import anybn
-from anybn._backends import Backend, get_backend
-from anybn._reference import reference_backward, reference_forward
+from anybn._testing.backends import Backend, get_backend
+from anybn._testing.reference import reference_backward, reference_forward
 from anybn._xp import dtype_name, to_host
 
 Array = Any
@@ -303,7 +303,7 @@ class Oracle(NamedTuple):
 def reference_oracle(
     h: Inputs, case: Case, *, momentum: float = MOMENTUM, eps: float = EPS
 ) -> Oracle:
-    """The float64 NumPy reference of :mod:`anybn._reference`."""
+    """The float64 NumPy reference of :mod:`anybn._testing.reference`."""
     fwd = reference_forward(
         *h.forward_args, training=case.training, momentum=momentum, eps=eps, axis=case.axis
     )

@@ -1,6 +1,6 @@
 """The backend test matrix.
 
-``backend`` is parametrized over :data:`anybn._backends.BACKENDS` (``numpy``,
+``backend`` is parametrized over :data:`anybn._testing.backends.BACKENDS` (``numpy``,
 ``array_api_strict``, ``array_api_strict:device1``, ``torch``, ``torch:cuda``,
 ``cupy``, ``jax``, ``jax:jit``, ``dask``); a backend whose library or device is
 missing is skipped with the reason. Tests take ``backend`` and move NumPy data onto it with
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from _helpers import CURRENT, require
 
-from anybn._backends import BACKENDS, Backend
+from anybn._testing.backends import BACKENDS, Backend
 
 
 def _params(dtypes: str | None) -> list[object]:

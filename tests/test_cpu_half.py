@@ -18,7 +18,7 @@ from _helpers import backward64
 import anybn
 from anybn._kernels import numba_cpu as cpu
 from anybn._kernels import torch_cpu
-from anybn._reference import reference_forward
+from anybn._testing.reference import reference_forward
 
 pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="Numba not installed or ANYBN_NUMBA=0")
 

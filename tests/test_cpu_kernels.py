@@ -1,6 +1,6 @@
 """The compiled CPU kernels (:mod:`anybn._kernels.numba_cpu`): accuracy, layouts, threads, fallback.
 
-Compared against the float64 reference (:mod:`anybn._reference`) on data offset by up to
+Compared against the float64 reference (:mod:`anybn._testing.reference`) on data offset by up to
 1e5, in every layout the kernels see, and against themselves on one and on two threads
 (the partial sums have fixed places, so the bits must not change). Without Numba (or with
 ``ANYBN_NUMBA=0``) only the fallback test runs: the dispatcher then serves NumPy arrays with
@@ -21,7 +21,7 @@ import anybn
 from anybn._kernels import numba_cpu as cpu
 from anybn._kernels import numpy_blocks as _numpy_kernels
 from anybn._kernels import torch_cpu
-from anybn._reference import reference_forward
+from anybn._testing.reference import reference_forward
 
 needs_numba = pytest.mark.skipif(not cpu.AVAILABLE, reason="Numba not installed or ANYBN_NUMBA=0")
 

@@ -6,7 +6,7 @@ Rules for code blocks in ``docs/**/*.md`` (checked here):
   one must have ``>>>`` prompts, and its output must match. The blocks of one
   page run in order in one namespace, like a notebook.
 * A block preceded by a MyST comment ``% doctest: requires <backend-id> ...``
-  (``cupy``, ``torch:cuda``, ``torch``, ... as in :mod:`anybn._backends`) is a
+  (``cupy``, ``torch:cuda``, ``torch``, ... as in :mod:`anybn._testing.backends`) is a
   test of its own: it runs after the page's unmarked blocks that precede it (in
   their namespace, so it can use what they defined), and is skipped with the
   backend's reason where that backend is unavailable (the GPU examples on a
@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 import anybn
-from anybn._backends import get_backend
+from anybn._testing.backends import get_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -17,7 +17,7 @@ import pytest
 from _helpers import require, unmutated
 
 import anybn
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 FORWARD = ("x", "running_mean", "running_var", "weight", "bias")
 BACKWARD = ("dy", "x", "weight", "mean", "invstd")

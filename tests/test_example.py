@@ -11,7 +11,7 @@ import array_api_compat as compat
 import numpy as np
 import pytest
 
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 STEPS = 40
 

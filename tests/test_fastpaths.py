@@ -23,10 +23,10 @@ import pytest
 
 import anybn
 from anybn import _kernels as _fastpaths
-from anybn._backends import Backend, get_backend
 from anybn._kernels import fast_paths
 from anybn._kernels import numpy_blocks as _numpy_kernels
-from anybn._reference import reference_backward, reference_forward
+from anybn._testing.backends import Backend, get_backend
+from anybn._testing.reference import reference_backward, reference_forward
 
 
 def _has_numba_cuda() -> bool:

@@ -18,7 +18,7 @@ from _helpers import (
     make_inputs,
 )
 
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -8,7 +8,7 @@ on a machine with a CUDA GPU the same tests run on the device (CuPy arrays, or
 torch CUDA tensors without CuPy); with neither they are skipped with the reason.
 
 Every case is compared with a float64 oracle computed on the values the kernels
-saw: :mod:`anybn._reference` for the forward, the textbook backward in float64
+saw: :mod:`anybn._testing.reference` for the forward, the textbook backward in float64
 with the ``mean``/``invstd`` the kernels were given. The compile check builds every
 kernel to PTX for sm_80 and sm_90 with NVVM (and assembles it with ptxas when
 present: no spills), which needs no GPU.
@@ -35,7 +35,7 @@ pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip insta
 from numba import cuda
 
 from anybn._kernels import numba_cuda as kernels
-from anybn._reference import reference_forward
+from anybn._testing.reference import reference_forward
 
 SIMULATOR = kernels.simulated()
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anybn._gpucheck import find_gpu
+from anybn._testing.gpucheck import find_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 

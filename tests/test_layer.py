@@ -24,7 +24,7 @@ import pytest
 from _helpers import require
 
 import anybn
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 C = 3
 

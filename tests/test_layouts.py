@@ -23,7 +23,7 @@ from _helpers import (
     require,
 )
 
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

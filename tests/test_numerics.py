@@ -21,8 +21,8 @@ from _helpers import (
     torch_available,
 )
 
-from anybn._backends import Backend
-from anybn._reference import reference_backward, reference_forward
+from anybn._testing.backends import Backend
+from anybn._testing.reference import reference_backward, reference_forward
 
 NAN_CHANNEL = 1
 

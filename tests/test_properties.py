@@ -22,7 +22,7 @@ from _helpers import (
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from anybn._backends import Backend
+from anybn._testing.backends import Backend
 
 SETTINGS = settings(
     derandomize=True,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from anybn._backends import get_backend
+from anybn._testing.backends import get_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from anybn import _report
-from anybn._backends import BACKENDS, get_backend
+from anybn._testing import report as _report
+from anybn._testing.backends import BACKENDS, get_backend
 
 
 def test_report_passes_and_lists_every_backend(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import anybn
-from anybn._backends import Backend
 from anybn._core.stats import channel_dot, channel_sum
 from anybn._kernels import fast_paths
-from anybn._reference import reference_backward, reference_forward
+from anybn._testing.backends import Backend
+from anybn._testing.reference import reference_backward, reference_forward
 
 #: (shape, axis): channels-last with 100k values per channel (the case that lost 1.6e-5),
 #: NC planes, and 2-D (N, C).

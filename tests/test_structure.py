@@ -1,4 +1,5 @@
-"""The package's structure: no import cycles, and every kernel module implements the protocol.
+"""The package's structure: no import cycles, every kernel module implements the protocol, and
+``import anybn`` leaves the testing tools out.
 
 The import graph is read from the source (``ast``), so lazy imports inside
 functions count as much as module-level ones: a cycle that a lazy import hides
@@ -11,6 +12,8 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,7 +139,7 @@ def test_graph_reader_sees_lazy_imports_and_skips_type_checking() -> None:
     # ``.`` of anybn._kernels.generic is the package anybn._kernels, which has no _call or _api
     # submodule: ``from . import _api`` loads the package itself
     assert edges == {"anybn._kernels"}
-    edges = set().union(*(_targets("anybn._layer", n) for n in _runtime_imports(tree)))
+    edges = set().union(*(_targets("anybn.convert", n) for n in _runtime_imports(tree)))
     assert edges == {"anybn._api"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -176,3 +179,17 @@ def test_generic_kernel_is_last_and_claims_every_array() -> None:
     assert name == "generic"
     assert claims(object())
     assert _kernels.kernels_for([1.0])[-1].NAME == "generic"
+
+
+def test_import_anybn_leaves_the_testing_tools_out() -> None:
+    """``import anybn`` (and ``anybn.torch``, where torch is installed) loads no module of
+    ``anybn._testing``: the registry, the reference and the reports are for tests and tools."""
+    code = (
+        "import importlib.util, sys, anybn\n"
+        "if importlib.util.find_spec('torch'): import anybn.torch\n"
+        "print(sorted(m for m in sys.modules if m.startswith('anybn._testing')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"

@@ -18,8 +18,8 @@ import pytest
 from _helpers import TRAIN_EVAL, assert_like, batch_norm, batch_norm_backward, compute_dtype_name
 
 from anybn import _kernels as _fastpaths
-from anybn._backends import Backend
 from anybn._kernels import numba_cpu
+from anybn._testing.backends import Backend
 
 #: (shape, channel axis): channels first, 2-D, no values at all, channels-last, 4-D.
 ZERO_CHANNEL_DIMS = [

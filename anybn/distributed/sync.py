@@ -56,27 +56,18 @@ from typing import Any, NamedTuple, TypeVar
 import array_api_compat as compat
 
 from .. import _kernels as kernels
-from .._call import Call
-from .._checks import (
-    check_channel_vector,
-    check_eps,
-    check_input,
-    check_momentum,
-    check_var_estimator,
-)
+from .._call import Call, resolve_backward, resolve_forward
+from .._checks import check_eps, check_momentum, check_var_estimator
 from .._core.generic import running_update
 from .._core.outputs import BatchNormGrads, BatchNormOutput
 from .._core.stats import centered_moments, chan_merge
 from .._xp import (
     Array,
-    check_floating,
     compute_dtype,
     dtype_name,
     is_concrete,
     normalize_axis,
     reduction_axes,
-    resolve_namespace,
-    values_per_channel,
     writeable,
 )
 from .comm import Communicator, as_communicator
@@ -107,19 +98,10 @@ def _device_type(x: Array) -> str:
     return "other"
 
 
-class _Local(NamedTuple):
-    """One rank's checked call: what its header says and what the math needs."""
-
-    xp: ModuleType
-    axis: int
-    channels: int
-    values: int  # per channel, on this rank
-
-
 _OK, _FAILED, _UNREADABLE = 0, 1, 2  # the header's status: checks passed / failed / no x
 
 
-def _header(op: int, local: _Local | None, x: Any, axis: int | None) -> list[int]:
+def _header(op: int, local: Call | None, x: Any, axis: int | None) -> list[int]:
     """``[magic, op, status, channels, dtype, device type, count]`` for this rank.
 
     A rank whose own checks failed still describes its x when it can, so that
@@ -127,7 +109,7 @@ def _header(op: int, local: _Local | None, x: Any, axis: int | None) -> list[int
     channel count is -1 (unknown) when its ``axis`` is not valid for its x.
     """
     if local is not None:
-        status, channels, count = _OK, local.channels, local.values
+        status, channels, count = _OK, int(x.shape[local.axis]), local.n
     else:
         try:
             status, count = _FAILED, 0
@@ -153,7 +135,7 @@ def _name(table: tuple[str, ...], code: int) -> str:
 def _agree(
     comm: Communicator,
     op: int,
-    local: _Local | None,
+    local: Call | None,
     error: BaseException | None,
     x: Any,
     axis: int | None,
@@ -339,30 +321,20 @@ def _check_forward(
     weight: Array | None,
     bias: Array | None,
     axis: object,
+    eps: float,
+    momentum: float,
     xp: ModuleType | None,
-) -> _Local:
-    """The local checks of :func:`anybn.batch_norm`, minus the local count (it is global here)."""
-    xp = resolve_namespace(
-        x,
-        {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias},
-        xp=xp,
-    )
-    check_input(xp, x)
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
-    for name, a in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check_channel_vector(xp, a, name, channels, x.dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "running_mean and running_var must be given together, got only "
-            + ("running_mean" if running_var is None else "running_var")
-        )
-    return _Local(xp, axis, channels, values_per_channel(tuple(x.shape), axis))
+) -> tuple[Call, tuple[Array | None, Array | None, Array | None, Array | None]]:
+    """The resolved call of this rank's shard (:func:`anybn._call.resolve_forward`: the
+    checks of :func:`anybn.batch_norm`, but one value per channel, which is decided over
+    every rank), with ``momentum`` as the caller checked it, and its per-channel vectors."""
+    call, vectors = resolve_forward(
+        x, running_mean, running_var, weight, bias,
+        training=True, momentum=0.0, eps=eps, axis=axis, mask=None,
+        var_estimator="unbiased", xp=xp, shard=True,
+    )  # fmt: skip
+    # (SyncBatchNorm takes any float momentum, as torch's does: checked by the caller)
+    return call._replace(momentum=momentum), vectors
 
 
 def _as(xp: ModuleType, a: Array, dtype: object) -> Array:
@@ -405,10 +377,12 @@ def _local_moments(
 
 
 class SyncForward(NamedTuple):
-    """What :func:`forward` returns: the output and the global count per channel."""
+    """What :func:`forward` returns: the output, the global count per channel and this
+    rank's resolved call (what :func:`backward` takes)."""
 
     out: BatchNormOutput
     total_count: int
+    call: Call
 
 
 def forward(
@@ -435,14 +409,17 @@ def forward(
     ``torch.nn.SyncBatchNorm`` does (for :class:`anybn.torch.SyncBatchNorm`).
     """
     communicator = as_communicator(comm)
-    local: _Local | None = None
+    local: Call | None = None
     error: BaseException | None = None
     try:
         axis = check_options(axis, mask, var_estimator)
         momentum = check_momentum(momentum) if momentum_range else float(momentum)
         eps = check_eps(eps)
         check_autodiff(x, running_mean, running_var, weight, bias)
-        local = _check_forward(x, running_mean, running_var, weight, bias, axis, xp)
+        local, vectors = _check_forward(
+            x, running_mean, running_var, weight, bias, axis, eps, momentum, xp
+        )
+        running_mean, running_var, weight, bias = vectors
     except Exception as exc:  # tell the other ranks before raising
         error = exc
     counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_none(axis, x))
@@ -453,11 +430,12 @@ def forward(
             "Expected more than 1 value per channel when training, got "
             f"{total} over {len(counts)} ranks (local input size {tuple(x.shape)})"
         )
-    xp, axis, channels, count = local
+    xp, axis, count = local.xp, local.axis, local.n
+    assert isinstance(axis, int)  # (check_options: one channel axis)
+    channels = int(x.shape[axis])
     if total == 0:  # every shard empty: the core's empty batch (NaN statistics, as torch)
-        call = Call(xp, axis, 0, True, momentum, eps)
-        out = kernels.forward(call, x, running_mean, running_var, weight, bias)
-        return SyncForward(out, 0)
+        out = kernels.forward(local, x, running_mean, running_var, weight, bias)
+        return SyncForward(out, 0, local)
     cdt = compute_dtype(xp, x.dtype)
     pair_and_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
     gathered = communicator.all_gather(xp.concat(pair_and_m2))  # (ranks, 3C): m1, correction, M2
@@ -499,32 +477,8 @@ def forward(
             total, (channels,),
         )  # fmt: skip
     return SyncForward(
-        BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total
+        BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total, local
     )
-
-
-def _check_backward(
-    dy: Array,
-    x: Array,
-    weight: Array | None,
-    mean: Array,
-    invstd: Array,
-    axis: object,
-    xp: ModuleType | None,
-) -> _Local:
-    """The local checks of :func:`anybn.batch_norm_backward`."""
-    xp = resolve_namespace(x, {"dy": dy, "weight": weight, "mean": mean, "invstd": invstd}, xp=xp)
-    check_input(xp, x)
-    check_floating(xp, dy, "dy")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(
-            f"dy must have the shape of x {tuple(x.shape)}, got shape {tuple(dy.shape)}"
-        )
-    axis = normalize_axis(axis, x.ndim)
-    channels = x.shape[axis]
-    for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
-        check_channel_vector(xp, a, name, channels, x.dtype)
-    return _Local(xp, axis, channels, values_per_channel(tuple(x.shape), axis))
 
 
 def checked_backward(
@@ -538,35 +492,31 @@ def checked_backward(
     mask: Array | None,
     xp: ModuleType | None,
     comm: object,
-    total_count: int | None = None,
 ) -> BatchNormGrads:
     """The synchronized training backward of :func:`anybn.batch_norm_backward`.
 
-    One all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C`` values), preceded by
-    the header exchange unless ``total_count`` (the global count per channel,
-    known from a synchronized forward) is given; every check runs before the
-    header and fails every rank.
+    The header exchange, then one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C``
+    values); every check runs before the header and fails every rank.
     """
     communicator = as_communicator(comm)
-    if total_count is None:
-        local: _Local | None = None
-        error: BaseException | None = None
-        try:
-            axis = check_options(axis, mask, "unbiased")
-            check_autodiff(dy, x, weight, mean, invstd, differentiable=False)
-            local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
-        except Exception as exc:  # tell the other ranks before raising
-            error = exc
-        total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_none(axis, x)))
-        assert local is not None
-    else:  # inside a synchronized autograd.Function: checked by its forward
-        local = _check_backward(dy, x, weight, mean, invstd, axis, xp)
+    local: Call | None = None
+    error: BaseException | None = None
+    try:
+        axis = check_options(axis, mask, "unbiased")
+        check_autodiff(dy, x, weight, mean, invstd, differentiable=False)
+        local, (dy, weight, mean, invstd) = resolve_backward(
+            dy, x, weight, mean, invstd, training=True, axis=axis, mask=None, xp=xp
+        )
+    except Exception as exc:  # tell the other ranks before raising
+        error = exc
+    total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_none(axis, x)))
+    assert local is not None
     return backward(communicator, local, dy, x, weight, mean, invstd, total_count)
 
 
 def backward(
     communicator: Communicator,
-    local: _Local,
+    local: Call,
     dy: Array,
     x: Array,
     weight: Array | None,
@@ -587,7 +537,9 @@ def backward(
     dx is rounded once: the eval dx and its correction are of the same size and
     nearly cancel, so rounding each to float16 first would lose their digits.
     """
-    xp, axis, channels, count = local
+    xp, axis, count = local.xp, local.axis, local.n
+    assert isinstance(axis, int)  # (check_options: one channel axis)
+    channels = int(x.shape[axis])
     if total_count == 0:  # every shard empty (NaN statistics): the core's zeros
         return kernels.backward(Call(xp, axis, 0, True), dy, x, weight, mean, invstd)
     cdt = compute_dtype(xp, x.dtype)

@@ -43,13 +43,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats: bool,
         momentum_range: bool,
     ) -> tuple[Tensor | None, ...]:
-        out, total = _sync.forward(
+        out, total, call = _sync.forward(
             x, running_mean, running_var, weight, bias,
             momentum=momentum, eps=eps, axis=axis, xp=None, comm=comm,
             momentum_range=momentum_range,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, out.mean, out.invstd)
-        ctx.comm, ctx.total, ctx.axis, ctx.stats = comm, total, axis, stats
+        ctx.comm, ctx.total, ctx.call, ctx.stats = comm, total, call, stats
         fixed = [out.new_running_mean, out.new_running_var]
         if not stats:
             fixed += [out.mean, out.invstd]
@@ -62,11 +62,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx: Any, dy: Tensor, d_mean: Tensor | None, d_invstd: Tensor | None, *_: Any
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        local = _sync._check_backward(dy, x, weight, mean, invstd, ctx.axis, None)
         stats = ctx.stats
-        # Every rank must take part in the all-reduce, even one that needs no dx.
+        # Every rank must take part in the all-reduce, even one that needs no dx. The
+        # forward's call serves (autograd gives dy the shape, dtype and device of y).
         dx, dweight, dbias = _sync.backward(
-            ctx.comm, local, dy.contiguous(), x, weight, mean, invstd, ctx.total,
+            ctx.comm, ctx.call, dy.contiguous(), x, weight, mean, invstd, ctx.total,
             _zeros_if_none(d_mean, mean) if stats else None,
             _zeros_if_none(d_invstd, invstd) if stats else None,
         )  # fmt: skip

@@ -20,6 +20,7 @@ from .. import _kernels as kernels
 from .._call import Call
 from .._kernels import numba_cpu, torch_cpu
 from .._kernels.pool import _quiet as pool_quiet
+from .._layer.rules import running_factor, uses_batch_stats
 from . import ops as _torch_ops
 from .ops import _xp
 
@@ -513,7 +514,7 @@ class KeptCall(NamedTuple):
         call = self.lane
         if self.cumulative:
             assert self.counter is not None
-            call = call._replace(momentum=1.0 / (float(self.counter) + 1.0))
+            call = call._replace(momentum=running_factor(None, float(self.counter) + 1.0))
         y: Tensor = _BatchNormFunction.apply(x, weight, bias, call)
         if self.counter is not None:
             # (through its view: num_batches_tracked.add_(1) costs 2 us a call here)
@@ -768,9 +769,11 @@ def module_arguments(
     momentum = module.momentum
     factor = 0.0 if momentum is None else momentum
     if tracked is not None and momentum is None:
-        factor = 1.0 / (float(tracked) + 1.0)
+        factor = running_factor(None, float(tracked) + 1.0)
     running_mean, running_var = module.running_mean, module.running_var
-    use_batch_stats = training or (running_mean is None and running_var is None)
+    use_batch_stats = uses_batch_stats(
+        training, running_mean is not None or running_var is not None
+    )
     if training and not module.track_running_stats:
         running_mean = running_var = None
     return running_mean, running_var, use_batch_stats, factor, tracked

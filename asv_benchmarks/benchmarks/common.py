@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from anybn._backends import Backend, get_backend
+from anybn._testing.backends import Backend, get_backend
 
 ALL_BACKENDS = ("numpy", "torch", "array_api_strict", "torch:cuda", "cupy")
 

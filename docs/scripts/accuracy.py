@@ -25,7 +25,7 @@ import platform
 import numpy as np
 
 import anybn
-from anybn._reference import reference_backward, reference_forward
+from anybn._testing.reference import reference_backward, reference_forward
 
 OFFSETS = (1e2, 1e3, 1e4, 1e5)
 

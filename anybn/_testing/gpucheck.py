@@ -288,7 +288,7 @@ def run_accuracy(
     libs: dict[str, _Lib], shape: tuple[int, ...] = (16, 64, 28, 28)
 ) -> list[dict[str, Any]]:
     """float32 y and dweight errors against float64 on offset data, per implementation."""
-    from ._reference import reference_backward, reference_forward
+    from .reference import reference_backward, reference_forward
 
     rows = []
     for channels_last in (False, True):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._xp import to_host
+from .._xp import to_host
 
 __all__ = ["BACKENDS", "Backend", "get_backend"]
 

@@ -2,16 +2,16 @@
 
 The layer owns what the functional core does not: the parameters (``weight``,
 ``bias``), the buffers (``running_mean``, ``running_var``, ``num_batches_tracked``),
-the train/eval mode, what ``backward`` needs from the last forward, and the
-state dict. Every computation is a call to :func:`anybn.batch_norm` or
-:func:`anybn.batch_norm_backward`; the rules for which statistics to use and
-how to update them are PyTorch's ``nn.BatchNorm*d`` rules.
+the train/eval mode and what ``backward`` needs from the last forward. Every
+computation is a call to the functional core on a resolved call (:mod:`anybn._call`);
+which statistics a call uses and how the running ones are updated are PyTorch's
+module rules (:mod:`anybn._layer.rules`); where the arrays live is
+:mod:`anybn._layer.placement`; state dicts, copies and pickles are
+:mod:`anybn._layer.state`.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import numbers
 import operator
 import threading
@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import array_api_compat as compat
 import numpy as np
 
-from . import _kernels as kernels
-from ._api import BatchNormGrads, batch_norm, batch_norm_backward
-from ._call import resolve_forward
-from ._checks import (
+from .. import _kernels as kernels
+from .._api import BatchNormGrads, batch_norm, batch_norm_backward
+from .._call import resolve_forward
+from .._checks import (
     check_bool,
     check_eps,
     check_input,
@@ -33,54 +33,35 @@ from ._checks import (
     check_training,
     check_var_estimator,
 )
-from ._typing import AnyArray, ArrayT
-from ._xp import (
+from .._typing import AnyArray, ArrayT
+from .._xp import (
     Array,
     check_namespace,
     compute_dtype,
-    dtype_name,
     is_concrete,
     normalize_axes,
     param_shape,
-    stop_gradient,
-    to_host,
 )
-from .distributed.sync import reports_failures
+from ..distributed.sync import reports_failures
+from . import state as _state
+from .placement import (
+    Arrays,
+    Storage,
+    check_dtype,
+    convert,
+    describe,
+    materialised,
+    namespace_of,
+    resolve_dtype,
+)
+from .rules import COUNTER_MAX, running_factor, uses_batch_stats
+from .state import IncompatibleKeys
 
 __all__ = ["BatchNorm", "IncompatibleKeys"]
-
-_COUNTER = "num_batches_tracked"
-
-#: ``num_batches_tracked`` is stored as int64, as torch stores it.
-_COUNTER_MAX = 2**63 - 1
 
 #: Input types whose calls the layer keeps resolved between calls (see _forward_resolved):
 #: NumPy arrays, and torch tensors once one has come.
 _RESOLVED_TYPES: set[type] = {np.ndarray}
-
-
-class IncompatibleKeys(NamedTuple):
-    """What :meth:`BatchNorm.load_state_dict` returns, as torch's ``load_state_dict`` does."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-class _Arrays(NamedTuple):
-    """The per-channel arrays of a layer; ``None`` where the layer has none."""
-
-    weight: Array | None
-    bias: Array | None
-    running_mean: Array | None
-    running_var: Array | None
-
-
-class _Storage(NamedTuple):
-    """Where a layer's arrays live: namespace, device and floating dtype."""
-
-    xp: ModuleType
-    device: Any
-    dtype: Any
 
 
 class _Saved(NamedTuple):
@@ -97,7 +78,7 @@ class _Saved(NamedTuple):
     mask: Array | None = None
 
 
-def _kinds(arrays: _Arrays) -> tuple[Any, ...]:
+def _kinds(arrays: Arrays) -> tuple[Any, ...]:
     """Each array's type, shape, dtype and device (None stays None)."""
     return tuple(
         None if a is None else (type(a), a.shape, a.dtype, getattr(a, "device", None))
@@ -118,62 +99,15 @@ class _Kept(NamedTuple):
     shape: tuple[int, ...]
     dtype: Any
     device: Any
-    storage: _Storage
+    storage: Storage
     options: tuple[Any, ...]
-    arrays: _Arrays
+    arrays: Arrays
     kinds: tuple[Any, ...]
     call: Any
     update: bool
 
 
-class _JaxDevice(NamedTuple):
-    """A JAX device in a form that copies and pickles (JAX's ``Device`` objects do not)."""
-
-    platform: str
-    id: int
-
-
-def _portable_device(device: Any) -> Any:
-    """``device`` in a form ``copy.deepcopy`` and ``pickle`` accept (see :func:`_live_device`)."""
-    module = type(device).__module__.split(".")[0]
-    if module in ("jax", "jaxlib") and hasattr(device, "platform") and hasattr(device, "id"):
-        return _JaxDevice(device.platform, device.id)
-    return device
-
-
-def _live_device(device: Any) -> Any:
-    """The device :func:`_portable_device` stood for; None (the default) where it is gone.
-
-    A JAX device that this process lacks (a pickle from a machine with more
-    GPUs) becomes None: the arrays then live on JAX's default device, which is
-    where JAX itself unpickles arrays.
-    """
-    if not isinstance(device, _JaxDevice):
-        return device
-    import jax
-
-    try:
-        candidates = jax.devices(device.platform)
-    except RuntimeError:  # no backend for that platform here
-        return None
-    return next((d for d in candidates if d.id == device.id), None)
-
-
-def _materialised(*arrays: Array) -> tuple[Array, ...]:
-    """Dask arrays computed (one pass over their shared graph) and wrapped back, chunk for chunk.
-
-    What the layer stores must not hold the graph that made it: a running
-    statistic is a function of the previous one and the batch, so a lazy one
-    would chain every batch seen, and keep every batch alive.
-    """
-    import dask
-    import dask.array as da
-
-    values = dask.compute(*arrays)
-    return tuple(da.from_array(v, chunks=a.chunks) for v, a in zip(values, arrays, strict=True))
-
-
-def _check_storable(arrays: _Arrays) -> None:
+def _check_storable(arrays: Arrays) -> None:
     """Raise if an array the layer would keep is a JAX tracer (a call inside a transform)."""
     traced = [
         name
@@ -187,11 +121,6 @@ def _check_storable(arrays: _Arrays) -> None:
             "outside the transformation (or in eval mode once its arrays exist), or keep the "
             "running statistics as explicit state with anybn.batch_norm"
         )
-
-
-def _describe(a: object) -> str:
-    t = type(a)
-    return f"{t.__module__.split('.')[0]}.{t.__qualname__}"
 
 
 def _check_num_features(num_features: object) -> int | tuple[int, ...] | None:
@@ -218,97 +147,6 @@ def _check_axis(axis: object) -> int | tuple[int, ...]:
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     return int(axis)
-
-
-def _namespace_of(xp: ModuleType) -> ModuleType:
-    """The array-api-compat namespace for a library module (``numpy`` -> its wrapper)."""
-    return compat.array_namespace(xp.asarray(0.0))
-
-
-_FLOATING = ("float16", "bfloat16", "float32", "float64")
-
-
-def _check_dtype(dtype: object) -> object:
-    """None, or a floating dtype given by name or as a dtype of any library."""
-    if (
-        dtype is not None
-        and (dtype if isinstance(dtype, str) else dtype_name(dtype)) not in _FLOATING
-    ):
-        raise TypeError(f"dtype must be one of {', '.join(_FLOATING)} (or None), got {dtype!r}")
-    return dtype
-
-
-def _resolve_dtype(xp: ModuleType, dtype: object) -> object:
-    """``dtype`` (a name, or a dtype of any library) as a dtype of ``xp``."""
-    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    resolved = getattr(xp, name, None)
-    if resolved is None or not xp.isdtype(resolved, "real floating"):
-        raise TypeError(f"dtype must be a real floating dtype of {xp.__name__}, got {dtype!r}")
-    return resolved
-
-
-def _convert(a: Array, storage: _Storage) -> Array:
-    """A copy of ``a`` (any library) in the namespace, device and dtype of ``storage``."""
-    xp, device, dtype = storage
-    if compat.is_torch_array(a):
-        a = a.detach()
-    if compat.array_namespace(a) is xp:
-        if device is not None:
-            a = compat.to_device(a, device)
-        return xp.astype(a, dtype, copy=True)
-    return xp.asarray(to_host(a), dtype=dtype, device=device, copy=True)
-
-
-def _source_vector(value: Any, key: str, several_axes: bool = False) -> Array:
-    """A state-dict entry for a per-channel array, checked to be a 1-D real array."""
-    a = value
-    if not compat.is_array_api_obj(a):
-        if not isinstance(a, (list, tuple)):
-            raise TypeError(f"state_dict[{key!r}] must be an array, got {_describe(value)}")
-        try:
-            a = np.asarray(a)
-        except (ValueError, TypeError) as exc:  # ragged or non-numeric lists
-            raise ValueError(
-                f"state_dict[{key!r}] must be a flat list of numbers (one per channel): {exc}"
-            ) from None
-    if compat.is_numpy_array(a) and isinstance(a, np.ma.MaskedArray):
-        raise TypeError(
-            f"state_dict[{key!r}] is a NumPy masked array, whose mask anybn does not "
-            "apply; pass .filled(value) or .data"
-        )
-    xp = compat.array_namespace(a)
-    if not xp.isdtype(a.dtype, ("real floating", "integral")):
-        raise TypeError(f"state_dict[{key!r}] must have a real dtype, got {dtype_name(a.dtype)}")
-    if a.ndim != 1 and not (several_axes and a.ndim >= 1):
-        raise ValueError(
-            f"state_dict[{key!r}] must be 1-D (one value per channel), got shape {tuple(a.shape)}"
-        )
-    return a
-
-
-def _source_counter(value: Any) -> int:
-    """The ``num_batches_tracked`` entry: a Python int or a 0-d integer array, >= 0."""
-    if compat.is_array_api_obj(value):
-        shape, dtype = tuple(value.shape), value.dtype
-        if shape != () or not compat.array_namespace(value).isdtype(dtype, "integral"):
-            raise TypeError(
-                f"state_dict[{_COUNTER!r}] must be a 0-d integer array or an int, got "
-                f"dtype {dtype_name(dtype)} and shape {shape}"
-            )
-        count = int(value)
-    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        count = int(value)
-    else:
-        raise TypeError(
-            f"state_dict[{_COUNTER!r}] must be a 0-d integer array or an int, "
-            f"got {_describe(value)}"
-        )
-    if not 0 <= count <= _COUNTER_MAX:
-        raise ValueError(
-            f"state_dict[{_COUNTER!r}] must be >= 0 and < 2**63 (it is stored as int64), "
-            f"got {count}"
-        )
-    return count
 
 
 class BatchNorm:
@@ -460,13 +298,13 @@ class BatchNorm:
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.training = True
         self._device = device
-        self._dtype = _check_dtype(dtype)
-        self._storage: _Storage | None = None
+        self._dtype = check_dtype(dtype)
+        self._storage: Storage | None = None
         if xp is not None:
-            xp = _namespace_of(check_namespace(xp))
+            xp = namespace_of(check_namespace(xp))
             floating = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
-            self._storage = _Storage(
-                xp, device, floating if dtype is None else _resolve_dtype(xp, dtype)
+            self._storage = Storage(
+                xp, device, floating if dtype is None else resolve_dtype(xp, dtype)
             )
         self.weight: Array | None = None
         self.bias: Array | None = None
@@ -481,26 +319,26 @@ class BatchNorm:
 
     # --- where the arrays live -----------------------------------------------------------
 
-    def _placement(self) -> _Storage:
+    def _placement(self) -> Storage:
         """Where the arrays live now: the layer's library, or NumPy placeholders."""
         if self._storage is not None:
             return self._storage
         np_xp = compat.array_namespace(np.empty(0))
         try:
-            dtype = _resolve_dtype(np_xp, self._dtype) if self._dtype is not None else np.float64
+            dtype = resolve_dtype(np_xp, self._dtype) if self._dtype is not None else np.float64
         except TypeError:  # a dtype NumPy lacks (bfloat16): hold float64 until bound
             dtype = np.float64
-        return _Storage(np_xp, None, dtype)
+        return Storage(np_xp, None, dtype)
 
-    def _placement_for(self, x: Array) -> _Storage:
+    def _placement_for(self, x: Array) -> Storage:
         """Where the arrays must live to process ``x``; raises if ``x`` cannot be processed."""
         if not compat.is_array_api_obj(x):
-            raise TypeError(f"x must be an array (NumPy, CuPy, PyTorch, ...), got {_describe(x)}")
+            raise TypeError(f"x must be an array (NumPy, CuPy, PyTorch, ...), got {describe(x)}")
         xp = compat.array_namespace(x)
         if self._storage is not None and xp is not self._storage.xp:
             raise TypeError(
                 f"this BatchNorm holds {self._storage.xp.__name__} arrays, got x of type "
-                f"{_describe(x)}; pass inputs of one library (or create the layer with "
+                f"{describe(x)}; pass inputs of one library (or create the layer with "
                 "xp=None to let the first input decide)"
             )
         check_input(xp, x)
@@ -508,10 +346,10 @@ class BatchNorm:
             return self._storage
         device = compat.device(x) if self._device is None else self._device
         if self._dtype is None:
-            return _Storage(xp, device, compute_dtype(xp, x.dtype))
-        return _Storage(xp, device, _resolve_dtype(xp, self._dtype))
+            return Storage(xp, device, compute_dtype(xp, x.dtype))
+        return Storage(xp, device, resolve_dtype(xp, self._dtype))
 
-    def _fresh(self, channels: int | tuple[int, ...], storage: _Storage) -> _Arrays:
+    def _fresh(self, channels: int | tuple[int, ...], storage: Storage) -> Arrays:
         """Initial arrays: weight 1, bias 0, running_mean 0, running_var 1."""
         xp, device, dtype = storage
 
@@ -520,7 +358,7 @@ class BatchNorm:
         def full(value: float, present: bool) -> Array | None:
             return xp.full(shape, value, dtype=dtype, device=device) if present else None
 
-        arrays = _Arrays(
+        arrays = Arrays(
             full(1.0, self.affine),
             full(0.0, self.affine),
             full(0.0, self.track_running_stats),
@@ -528,23 +366,23 @@ class BatchNorm:
         )
         if compat.is_dask_namespace(xp):  # the layer holds values, not graphs (see forward)
             present = [a for a in arrays if a is not None]
-            done = iter(_materialised(*present))
-            arrays = _Arrays(*(None if a is None else next(done) for a in arrays))
+            done = iter(materialised(*present))
+            arrays = Arrays(*(None if a is None else next(done) for a in arrays))
         return arrays
 
-    def _arrays(self) -> _Arrays:
-        return _Arrays(self.weight, self.bias, self.running_mean, self.running_var)
+    def _arrays(self) -> Arrays:
+        return Arrays(self.weight, self.bias, self.running_mean, self.running_var)
 
-    def _set_arrays(self, arrays: _Arrays) -> None:
+    def _set_arrays(self, arrays: Arrays) -> None:
         self.weight, self.bias, self.running_mean, self.running_var = arrays
 
-    def _arrays_in(self, storage: _Storage, channels: int) -> _Arrays:
+    def _arrays_in(self, storage: Storage, channels: int) -> Arrays:
         """The current arrays moved to ``storage`` (fresh ones if there are none yet)."""
         if self.num_features is None:
             return self._fresh(channels, storage)
         if storage == self._storage:
             return self._arrays()
-        return _Arrays(*(None if a is None else _convert(a, storage) for a in self._arrays()))
+        return Arrays(*(None if a is None else convert(a, storage) for a in self._arrays()))
 
     @property
     def _saved(self) -> _Saved | None:
@@ -552,18 +390,6 @@ class BatchNorm:
         return getattr(self._local, "saved", None)
 
     # --- copying and pickling ------------------------------------------------------------
-
-    def _copyable_state(self) -> dict[str, Any]:
-        """``__dict__`` less the lock and the saved forward; the library by module name,
-        devices in a form that copies (:func:`_portable_device`)."""
-        with self._lock:
-            state = self.__dict__.copy()
-        del state["_lock"], state["_local"]
-        state["_device"] = _portable_device(state.get("_device"))
-        if self._storage is not None:  # modules do not pickle: the namespace by name
-            xp, device, dtype = self._storage
-            state["_storage"] = (xp.__name__, _portable_device(device), dtype)
-        return state
 
     def __getstate__(self) -> dict[str, Any]:
         """The layer's state, picklable: the library by module name, no lock, no saved forward.
@@ -574,41 +400,13 @@ class BatchNorm:
         belongs to its process); pickling a layer whose ``comm`` is a
         communicator object (not None, ``"torch"`` or ``"mpi"``) raises TypeError.
         """
-        state = self._copyable_state()
-        comm = state.get("comm")
-        if comm is not None and not isinstance(comm, str):
-            raise TypeError(
-                f"cannot pickle a BatchNorm whose comm is a {type(comm).__name__}: a "
-                "communicator belongs to its process; set comm=None (or 'torch'/'mpi') "
-                "before pickling and attach the new process's communicator after loading"
-            )
-        return state
+        return _state.picklable_state(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BatchNorm:
-        state = self._copyable_state()
-        comm = state.pop("comm", None)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__setstate__({**copy.deepcopy(state, memo), "comm": comm})
-        return clone
+        return _state.deep_copy(self, memo)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state["_device"] = _live_device(state.get("_device"))
-        if state.get("_storage") is not None:
-            name, device, dtype = state["_storage"]
-            xp = _namespace_of(importlib.import_module(name))
-            live = _live_device(device)
-            present = [k for k in _Arrays._fields if state.get(k) is not None]
-            if live is None and device is not None and present:  # gone: where JAX put them
-                live = compat.device(state[present[0]])
-            for key in present:  # JAX unpickles arrays onto its default device
-                if live is not None and compat.device(state[key]) != live:
-                    state[key] = compat.to_device(state[key], live)
-            state["_storage"] = _Storage(xp, live, dtype)
-        state.setdefault("var_estimator", "unbiased")  # pickles from before the option
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
-        self._local = threading.local()
+        _state.restore(self, state)
 
     # --- mode ----------------------------------------------------------------------------
 
@@ -682,13 +480,13 @@ class BatchNorm:
             factor = 0.0
             if update:
                 assert count is not None
-                if count >= _COUNTER_MAX:
+                if count >= COUNTER_MAX:
                     raise OverflowError(
                         f"num_batches_tracked is {count}: one more batch would not fit int64"
                     )
                 count += 1
-                factor = 1.0 / count if self.momentum is None else self.momentum
-            use_batch_stats = training or not self.track_running_stats
+                factor = running_factor(self.momentum, count)
+            use_batch_stats = uses_batch_stats(training, self.track_running_stats)
             comm = self.comm if training else None
             if comm is None and mask is None:
                 # The one validation of the call; kept (per thread) for the next calls
@@ -722,7 +520,7 @@ class BatchNorm:
             if update:
                 new_mean, new_var = out.new_running_mean, out.new_running_var
                 if compat.is_dask_array(new_mean):  # computed now, with the saved statistics
-                    new_mean, new_var, mean, invstd = _materialised(new_mean, new_var, mean, invstd)
+                    new_mean, new_var, mean, invstd = materialised(new_mean, new_var, mean, invstd)
                 arrays = arrays._replace(running_mean=new_mean, running_var=new_var)
             _check_storable(arrays)
             # Everything succeeded: commit.
@@ -778,16 +576,16 @@ class BatchNorm:
         if kept.update:
             count = self.num_batches_tracked
             assert count is not None
-            if count >= _COUNTER_MAX:
+            if count >= COUNTER_MAX:
                 return None  # forward raises
             count += 1
             if self.momentum is None:
-                call = call._replace(momentum=1.0 / count)
+                call = call._replace(momentum=running_factor(None, count))
         out = kernels.forward(
             call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
         )
         if kept.update:
-            arrays = _Arrays(arrays.weight, arrays.bias, out.new_running_mean, out.new_running_var)
+            arrays = Arrays(arrays.weight, arrays.bias, out.new_running_mean, out.new_running_var)
             self.num_batches_tracked = count
             self._set_arrays(arrays)
             self._local.resolved = kept._replace(arrays=arrays)
@@ -840,12 +638,6 @@ class BatchNorm:
 
     # --- state ---------------------------------------------------------------------------
 
-    def _state_keys(self) -> tuple[str, ...]:
-        keys: tuple[str, ...] = ("weight", "bias") if self.affine else ()
-        if self.track_running_stats:
-            keys += ("running_mean", "running_var", _COUNTER)
-        return keys
-
     def reset_running_stats(self) -> None:
         """Reset ``running_mean`` to 0, ``running_var`` to 1, ``num_batches_tracked`` to 0."""
         if not self.track_running_stats:
@@ -888,23 +680,7 @@ class BatchNorm:
         {'running_mean': array([0., 0., 0.], dtype=float32), 'running_var': array([1., 1., 1.],
         dtype=float32), 'num_batches_tracked': array(0)}
         """
-        keys = self._state_keys()
-        if self.num_features is None and keys != ():
-            raise RuntimeError(
-                "state_dict() of a BatchNorm with num_features=None needs a forward "
-                "or a load_state_dict first, to know the number of channels"
-            )
-        xp, device, _ = self._placement()
-        state: dict[str, Array] = {}
-        with self._lock:
-            for key, a in self._arrays()._asdict().items():
-                if a is not None:
-                    state[key] = xp.asarray(stop_gradient(a), copy=True)
-            if self.num_batches_tracked is not None:
-                state[_COUNTER] = xp.asarray(
-                    self.num_batches_tracked, dtype=xp.int64, device=device
-                )
-        return {key: state[key] for key in keys}
+        return _state.state_dict(self)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], /, *, strict: bool = True
@@ -952,58 +728,7 @@ class BatchNorm:
         >>> bn.weight, bn.num_batches_tracked
         (array([2., 3.]), 7)
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping, got {_describe(state_dict)}")
-        strict = check_bool(strict, "strict")
-        keys = self._state_keys()
-        # A missing counter is an old checkpoint's, not an error (torch's rule).
-        missing = [k for k in keys if k not in state_dict and k != _COUNTER]
-        unexpected = [k for k in state_dict if k not in keys]
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"state_dict does not match this BatchNorm (affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}): missing keys {missing}, "
-                f"unexpected keys {unexpected}"
-            )
-        vectors = {
-            k: _source_vector(state_dict[k], k, isinstance(self.axis, tuple))
-            for k in keys
-            if k != _COUNTER and k in state_dict
-        }
-        def features(shape: tuple[int, ...]) -> int | tuple[int, ...]:
-            return shape[0] if len(shape) == 1 else shape
-
-        lengths = {k: features(tuple(a.shape)) for k, a in vectors.items()}
-        channels = self.num_features
-        if channels is None and lengths:
-            channels = next(iter(lengths.values()))
-        wrong = {k: n for k, n in lengths.items() if n != channels}
-        if wrong:
-            def shape_of(n: Any) -> tuple[int, ...]:
-                return (n,) if isinstance(n, int) else tuple(n)
-
-            raise ValueError(
-                f"state_dict arrays must have shape {shape_of(channels)} for "
-                f"num_features={channels}; "
-                + ", ".join(f"{k!r} has shape {shape_of(n)}" for k, n in wrong.items())
-            )
-        count = self.num_batches_tracked
-        if self.track_running_stats and _COUNTER in state_dict:
-            count = _source_counter(state_dict[_COUNTER])
-        with self._lock:
-            storage = self._placement()
-            loaded = {k: _convert(a, storage) for k, a in vectors.items()}
-            # Everything is checked and converted: commit.
-            if channels is not None:
-                current = (
-                    self._arrays()
-                    if self.num_features is not None
-                    else self._fresh(channels, storage)
-                )
-                self._set_arrays(current._replace(**loaded))
-            self.num_features = channels
-            self.num_batches_tracked = count
-        return IncompatibleKeys(missing, unexpected)
+        return _state.load_state_dict(self, state_dict, strict=strict)
 
     def __repr__(self) -> str:
         return (

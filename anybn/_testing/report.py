@@ -1,8 +1,8 @@
 """The backend report behind ``python -m anybn``.
 
-For every backend in :data:`anybn._backends.BACKENDS` it says whether the
+For every backend in :data:`anybn._testing.backends.BACKENDS` it says whether the
 backend runs here (or why it is skipped), the largest forward and backward
-error against the float64 reference in :mod:`anybn._reference`, and the
+error against the float64 reference in :mod:`anybn._testing.reference`, and the
 forward and backward time on a standard shape.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._api import batch_norm, batch_norm_backward
-from ._backends import BACKENDS, Backend
-from ._reference import reference_backward, reference_forward
+from .._api import batch_norm, batch_norm_backward
+from .backends import BACKENDS, Backend
+from .reference import reference_backward, reference_forward
 
 __all__ = ["BackendResult", "check_backend", "main", "run_report"]
 
@@ -139,7 +139,7 @@ def run_report(
     """Check every backend and print the report table."""
     import array_api_compat
 
-    from . import __version__
+    from .. import __version__
 
     out(
         f"anybn {__version__} | Python {platform.python_version()} | numpy {np.__version__} | "
