@@ -32,6 +32,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "numpydoc",
     "anybn_api",
+    "anybn_fences",  # a malformed code fence fails the build
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}

@@ -135,6 +135,33 @@ def test_docs_have_pages() -> None:
     assert {"index", "getting-started", "math", "semantics", "contributing"} <= names
 
 
+def _fence_problems() -> object:
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        from anybn_fences import fence_problems
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    return fence_problems
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"], ids=lambda p: p.name)
+def test_code_fences_are_well_formed(page: Path) -> None:
+    """No code block that never closes, no closing fence with text after it (which does not
+    close: the block swallows what follows), no heading inside a Markdown block."""
+    problems = _fence_problems()(page.read_text(encoding="utf-8"))  # type: ignore[operator]
+    assert not problems, "\n".join(f"{page.name}:{n}: {p}" for n, p in problems)
+
+
+def test_the_fence_check_finds_what_markdown_forgives() -> None:
+    check = _fence_problems()
+    broken = "Run\n```console\n$ asv run\n``` then look\n\n## The dashboard\n\ntext\n"
+    assert [n for n, _ in check(broken)] == [4, 2]  # type: ignore[operator]  # and unclosed
+    assert [n for n, _ in check("```python\nx = 1\n")] == [1]  # type: ignore[operator]
+    assert [n for n, _ in check("```\n## Swallowed\n```\n")] == [2]  # type: ignore[operator]
+    fine = "```console\n$ ls  # a comment\n```\n\n````md\n```python\n```\n````\n"
+    assert check(fine) == []  # type: ignore[operator]
+
+
 def test_every_code_block_is_accounted_for() -> None:
     """No example silently escapes the tests: each block runs or says why not."""
     problems = []
