@@ -68,6 +68,31 @@ def test_bad_arguments_are_usage_errors() -> None:
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("bad", ["7", "8,x", "(8, 0)", ""])
+def test_a_bad_shape_says_how_to_write_one(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        _report.main(["--shape", bad])
+    assert info.value.code == 2
+    assert "--shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("written", ["4,3", "(4, 3)", "[4,3]", "4x3", " 4, 3 "])
+def test_shapes_as_help_shows_them_are_accepted(written: str) -> None:
+    assert _report.parse_shape(written) == (4, 3)
+
+
+def test_help_shows_the_default_shape_as_accepted_and_lists_gpu_check(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        _report.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    default = ",".join(map(str, _report.STANDARD_SHAPE))
+    assert f"default: {default}" in text
+    assert _report.parse_shape(default) == _report.STANDARD_SHAPE
+    assert "gpu-check" in text
+
+
 def test_module_entry_point_runs() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "anybn", "--backend", "numpy", "--shape", "4,3", "--repeat", "1"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -173,11 +174,38 @@ def run_report(
     return results
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A shape written as ``8,3``, ``(8, 3)``, ``[8, 3]`` or ``8x3``.
+
+    Examples
+    --------
+    >>> parse_shape("(32, 64, 28, 28)"), parse_shape("8x3"), parse_shape("8,3")
+    ((32, 64, 28, 28), (8, 3), (8, 3))
+    """
+    parts = [p for p in re.split(r"[\s,x]+", text.strip().strip("()[]")) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a shape is positive integers such as 32,64,28,28 or '(32, 64, 28, 28)', got {text!r}"
+        ) from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"a shape needs at least two positive sizes (N, C, ...), got {text!r}"
+        )
+    return shape
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m anybn``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m anybn",
         description="Check every array backend anybn can find: accuracy and speed.",
+        epilog=(
+            "python -m anybn gpu-check --out DIR: the one-command check of a CUDA machine "
+            "(the GPU rows of the tests and benchmarks, figures written to DIR); "
+            "python -m anybn gpu-check --help for its options"
+        ),
     )
     parser.add_argument(
         "--backend",
@@ -187,14 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--shape",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=parse_shape,
         default=STANDARD_SHAPE,
-        help="shape to time, comma-separated (default: %(default)s)",
+        help=(
+            "the shape to time (N, C, ...), written 32,64,28,28 or '(32, 64, 28, 28)' "
+            f"(default: {','.join(map(str, STANDARD_SHAPE))})"
+        ),
     )
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (default: 5)")
     args = parser.parse_args(argv)
-    if len(args.shape) < 2:
-        parser.error("--shape needs at least two dimensions (N,C,...)")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     chosen = [b for b in BACKENDS if args.backend is None or b.id in args.backend]
