@@ -123,23 +123,42 @@ def train(
     return Trained(losses, params, bn, accuracy)
 
 
+#: How to install each backend that NumPy users may lack.
+INSTALL = {
+    "cupy": "pip install cupy-cuda12x (or cupy-cuda13x, matching your CUDA driver)",
+    "torch": "pip install torch (see the README for the CPU-only build)",
+    "array_api_strict": "pip install array-api-strict",
+}
+
+
 def namespace(backend: str) -> Any:
     """The array-API namespace of a library named on the command line."""
     lib = importlib.import_module(backend)
     return array_api_compat.array_namespace(lib.asarray(0.0))
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="numpy")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=_positive, default=200, help="SGD steps (at least 1)")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = train(
-        namespace(args.backend), dtype=args.dtype, steps=args.steps, lr=args.lr, seed=args.seed
-    )
+    try:
+        xp = namespace(args.backend)
+    except ImportError as exc:
+        parser.error(f"--backend {args.backend}: {exc}; install it with {INSTALL[args.backend]}")
+    except Exception as exc:  # installed, but no device (CuPy without a GPU or driver)
+        parser.error(f"--backend {args.backend} cannot run here: {type(exc).__name__}: {exc}")
+    result = train(xp, dtype=args.dtype, steps=args.steps, lr=args.lr, seed=args.seed)
     for step in range(0, args.steps, max(1, args.steps // 10)):
         print(f"step {step:4d}  loss {result.losses[step]:.4f}")
     print(f"final loss {result.losses[-1]:.4f}, accuracy {result.accuracy:.3f} ({args.backend})")

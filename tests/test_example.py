@@ -1,4 +1,9 @@
-"""examples/mlp_numpy.py: it trains, on every backend, and follows PyTorch's trajectory."""
+"""The examples: they train, on every backend, follow PyTorch's trajectory, and refuse bad
+arguments with a usage error.
+
+``examples/mlp_numpy.py`` (any array-API library), ``examples/torch_convert.py`` (a torch model
+converted to the drop-ins) and ``examples/jax_train.py`` (JAX, jit, the statistics as state).
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,18 @@ from anybn._testing.backends import Backend
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def example() -> ModuleType:
-    path = Path(__file__).parents[1] / "examples" / "mlp_numpy.py"
-    spec = importlib.util.spec_from_file_location("mlp_numpy", path)
+def _load(name: str) -> ModuleType:
+    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    return _load("mlp_numpy")
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +93,42 @@ def test_command_line(example: ModuleType, capsys: pytest.CaptureFixture[str]) -
     example.main(["--steps", "20", "--dtype", "float64"])
     out = capsys.readouterr().out
     assert "step    0  loss" in out and "(numpy)" in out
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"]])
+def test_bad_arguments_are_usage_errors(
+    example: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        example.main(argv)
+    assert info.value.code == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_a_missing_backend_says_how_to_install_it(
+    example: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def absent(name: str) -> Any:
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(example.importlib, "import_module", absent)
+    with pytest.raises(SystemExit) as info:
+        example.main(["--backend", "cupy"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--backend cupy" in err and "pip install cupy" in err
+
+
+def test_torch_example_matches_torch_and_learns() -> None:
+    pytest.importorskip("torch")
+    theirs, ours, accuracy = _load("torch_convert").train(steps=20)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert np.mean(ours[-5:]) < 0.3 * np.mean(ours[:5])
+    assert accuracy > 0.9
+
+
+def test_jax_example_learns() -> None:
+    pytest.importorskip("jax")
+    losses, accuracy = _load("jax_train").train(steps=80)
+    assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+    assert accuracy > 0.9
