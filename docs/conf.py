@@ -67,11 +67,7 @@ intersphinx_mapping = {
 html_theme = "furo"
 html_title = f"anybn {release}"
 html_static_path = ["_static"] if (HERE / "_static").is_dir() else []
-html_theme_options = {
-    "source_repository": "https://github.com/anybn/anybn",
-    "source_branch": "main",
-    "source_directory": "docs/",
-}
+# No source-repository links: the project has no public repository address yet.
 
 
 def setup(app: object) -> None:
