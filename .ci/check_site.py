@@ -15,6 +15,7 @@ package, no port. Per page it fails on
   ``id`` on the target page (links to other sites cannot be checked offline and are counted);
 * unrendered math: a Sphinx ``.math`` element without MathJax output, a MathJax error, or a
   ``\\(`` / ``\\[`` / ``$$`` delimiter left in the visible text;
+* a display formula wider than its column that cannot scroll sideways (it would be cut off);
 * a console error or an uncaught exception.
 
 It saves screenshots of the math page and the benchmark page (``--screenshots``; CI keeps them
@@ -86,9 +87,24 @@ PAGE_REPORT_JS = r"""
     const m = text.match(pat);
     if (m) raw_tex.push(m[0]);
   }
+  // A display formula wider than its column must scroll, not be cut off: some ancestor up
+  // to the column must let it scroll sideways.
+  const clipped_math = [...document.querySelectorAll('mjx-container[display="true"]')]
+    .filter(c => {
+      const content = c.firstElementChild;
+      if (!content) return false;
+      const wide = content.getBoundingClientRect().width;
+      for (let e = c; e && e !== document.body; e = e.parentElement) {
+        const overflow = getComputedStyle(e).overflowX;
+        if (overflow === 'auto' || overflow === 'scroll') return false;
+        if (e.getBoundingClientRect().width + 1 < wide) return true;
+      }
+      return false;
+    })
+    .map(c => (c.getAttribute('aria-label') || c.textContent || '').slice(0, 60));
   const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
   return JSON.stringify({
-    broken_images, unrendered, math_errors, raw_tex, links,
+    broken_images, unrendered, math_errors, raw_tex, links, clipped_math,
     n_math: maths.length, title: document.title,
   });
 })()
@@ -335,6 +351,7 @@ def check_page(
         problems += [f"unrendered math: {t!r}" for t in report["unrendered"]]
         problems += [f"MathJax error: {t!r}" for t in report["math_errors"]]
         problems += [f"raw TeX in the text: {t!r}" for t in report["raw_tex"]]
+        problems += [f"clipped wide formula: {t!r}" for t in report["clipped_math"]]
         for href in sorted(set(report["links"])):
             why = check_link(root, base, href)
             if why:
@@ -434,6 +451,17 @@ SELF_TEST_PAGES = {
     "cdn.html": (
         '<script src="https://cdn.example.org/mathjax/tex-svg.js"></script>',
         "request failed",
+    ),
+    "clipped-math.html": (
+        '<div style="width:200px;overflow:hidden"><mjx-container display="true">'
+        '<span style="display:inline-block;width:900px">x</span></mjx-container></div>',
+        "clipped wide formula",
+    ),
+    "scrolling-math.html": (
+        '<div style="width:200px;overflow:hidden"><mjx-container display="true"'
+        ' style="display:block;overflow-x:auto">'
+        '<span style="display:inline-block;width:900px">x</span></mjx-container></div>',
+        None,
     ),
 }
 

@@ -9,6 +9,7 @@ from . import convert
 from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._core.stats import chan_merge
 from ._layer import BatchNorm
+from ._settings import fast_paths, get_num_threads, set_fast_paths, set_num_threads
 from ._typing import AnyArray
 
 __version__ = "0.1.0"
@@ -23,4 +24,8 @@ __all__ = [
     "batch_norm_backward",
     "chan_merge",
     "convert",
+    "fast_paths",
+    "get_num_threads",
+    "set_fast_paths",
+    "set_num_threads",
 ]

@@ -33,7 +33,13 @@ extensions = [
     "numpydoc",
     "anybn_api",
     "anybn_fences",  # a malformed code fence fails the build
+    "sphinx_copybutton",  # a copy button on code blocks (its script ships with the wheel)
 ]
+
+# Copy commands and code without their prompts and outputs.
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
@@ -66,7 +72,8 @@ intersphinx_mapping = {
 
 html_theme = "furo"
 html_title = f"anybn {release}"
-html_static_path = ["_static"] if (HERE / "_static").is_dir() else []
+html_static_path = ["_static"]
+html_css_files = ["anybn.css"]
 # No source-repository links: the project has no public repository address yet.
 
 

@@ -66,9 +66,25 @@ def directive_for(qualname: str, obj: object) -> list[str]:
     return [f".. autodata:: {qualname}"]
 
 
+def _reading_order(obj: object) -> int:
+    """Where a kind of object comes on the page: the functions a user calls first, then the
+    classes, modules, and last the typing helpers (protocols) and plain values."""
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        return 0
+    if inspect.isclass(obj):
+        return 2 if getattr(obj, "_is_protocol", False) else 1
+    if inspect.ismodule(obj):
+        return 1
+    return 3
+
+
 def module_section(module: ModuleType, underline: str) -> list[str]:
-    """rST for one module: a title, its docstring, a summary table, every public name."""
-    names = list(getattr(module, "__all__", []))
+    """rST for one module: a title, its docstring, a summary table, every public name (the
+    functions first, then classes, then typing helpers and values, each in ``__all__``'s
+    order)."""
+    names = sorted(
+        getattr(module, "__all__", []), key=lambda n: _reading_order(getattr(module, n))
+    )
     title = f"``{module.__name__}``"
     lines = [title, underline * len(title), "", f".. automodule:: {module.__name__}", ""]
     documented = [n for n in names if not (n.startswith("__") and n.endswith("__"))]
