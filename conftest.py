@@ -7,7 +7,9 @@ missing, so the README's test command also works with none of them installed.
 
 The summary lists failures and errors in full (``-rfE`` in pyproject.toml) and the
 skipped and xfailed tests grouped by reason, one line per reason with a count, so
-that a missing backend is one line instead of hundreds.
+that a missing library (a backend, or a tool such as Keras, Sphinx or mpiexec) is a few
+lines instead of hundreds; and it says what the deselected tests are (the thinned JAX and
+Dask rows, ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ def _reason(report: pytest.TestReport) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Skips and xfails, grouped by reason: ``count  reason``, most frequent first."""
+    """Skips and xfails, grouped by reason: ``count  reason``, most frequent first; and what
+    the deselected tests are."""
+    thinned = getattr(terminalreporter.config, "anybn_thinned", 0)
+    if thinned:
+        terminalreporter.write_sep("=", f"{thinned} deselected on purpose")
+        terminalreporter.write_line(
+            f"{thinned:6d}  JAX and Dask rows of the layout x option matrices, thinned (each "
+            "call compiles or builds a graph); tests/test_jax.py and tests/test_dask.py cover them"
+        )
     for key, title in (("skipped", "skipped"), ("xfailed", "xfailed")):
         reports = terminalreporter.stats.get(key, [])
         if not reports:

@@ -275,6 +275,33 @@ def check_link(root: Path, base: str, href: str) -> str | None:
     return None
 
 
+def event_problems(events: list[dict[str, Any]]) -> list[str]:
+    """What a reader would see go wrong, from a page's DevTools events: console errors,
+    uncaught exceptions, failed requests and HTTP errors."""
+    problems: list[str] = []
+    for ev in events:
+        method, p = ev["method"], ev.get("params", {})
+        if "/favicon.ico" in json.dumps(p):
+            continue  # the browser asks for it by itself; no page links one
+        if method == "Runtime.consoleAPICalled" and p.get("type") in {"error", "assert"}:
+            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p["args"])
+            problems.append(f"console.{p['type']}: {args[:200]}")
+        elif method == "Runtime.exceptionThrown":
+            d = p["exceptionDetails"]
+            text = d.get("exception", {}).get("description") or d.get("text", "")
+            problems.append(f"uncaught exception: {text[:200]}")
+        elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
+            e = p["entry"]
+            where = e.get("url", "")
+            problems.append(f"console error ({e['source']}): {e['text'][:160]} {where}")
+        elif method == "Network.loadingFailed" and not p.get("canceled"):
+            problems.append(f"request failed: {p.get('errorText')} ({p.get('type')})")
+        elif method == "Network.responseReceived" and p["response"]["status"] >= 400:
+            r = p["response"]
+            problems.append(f"HTTP {r['status']}: {r['url']}")
+    return problems
+
+
 def check_page(
     chrome: Chromium, root: Path, base: str, page: Path, shot: Path | None, timeout: float
 ) -> tuple[list[str], dict[str, Any]]:
@@ -327,26 +354,7 @@ def check_page(
                 break
             if ev.get("sessionId") == session:
                 events.append(ev)
-        for ev in events:
-            method, p = ev["method"], ev.get("params", {})
-            if "/favicon.ico" in json.dumps(p):
-                continue  # the browser asks for it by itself; no page links one
-            if method == "Runtime.consoleAPICalled" and p.get("type") in {"error", "assert"}:
-                args = " ".join(str(a.get("value", a.get("description", ""))) for a in p["args"])
-                problems.append(f"console.{p['type']}: {args[:200]}")
-            elif method == "Runtime.exceptionThrown":
-                d = p["exceptionDetails"]
-                text = d.get("exception", {}).get("description") or d.get("text", "")
-                problems.append(f"uncaught exception: {text[:200]}")
-            elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
-                e = p["entry"]
-                where = e.get("url", "")
-                problems.append(f"console error ({e['source']}): {e['text'][:160]} {where}")
-            elif method == "Network.loadingFailed" and not p.get("canceled"):
-                problems.append(f"request failed: {p.get('errorText')} ({p.get('type')})")
-            elif method == "Network.responseReceived" and p["response"]["status"] >= 400:
-                r = p["response"]
-                problems.append(f"HTTP {r['status']}: {r['url']}")
+        problems += event_problems(events)
         problems += [f"broken image: {src}" for src in report["broken_images"]]
         problems += [f"unrendered math: {t!r}" for t in report["unrendered"]]
         problems += [f"MathJax error: {t!r}" for t in report["math_errors"]]

@@ -99,3 +99,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    config.anybn_thinned = len(drop)  # type: ignore[attr-defined]  # (the summary says why)

@@ -227,6 +227,36 @@ def test_skips_are_grouped_by_reason_and_failures_shown_in_full(tmp_path: Path) 
     assert "AssertionError: arithmetic is broken" in out  # the failure, in full
 
 
+def test_the_summary_says_what_the_deselected_tests_are(tmp_path: Path) -> None:
+    """The thinned JAX and Dask rows (tests/conftest.py) are explained, not a bare count."""
+    (tmp_path / "conftest.py").write_text(
+        (ROOT / "conftest.py").read_text()
+        + "\n\ndef pytest_collection_modifyitems(config, items):\n"
+        "    drop = [i for i in items if 'thin' in i.name]\n"
+        "    config.hook.pytest_deselected(items=drop)\n"
+        "    items[:] = [i for i in items if i not in drop]\n"
+        "    config.anybn_thinned = len(drop)\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -rfE\n")
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('i', range(3))\n"
+        "def test_thin(i):\n"
+        "    pass\n"
+        "def test_kept():\n"
+        "    pass\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "3 deselected on purpose" in out, out
+    assert re.search(r"^\s+3  JAX and Dask rows .* thinned", out, re.M), out
+
+
 # --- types --------------------------------------------------------------------------------
 
 
@@ -278,3 +308,15 @@ def test_doctest_collection_skips_every_module_that_needs_an_optional_dependency
             if needs.get(rel) != _OPTIONAL[name]:
                 missing.append(f"{rel} imports {name}")
     assert not missing, missing
+
+
+def test_every_cdn_file_of_the_asv_dashboard_has_an_npm_twin() -> None:
+    """asv_benchmarks/publish.py vendors what asv's page loads from CDNs; a newer asv that
+    loads one more file would leave the dashboard broken offline."""
+    asv = pytest.importorskip("asv")
+    publish = runpy.run_path(str(ROOT / "asv_benchmarks" / "publish.py"), run_name="publish")
+    page = (Path(asv.__file__).parent / "www" / "index.html").read_text(encoding="utf-8")
+    remote = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"(https?://[^\"]+)\"", page)
+    assert remote, "asv's page loads nothing from a CDN any more: publish.py may go"
+    cdns = [a.cdn for a in publish["ASSETS"]]
+    assert all(any(c in url for c in cdns) for url in remote), remote
