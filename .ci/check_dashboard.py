@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import check_site as cs  # noqa: E402
+import check_site as cs
 
 #: The number of flot graphs drawn on the page, and the most points of one graph's series.
 GRAPHS_JS = r"""

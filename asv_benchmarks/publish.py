@@ -19,6 +19,7 @@ Needs ``npm`` (Node.js) on PATH and the npm registry reachable when it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -58,9 +59,19 @@ ASSETS = (
         "1.0.0",
         "js/jquery.flot.orderBars.js",
     ),
-    Asset("stupidtable/1.0.1/stupidtable.min.js", "stupid-table-plugin", "1.1.3", "stupidtable.min.js"),
+    Asset(
+        "stupidtable/1.0.1/stupidtable.min.js",
+        "stupid-table-plugin",
+        "1.1.3",
+        "stupidtable.min.js",
+    ),
     Asset("blueimp-md5/2.19.0/js/md5.min.js", "blueimp-md5", "2.19.0", "js/md5.min.js"),
-    Asset("bootstrap@3.1.1/dist/js/bootstrap.min.js", "bootstrap", "3.1.1", "dist/js/bootstrap.min.js"),
+    Asset(
+        "bootstrap@3.1.1/dist/js/bootstrap.min.js",
+        "bootstrap",
+        "3.1.1",
+        "dist/js/bootstrap.min.js",
+    ),
     Asset(
         "bootstrap@3.1.1/dist/css/bootstrap.min.css",
         "bootstrap",
@@ -146,17 +157,20 @@ def vendor(html: Path, cache: Path) -> list[str]:
     )
     for page in sorted(html.glob("*.html")):
         text = page.read_text(encoding="utf-8")
-        new = _REMOTE_TAG.sub(lambda m: _localised(m.group(0), local, page), text)
+        new = _REMOTE_TAG.sub(functools.partial(_localised, local=local, page=page), text)
         if new != text:
             page.write_text(new, encoding="utf-8")
     return [f"{p}@{v}" for p, v in packages]
 
 
-def _localised(tag: str, local: dict[str, str], page: Path) -> str:
+def _localised(match: re.Match[str], *, local: dict[str, str], page: Path) -> str:
+    """A remote ``<script>``/``<link>`` tag pointed at its vendored copy, without the
+    integrity and cross-origin attributes that only a CDN's copy satisfies."""
+    tag = match.group(0)
     url = _URL.search(tag).group(2)  # type: ignore[union-attr]
     for cdn, path in local.items():
         if cdn in url:
-            return _SRI.sub("", _URL.sub(lambda m: f'{m.group(1)}="{path}"', tag))
+            return _SRI.sub("", _URL.sub(f'\\1="{path}"', tag))
     sys.exit(f"publish.py: {page.name} loads {url}, which has no npm twin here: add it to ASSETS")
 
 
