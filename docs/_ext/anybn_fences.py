@@ -18,11 +18,11 @@ the README.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from sphinx.application import Sphinx
-from sphinx.util import logging
+if TYPE_CHECKING:  # the check itself runs without Sphinx (the tests use it so)
+    from sphinx.application import Sphinx
 
-logger = logging.getLogger(__name__)
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _HEADING = re.compile(r"^#{1,6}\s+\S")
@@ -73,6 +73,9 @@ def fence_problems(text: str) -> list[tuple[int, str]]:
 def _check(app: Sphinx, docname: str, source: list[str]) -> None:
     if not app.env.doc2path(docname).suffix == ".md":
         return
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
     for line, problem in fence_problems(source[0]):
         logger.warning(problem, location=(docname, line))
 
