@@ -6,6 +6,7 @@ PyTorch, array-api-strict and any other conforming library.
 """
 
 from . import convert
+from ._after.fold import FoldedWeights, fold
 from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._core.stats import chan_merge
 from ._layer import BatchNorm
@@ -18,9 +19,11 @@ __all__ = [
     "BatchNorm",
     "BatchNormGrads",
     "BatchNormOutput",
+    "FoldedWeights",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
     "chan_merge",
     "convert",
+    "fold",
 ]
