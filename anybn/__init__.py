@@ -7,6 +7,7 @@ PyTorch, array-api-strict and any other conforming library.
 
 from . import convert
 from ._after.fold import FoldedWeights, fold
+from ._after.recalibrate import recalibrate
 from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._core.stats import chan_merge
 from ._layer import BatchNorm
@@ -26,4 +27,5 @@ __all__ = [
     "chan_merge",
     "convert",
     "fold",
+    "recalibrate",
 ]

@@ -185,6 +185,10 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     _expected = "5D"
 
 
+for _cls in (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+    _cls.__module__ = "anybn.torch"
+
+
 def _frozen_class(module: nn.Module) -> type[FrozenBatchNorm]:
     """The frozen class for a batch norm: by its input rank, any rank for a sync one."""
     for base, frozen in (
