@@ -95,8 +95,6 @@ def _unfoldable(bn: nn.Module) -> str | None:
             )
         if bn.training:
             return "it is in training mode (it normalizes with each batch's statistics)"
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _state(bn)):
-        return "it is a lazy module that has not seen an input"
     return None
 
 
@@ -105,8 +103,6 @@ def _state(module: nn.Module) -> list[Any]:
 
 
 def _layer_unfoldable(layer: nn.Module) -> str | None:
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _state(layer)):
-        return "the layer before it is a lazy module that has not seen an input"
     if torch.nn.utils.parametrize.is_parametrized(layer):
         return "the layer before it has a parametrized weight"
     return None
@@ -269,12 +265,21 @@ class _Plan:
         """A module that does not trace: a Sequential's adjacent children, then each child."""
         children = list(module.named_children())
         if type(module).forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
-            for (first_name, first), (second_name, second) in zip(
-                children, children[1:], strict=False
-            ):
-                if _is_batch_norm(second):
-                    layer = _join(prefix, first_name) if isinstance(first, _LAYERS_TYPES) else None
-                    self.consider(layer, _join(prefix, second_name), None)
+            previous: tuple[str, nn.Module] | None = None
+            for name, child in children:
+                if _is_batch_norm(child):
+                    why_not = None
+                    if previous is None:
+                        where = f"nn.Sequential {prefix!r}" if prefix else "the nn.Sequential"
+                        why_not = f"its input is the input of {where}"
+                    elif not isinstance(previous[1], _LAYERS_TYPES):
+                        why_not = (
+                            "its input is not the output of a Conv, ConvTranspose or Linear "
+                            f"layer (it comes from module {_join(prefix, previous[0])!r})"
+                        )
+                    layer = None if why_not else _join(prefix, previous[0])  # type: ignore[index]
+                    self.consider(layer, _join(prefix, name), why_not)
+                previous = (name, child)
         for child_name, child in children:
             self.walk(child, _join(prefix, child_name), failure)
 
@@ -429,6 +434,17 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
         raise ValueError(
             "fold needs an eval-mode model: it folds the running statistics, which a "
             "training-mode batch norm does not use; call model.eval() first"
+        )
+    lazy = [
+        name
+        for name, m in model.named_modules()
+        if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _state(m))
+    ]
+    if lazy:
+        raise ValueError(
+            f"model has lazy modules that have not seen an input yet ({', '.join(lazy)}): "
+            "their shapes are unknown and PyTorch cannot copy them; run the model on one "
+            "batch first"
         )
     copied = copy.deepcopy(model)
     plan = _Plan(copied)
