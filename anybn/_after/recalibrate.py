@@ -30,6 +30,7 @@ empty batch and so weighs the others wrong).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -47,6 +48,7 @@ from .._xp import (
     normalize_axes,
     param_shape,
     reduction_axes,
+    stop_gradient,
     to_host,
     values_per_channel,
 )
@@ -138,84 +140,90 @@ def check_values_per_channel(count: Any, shape: tuple[int, ...], *, masked: bool
 class Accumulator:
     """One batch norm's statistics over the batches it saw (see the module notes).
 
-    ``template`` is an array of the layer's per-channel shape, library and device (its
-    running mean): the accumulator starts as zeros there, in the wide dtype (NumPy for
-    Dask: its statistics are computed values).
+    The sums live in the library and on the device of the first batch's statistics, in
+    the wide dtype (NumPy for Dask: its statistics are computed values). ``template``
+    (the layer's running mean) gives the shape, and the library of a rank that saw no
+    batch.
     """
 
     def __init__(self, method: str, template: Array, *, unbiased: bool = True) -> None:
         self.method = method
         self.unbiased = unbiased
         self.lock = threading.Lock()
-        if compat.is_dask_array(template):
-            template = np.zeros(tuple(template.shape))
-        xp = compat.array_namespace(template)
-        self.xp = xp
+        self.template = template
         self.shape = tuple(int(s) for s in template.shape)
-        wide: Any = wide_dtype(xp, template)
-        zeros = xp.zeros(self.shape, dtype=wide, device=compat.device(template))
         self.batches = 0
         self.count: Any = 0  # exact: values per channel (int, or an array with masks)
-        self.mean = self.m2 = zeros  # exact: the merged mean and M2
-        self.sum_mean = self.sum_var = zeros  # cumulative: sums of the batches' statistics
+        # exact: the merged mean and M2; cumulative: sums of the batches' mean and variance
+        self.first: Array | None = None
+        self.second: Array | None = None
+
+    def _zeros(self, like: Array) -> Array:
+        if compat.is_dask_array(like):
+            like = np.zeros(self.shape)
+        xp = compat.array_namespace(like)
+        wide: Any = wide_dtype(xp, like)
+        return xp.zeros(self.shape, dtype=wide, device=compat.device(like))
 
     def add(self, count: Any, mean: Array, m2: Array) -> None:
         """Merge one batch's ``(count, mean, M2)`` (a batch with no value is skipped)."""
         if isinstance(count, int) and count == 0:
             return
-        xp = self.xp
-        if compat.array_namespace(mean) is not xp:  # (Dask's computed statistics)
-            mean, m2 = xp.asarray(mean), xp.asarray(m2)
-            count = count if isinstance(count, int) else xp.asarray(count)
-        mean, m2 = xp.astype(mean, self.mean.dtype), xp.astype(m2, self.mean.dtype)
-        if not isinstance(count, int):
-            count = xp.astype(count, self.mean.dtype)
         with self.lock:
+            if self.first is None:
+                self.first = self.second = self._zeros(mean)
+            assert self.second is not None
+            xp = compat.array_namespace(self.first)
+            wide = self.first.dtype
+
+            def here(a: Array) -> Array:  # (Dask's statistics are NumPy values)
+                return xp.astype(a if compat.array_namespace(a) is xp else xp.asarray(a), wide)
+
+            mean, m2 = here(mean), here(m2)
+            if not isinstance(count, int):
+                count = here(count)
             self.batches += 1
             if self.method == "exact":
                 total = self.count + count
-                delta = mean - self.mean
-                self.mean = self.mean + delta * (count / total)
-                self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+                delta = mean - self.first
+                self.first = self.first + delta * (count / total)
+                self.second = self.second + m2 + delta * delta * (self.count * count / total)
                 self.count = total
             else:
-                self.sum_mean = self.sum_mean + mean
-                self.sum_var = self.sum_var + m2 / (count - 1 if self.unbiased else count)
+                self.first = self.first + mean
+                self.second = self.second + m2 / (count - 1 if self.unbiased else count)
 
     # --- across ranks ---
 
     def flat(self) -> Array:
         """This accumulator as one 1-D array (what travels between ranks)."""
-        xp = self.xp
-        parts = [xp.full((1,), float(self.batches), dtype=self.mean.dtype,
-                         device=compat.device(self.mean))]  # fmt: skip
+        first = self._zeros(self.template) if self.first is None else self.first
+        second = first if self.second is None else self.second
+        xp = compat.array_namespace(first)
+        full = functools.partial(xp.full, dtype=first.dtype, device=compat.device(first))
+        parts = [full((1,), float(self.batches))]
         if self.method == "exact":
             count = self.count
-            if isinstance(count, int):
-                count = xp.full(self.shape, float(count), dtype=self.mean.dtype,
-                                device=compat.device(self.mean))  # fmt: skip
-            parts += [count, self.mean, self.m2]
-        else:
-            parts += [self.sum_mean, self.sum_var]
-        return xp.concat([xp.reshape(p, (-1,)) for p in parts])
+            parts.append(full(self.shape, float(count)) if isinstance(count, int) else count)
+        return xp.concat([xp.reshape(p, (-1,)) for p in (*parts, first, second)])
 
     def size(self) -> int:
-        return 1 + (3 if self.method == "exact" else 2) * int(np.prod(self.shape))
+        return 1 + (3 if self.method == "exact" else 2) * math.prod(self.shape)
 
     def take(self, rows: Array) -> None:
         """Replace the statistics by the merge over ranks of ``rows`` (ranks, size) from
         :meth:`flat` (all-gathered, exact), or by their sum (all-reduced, cumulative: 1-D)."""
-        xp = self.xp
-        c = int(np.prod(self.shape))
+        xp = compat.array_namespace(rows)
+        c = math.prod(self.shape)
 
         def part(row: Array, i: int) -> Array:
             return xp.reshape(row[1 + i * c : 1 + (i + 1) * c], self.shape)
 
         if self.method == "cumulative":
             self.batches = int(round(float(rows[0])))
-            self.sum_mean, self.sum_var = part(rows, 0), part(rows, 1)
+            self.first, self.second = part(rows, 0), part(rows, 1)
             return
-        merged = Accumulator("exact", self.mean, unbiased=self.unbiased)
+        merged = Accumulator("exact", self.template, unbiased=self.unbiased)
         batches = 0
         for r in range(int(rows.shape[0])):  # in rank order, every rank the same
             row = rows[r, :]
@@ -224,19 +232,19 @@ class Accumulator:
                 continue
             merged.add(part(row, 0), part(row, 1), part(row, 2))
             batches += rank_batches
-        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
+        self.count, self.first, self.second = merged.count, merged.first, merged.second
         self.batches = batches
 
     # --- the result ---
 
     def result(self) -> tuple[Array, Array] | None:
         """``(running_mean, running_var)`` in the wide dtype, or None if no batch was seen."""
-        if self.batches == 0:
+        if self.batches == 0 or self.first is None or self.second is None:
             return None
         if self.method == "cumulative":
-            return self.sum_mean / self.batches, self.sum_var / self.batches
+            return self.first / self.batches, self.second / self.batches
         count = self.count
-        return self.mean, self.m2 / (count - 1 if self.unbiased else count)
+        return self.first, self.second / (count - 1 if self.unbiased else count)
 
 
 def merge_over_ranks(
@@ -251,7 +259,7 @@ def merge_over_ranks(
     communicator: Communicator = as_communicator(comm)
     method = accumulators[0].method if accumulators else "exact"
     size = sum(a.size() for a in accumulators)
-    template = accumulators[0].mean if accumulators else None
+    template = accumulators[0].flat() if accumulators else None
     header = [_MAGIC, _OK if error is None else _FAILED, len(accumulators), size,
               METHODS.index(method)]  # fmt: skip
     try:
@@ -282,8 +290,9 @@ def merge_over_ranks(
         )
     if not accumulators:
         return
-    xp = accumulators[0].xp
-    flat = xp.concat([a.flat() for a in accumulators])
+    flats = [a.flat() for a in accumulators]
+    xp = compat.array_namespace(flats[0])
+    flat = xp.concat(flats)
     gathered = (
         communicator.all_gather(flat) if method == "exact" else communicator.all_reduce(flat)
     )
@@ -331,6 +340,8 @@ class _Recorder:
 
     def __init__(self, accumulators: dict[int, Accumulator]) -> None:
         self.accumulators = accumulators
+        #: where each layer's inputs live (a layer not yet bound to a library binds there)
+        self.storage: dict[int, Any] = {}
 
     def forward(self, layer: Any, x: Array, mask: Array | None) -> Array:
         with layer._lock:
@@ -346,6 +357,7 @@ class _Recorder:
                     f"but this BatchNorm has num_features={layer.num_features}"
                 )
             arrays = layer._arrays_in(storage, channels)
+            self.storage[id(layer)] = storage
         if mask is not None:
             from .._checks import check_mask
 
@@ -353,7 +365,7 @@ class _Recorder:
         if math.prod(x.shape) == 0:  # an empty batch: an empty output, nothing recorded
             return batch_norm(x, arrays.running_mean, arrays.running_var, arrays.weight,
                               arrays.bias, eps=layer.eps, axis=axis, xp=xp).y  # fmt: skip
-        count, mean, m2 = batch_moments(xp, x, axis, mask)
+        count, mean, m2 = batch_moments(xp, stop_gradient(x), axis, mask)
         if isinstance(count, int) or is_concrete(count):
             check_values_per_channel(count, tuple(x.shape), masked=mask is not None)
         self.accumulators[id(layer)].add(count, mean, m2)
@@ -512,6 +524,11 @@ def recalibrate(
         result = accumulators[id(layer)].result()
         if result is None:
             continue
+        storage = recorder.storage.get(id(layer))
+        with layer._lock:
+            if layer._storage is None and storage is not None:  # bound, as by a forward
+                layer._set_arrays(layer._arrays_in(storage, layer.num_features))
+                layer._storage = storage
         mean, var = result
         layer.load_state_dict(
             {"running_mean": mean, "running_var": var,
