@@ -526,3 +526,31 @@ def test_layer_on_torch_tensors_records_no_graph(backend: Any) -> None:
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     anybn.recalibrate(lambda b: bn(b), [x], layers=bn)
     assert not bn.running_mean.requires_grad and bn.running_mean.grad_fn is None
+
+
+@pytest.mark.slow
+def test_dask_larger_than_memory_in_one_pass() -> None:
+    """1 GiB of float32 under a 256 MiB address-space cap: every chunk generated once, the
+    statistics those of every value (float64 reference computed chunk by chunk)."""
+    pytest.importorskip("dask.array")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_recalibrate_out_of_core.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[1]), *sys.path])}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "1", "256"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["x_bytes"] == 2**30
+    assert result["generated"] == result["chunks"]  # one pass
+    assert result["rss_peak"] - result["rss_before"] < 256 * 2**20
+    assert result["num_batches_tracked"] == 1
+    np.testing.assert_allclose(result["running_mean"], result["mean"], rtol=2e-7)
+    np.testing.assert_allclose(result["running_var"], result["var"], rtol=2e-7)
