@@ -164,7 +164,8 @@ def _bad_calls() -> list[Any]:
         ("not a layer", lambda: anybn.recalibrate(ok, data, layers=[ok, "bn"]),
          TypeError, r"layers\[1\] must be an anybn.BatchNorm"),
         ("empty", lambda: anybn.recalibrate(ok, data, layers=[]), ValueError, "layers is empty"),
-        ("twice", lambda: anybn.recalibrate(ok, data, layers=[ok, ok]), ValueError, "more than once"),
+        ("twice", lambda: anybn.recalibrate(ok, data, layers=[ok, ok]), ValueError,
+         "more than once"),
         ("no stats", lambda: anybn.recalibrate(ok, data, layers=anybn.BatchNorm(
             3, track_running_stats=False)), ValueError, "no running statistics"),
         ("frozen", lambda: anybn.recalibrate(ok, data, layers=_layer(frozen=True)), ValueError,
@@ -177,7 +178,8 @@ def _bad_calls() -> list[Any]:
          "batches must be an iterable"),
         ("model", lambda: anybn.recalibrate(None, data, layers=ok), TypeError,
          "model must be callable"),
-        ("comm", lambda: anybn.recalibrate(ok, data, layers=ok, comm=42), TypeError, "comm must be"),
+        ("comm", lambda: anybn.recalibrate(ok, data, layers=ok, comm=42), TypeError,
+         "comm must be"),
     ]  # fmt: skip
 
 
@@ -229,7 +231,7 @@ def test_layer_of_another_library_raises() -> None:
     bn = _layer()
     bn(np.ones((4, 3)) + np.arange(4).reshape(4, 1))  # bound to NumPy
     before = _state(bn)
-    with pytest.raises(TypeError, match="holds .*numpy arrays"):
+    with pytest.raises(TypeError, match=r"holds .*numpy arrays"):
         anybn.recalibrate(bn, [torch.ones(4, 3)], layers=bn)
     _assert_same_state(bn, before)
 
@@ -471,7 +473,7 @@ def test_torch_errors_leave_the_model(torch: Any) -> None:
     with pytest.raises(ValueError, match="no batch norm with running statistics"):
         anybn.torch.recalibrate(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(
             2, track_running_stats=False)), good)  # fmt: skip
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         anybn.torch.recalibrate(lambda x: x, good)  # type: ignore[arg-type]
     check()
 

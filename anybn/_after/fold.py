@@ -35,6 +35,17 @@ class FoldedWeights(NamedTuple):
     bias : array
         The folded bias, shape ``(C,)``: the bias's dtype, or the weight's where the
         layer had no bias.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import anybn
+    >>> folded = anybn.fold(np.ones((2, 3)), None, np.zeros(2), np.full(2, 4.0), eps=1e-12)
+    >>> folded.weight
+    array([[0.5, 0.5, 0.5],
+           [0.5, 0.5, 0.5]])
+    >>> folded.bias
+    array([0., 0.])
     """
 
     weight: Array

@@ -1,4 +1,4 @@
-"""Recalibration: the running statistics of batch norms recomputed from data, with the weights fixed.
+"""Recalibration: the running statistics of batch norms recomputed from data, weights fixed.
 
 While a recalibration runs, every batch norm it covers normalizes each batch with that
 batch's own statistics (training mode: what the layers after it saw in training, and
@@ -41,6 +41,7 @@ import array_api_compat as compat
 import numpy as np
 
 from .._api import batch_norm
+from .._core.stats import centered_moments, masked_centered_moments
 from .._xp import (
     Array,
     compute_dtype,
@@ -52,7 +53,6 @@ from .._xp import (
     to_host,
     values_per_channel,
 )
-from .._core.stats import centered_moments, masked_centered_moments
 from ..distributed.comm import Communicator, as_communicator
 from .wide import wide_dtype
 
@@ -220,14 +220,14 @@ class Accumulator:
             return xp.reshape(row[1 + i * c : 1 + (i + 1) * c], self.shape)
 
         if self.method == "cumulative":
-            self.batches = int(round(float(rows[0])))
+            self.batches = round(float(rows[0]))
             self.first, self.second = part(rows, 0), part(rows, 1)
             return
         merged = Accumulator("exact", self.template, unbiased=self.unbiased)
         batches = 0
         for r in range(int(rows.shape[0])):  # in rank order, every rank the same
             row = rows[r, :]
-            rank_batches = int(round(float(row[0])))
+            rank_batches = round(float(row[0]))
             if rank_batches == 0:
                 continue
             merged.add(part(row, 0), part(row, 1), part(row, 2))

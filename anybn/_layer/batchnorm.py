@@ -510,7 +510,7 @@ class BatchNorm:
         """
         recorder = self._recorder
         if recorder is not None:  # anybn.recalibrate is running
-            return recorder.forward(self, x, mask)  # type: ignore[no-any-return]
+            return recorder.forward(self, x, mask)
         if mask is None and (self.comm is None or not self.training or self.frozen):
             with self._lock:
                 hit = self._forward_resolved(x)

@@ -46,6 +46,15 @@ class FoldReport(NamedTuple):
         ``(layer, batch_norm)`` for each batch norm folded into the layer before it.
     left : list of (str, str)
         ``(batch_norm, reason)`` for each batch norm left in place.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import anybn.torch
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
+    >>> anybn.torch.fold(model, report=True)[1]
+    FoldReport(folded=[('0', '1')], left=[])
     """
 
     folded: list[tuple[str, str]]
@@ -116,11 +125,11 @@ def _hooked(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _out_channels(layer: nn.Module) -> int:
+def _out_channels(layer: Any) -> int:
     return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
 
 
-def _bn_arrays(bn: nn.Module) -> tuple[Any, Any, Any, Any, float]:
+def _bn_arrays(bn: Any) -> tuple[Any, Any, Any, Any, float]:
     return bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
 
 
@@ -187,7 +196,8 @@ class _Plan:
         self, layer_name: str, layer: nn.Module, bn_name: str, bn: nn.Module
     ) -> str | None:
         if _layer_base(layer) is None:
-            return f"the layer before it, {type(layer).__qualname__} {layer_name!r}, overrides forward"
+            kind = type(layer).__qualname__
+            return f"the layer before it, {kind} {layer_name!r}, overrides forward"
         problem = _layer_unfoldable(layer)
         if problem is not None:
             return problem
@@ -218,10 +228,11 @@ class _Plan:
         def full(target: str) -> str:
             return _join(prefix, target)
 
-        calls = Counter(
-            full(n.target) for n in graph.nodes if n.op == "call_module" and isinstance(n.target, str)
-        )
-        attributes = [full(n.target) for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)]
+        def targets(op: str) -> list[str]:
+            return [full(n.target) for n in graph.nodes if n.op == op and isinstance(n.target, str)]
+
+        calls = Counter(targets("call_module"))
+        attributes = targets("get_attr")
 
         def read_elsewhere(name: str) -> bool:
             return any(a == name or a.startswith(name + ".") for a in attributes)
@@ -327,7 +338,8 @@ def _describe(node: torch.fx.Node, full: Any) -> str:
 
 def _apply(model: nn.Module, layer_name: str, bn_name: str) -> None:
     """Fold the batch norm ``bn_name`` into ``layer_name`` and put an identity in its place."""
-    layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+    layer: Any = model.get_submodule(layer_name)
+    bn = model.get_submodule(bn_name)
     running_mean, running_var, bn_weight, bn_bias, eps = _bn_arrays(bn)
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     with torch.no_grad():
@@ -364,7 +376,7 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     weights of :func:`anybn.fold` (computed in float64, rounded once), and the batch
     norm becomes an ``nn.Identity``. Batch norms are ``nn.BatchNorm1d/2d/3d``,
     ``nn.SyncBatchNorm`` (in eval), the :mod:`anybn.torch` modules, and
-    :class:`FrozenBatchNorm` and torchvision's ``FrozenBatchNorm2d``. The data flow is
+    :class:`anybn.torch.FrozenBatchNorm` and torchvision's ``FrozenBatchNorm2d``. The data flow is
     read from ``torch.fx``'s trace of the model; for a module that does not trace, from
     the order of the children of its ``nn.Sequential`` containers (see the module
     notes). The copy keeps the model's class and code.
@@ -380,7 +392,7 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     model : torch.nn.Module
         An eval-mode model (``model.eval()``); not modified.
     report : bool, optional
-        Also return a :class:`FoldReport` (False: a warning lists the batch norms
+        Also return a :class:`anybn.torch.FoldReport` (False: a warning lists the batch norms
         left in place, if any).
 
     Returns
@@ -438,7 +450,7 @@ def fold(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Modu
     lazy = [
         name
         for name, m in model.named_modules()
-        if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in _state(m))
+        if any(nn.parameter.is_lazy(t) for t in _state(m))
     ]
     if lazy:
         raise ValueError(

@@ -1,11 +1,11 @@
 """Frozen batch norms: fixed statistics and affine parameters, in training too.
 
-:class:`FrozenBatchNorm2d` has the semantics and state-dict keys of torchvision's
+:class:`anybn.torch.FrozenBatchNorm2d` has the semantics and state-dict keys of torchvision's
 ``torchvision.ops.misc.FrozenBatchNorm2d``: ``weight``, ``bias``, ``running_mean`` and
 ``running_var`` are buffers (no gradient reaches them, no optimizer sees them), the
 forward is the eval-mode batch norm in training and in eval, and a state dict with a
 ``num_batches_tracked`` key (a ``BatchNorm2d`` checkpoint) loads without complaint.
-:func:`freeze` swaps every batch norm of a model for one.
+:func:`anybn.torch.freeze` swaps every batch norm of a model for one.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class FrozenBatchNorm(nn.Module):
     ``x - running_mean`` first, so that a large mean costs no digits, and half-precision
     input keeps its dtype. ``weight``, ``bias``, ``running_mean`` and ``running_var`` are
     buffers, as in torchvision's ``FrozenBatchNorm2d``: gradients flow to the input only.
-    :class:`FrozenBatchNorm1d`, :class:`FrozenBatchNorm2d` and :class:`FrozenBatchNorm3d`
-    check the input's rank as ``nn.BatchNorm1d/2d/3d`` do; this class takes any rank >= 2
-    (what :func:`freeze` puts in place of a ``SyncBatchNorm``).
+    :class:`anybn.torch.FrozenBatchNorm1d`, :class:`anybn.torch.FrozenBatchNorm2d` and
+    :class:`anybn.torch.FrozenBatchNorm3d` check the input's rank as ``nn.BatchNorm1d/2d/3d``
+    do; this class takes any rank >= 2 (what :func:`anybn.torch.freeze` puts in place of a
+    ``SyncBatchNorm``).
 
     Parameters
     ----------
@@ -69,6 +70,11 @@ class FrozenBatchNorm(nn.Module):
     >>> bn(torch.tensor([[3.0, 5.0]]))
     tensor([[1., 2.]])
     """
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     #: The input ranks accepted (None: any rank >= 2), and their description in errors.
     _ranks: tuple[int, ...] | None = None
@@ -126,7 +132,7 @@ class FrozenBatchNorm(nn.Module):
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, as ``nn.BatchNorm1d``.
+    """:class:`anybn.torch.FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input (``BatchNorm1d``).
 
     Examples
     --------
@@ -145,7 +151,7 @@ class FrozenBatchNorm1d(FrozenBatchNorm):
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` input: torchvision's ``FrozenBatchNorm2d``.
+    """:class:`anybn.torch.FrozenBatchNorm` for ``(N, C, H, W)`` input: torchvision's module.
 
     The same constructor (``num_features, eps=1e-5``; plus ``device`` and ``dtype``),
     buffers, state-dict keys and ``repr``, and the same output up to rounding (closer to
@@ -171,7 +177,7 @@ class FrozenBatchNorm2d(FrozenBatchNorm):
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` input, as ``nn.BatchNorm3d``.
+    """:class:`anybn.torch.FrozenBatchNorm` for ``(N, C, D, H, W)`` input, as ``nn.BatchNorm3d``.
 
     Examples
     --------
@@ -210,7 +216,7 @@ def _check_freezable(name: str, module: nn.modules.batchnorm._BatchNorm) -> None
             "replaced. Recalibrate it first (anybn.torch.recalibrate) with "
             "track_running_stats=True, or leave it out of the model passed to freeze"
         )
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in module._buffers.values()):
+    if any(nn.parameter.is_lazy(t) for t in module._buffers.values() if t is not None):
         raise ValueError(
             f"{label} is a lazy batch norm that has not seen an input yet: its number of "
             "channels is unknown; run the model once before freezing it. Nothing was replaced"
@@ -227,8 +233,8 @@ def _frozen(module: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
             ("running_mean", rm), ("running_var", rv),
             ("weight", module.weight), ("bias", module.bias),
         ):  # fmt: skip
-            if value is not None:
-                buffer = frozen._buffers[name]
+            buffer = frozen._buffers[name]
+            if value is not None and buffer is not None:
                 frozen._buffers[name] = value.detach().clone().to(dtype=buffer.dtype).reshape(-1)
     frozen.train(module.training)
     for key, value in module.__dict__.items():  # hooks, shared as convert shares them
@@ -238,13 +244,14 @@ def _frozen(module: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Replace every batch norm of ``model`` by a :class:`FrozenBatchNorm` with its values.
+    """Replace every batch norm of ``model`` by a frozen one with its values.
 
     Every ``torch.nn.modules.batchnorm._BatchNorm`` (``nn.BatchNorm1d/2d/3d``, their
     subclasses, ``nn.SyncBatchNorm``, the :mod:`anybn.torch` drop-ins) becomes a
-    :class:`FrozenBatchNorm1d`, :class:`FrozenBatchNorm2d` or :class:`FrozenBatchNorm3d`
-    (a ``SyncBatchNorm``: a :class:`FrozenBatchNorm`, any rank), with copies of its
-    running statistics, weight and bias (ones and zeros where ``affine=False``), its
+    :class:`anybn.torch.FrozenBatchNorm1d`, :class:`anybn.torch.FrozenBatchNorm2d` or
+    :class:`anybn.torch.FrozenBatchNorm3d` (a ``SyncBatchNorm``: a
+    :class:`anybn.torch.FrozenBatchNorm`, any rank), with copies of its running statistics,
+    weight and bias (ones and zeros where ``affine=False``), its
     ``eps``, train/eval flag and hooks, in place. Its output is then the batch norm's
     eval output, in training mode too, and only the input gets gradients (as in
     detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm``, with the batch norm's

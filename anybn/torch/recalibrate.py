@@ -97,7 +97,7 @@ def recalibrate(
     r"""Recompute the running statistics of every batch norm of ``model`` from data.
 
     The model runs on every batch in training mode, as in
-    :func:`torch.optim.swa_utils.update_bn`: each batch norm normalizes with the batch's
+    ``torch.optim.swa_utils.update_bn``: each batch norm normalizes with the batch's
     own statistics, and records them; no gradient is recorded. Then every batch norm
     with running statistics (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, the
     :mod:`anybn.torch` modules) gets its ``running_mean``, ``running_var`` and
@@ -190,7 +190,7 @@ def recalibrate(
             "track_running_stats=True, SyncBatchNorm, the anybn.torch modules): nothing "
             "to recalibrate"
         )
-    accumulators = [Accumulator(method, m.running_mean) for _, m in norms]  # type: ignore[arg-type]
+    accumulators = [Accumulator(method, m.running_mean) for _, m in norms]
     step = _default_forward(device) if forward is None else forward
     modes = {m: m.training for m in model.modules()}
     installed = [(m, m.__dict__.get("forward")) for _, m in norms]
@@ -206,8 +206,8 @@ def recalibrate(
                 m.__dict__.pop("forward", None)
             else:
                 m.__dict__["forward"] = previous
-        for m, training in modes.items():
-            m.training = training
+        for module, training in modes.items():
+            module.training = training
     unseen = []
     with torch.no_grad():
         for (name, m), accumulator in zip(norms, accumulators, strict=True):
