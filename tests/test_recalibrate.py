@@ -556,3 +556,23 @@ def test_dask_larger_than_memory_in_one_pass() -> None:
     assert result["num_batches_tracked"] == 1
     np.testing.assert_allclose(result["running_mean"], result["mean"], rtol=2e-7)
     np.testing.assert_allclose(result["running_var"], result["var"], rtol=2e-7)
+
+
+def test_torch_compiled_model_is_unwrapped(torch: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).double()
+    data = torch.randn(20, 3, dtype=torch.float64)
+    anybn.torch.recalibrate(torch.compile(model, backend="eager"), data.split(6))
+    with torch.no_grad():
+        z = model[0](data)
+    torch.testing.assert_close(model[1].running_mean, z.mean(0), rtol=1e-12, atol=1e-13)
+    assert int(model[1].num_batches_tracked) == 4
+
+
+def test_jax_transformations_are_refused() -> None:
+    jax = pytest.importorskip("jax")
+    bn = _layer()
+    before = _state(bn)
+    x = jax.numpy.ones((4, 3)) + jax.numpy.arange(4.0).reshape(4, 1)
+    with pytest.raises(RuntimeError, match="cannot keep JAX tracers"):
+        anybn.recalibrate(jax.jit(lambda b: bn(b)), [x], layers=bn)
+    _assert_same_state(bn, before)

@@ -356,3 +356,13 @@ def test_linear_into_batch_norm_without_affine() -> None:
     x = torch.randn(5, 4)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
     assert np.isfinite(folded[0].weight.detach().numpy()).all()
+
+
+def test_linear_on_3d_activations_is_left() -> None:
+    """A Linear on (N, L, F) into BatchNorm1d(L): the batch norm's channels are L, not the
+    Linear's features; torch's fuse_linear_bn_eval folds it when L is 1."""
+    model = _randomize(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(5))).eval()
+    folded, report = _fold(model)
+    assert report.folded == [] and "not its 5 channels" in dict(report.left)["1"]
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(folded(x), model(x))

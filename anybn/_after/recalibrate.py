@@ -344,6 +344,11 @@ class _Recorder:
         self.storage: dict[int, Any] = {}
 
     def forward(self, layer: Any, x: Array, mask: Array | None) -> Array:
+        if compat.is_jax_array(x) and not is_concrete(x):
+            raise RuntimeError(
+                "anybn.recalibrate records each batch's statistics and cannot keep JAX "
+                "tracers: call the model eagerly (outside jax.jit, jax.vmap, ...) while it runs"
+            )
         with layer._lock:
             storage = layer._placement_for(x)  # the layer's own checks of x
             xp = storage.xp

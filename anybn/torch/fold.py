@@ -212,6 +212,13 @@ class _Plan:
             return f"{layer_name!r} already has a batch norm folded into it"
         channels = _out_channels(layer)
         bn_channels = int(_bn_arrays(bn)[0].numel())
+        if channels != bn_channels and isinstance(layer, nn.Linear):
+            # a Linear's features are its output's last dimension, a batch norm's channels
+            # dimension 1: on 3-D activations they differ, and the model runs
+            return (
+                f"the {channels} output features of {layer_name!r} are not its {bn_channels} "
+                "channels (it normalizes another dimension of the Linear's output)"
+            )
         if channels != bn_channels:
             raise ValueError(
                 f"{type(layer).__name__} {layer_name!r} has {channels} output channels but "

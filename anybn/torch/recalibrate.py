@@ -76,12 +76,18 @@ def _default_forward(device: Any) -> Callable[[nn.Module, Any], object]:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel or DataParallel: their training-mode
-    forward would synchronize buffers on every batch (and wait for ranks that have none)."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel or DataParallel (their training-mode forward
+    would synchronize buffers on every batch, and wait for ranks that have none), or inside
+    ``torch.compile``'s wrapper (its compiled code would not call the recording forwards)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and (
+            type(model).__name__ == "OptimizedModule"
+        ):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def recalibrate(
@@ -122,7 +128,8 @@ def recalibrate(
     ----------
     model : torch.nn.Module
         The model. A ``DistributedDataParallel`` or ``DataParallel`` wrapper is
-        unwrapped (its training-mode forward would synchronize buffers on every batch).
+        unwrapped (its training-mode forward would synchronize buffers on every batch),
+        and so is ``torch.compile``'s (the model runs eagerly).
     batches : iterable
         The batches, as ``update_bn`` takes them: tensors, or lists/tuples whose first
         element is the input (a ``DataLoader``).
