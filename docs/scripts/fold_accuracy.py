@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import warnings
 from typing import Any
 
@@ -42,21 +43,25 @@ TORCHVISION = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", 
                "vgg11_bn", "densenet121")  # fmt: skip
 
 
-def project_models() -> dict[str, nn.Module]:
-    """The test suite's models (tests/test_torch_fold.py), rebuilt here."""
-    return {
-        "test cnn": nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, groups=32, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10), nn.BatchNorm1d(10),
-        ),
-        "test decoder": nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4),
-        ),
-    }  # fmt: skip
+def _test_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, groups=32, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10), nn.BatchNorm1d(10),
+    )  # fmt: skip
+
+
+def _test_decoder() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4),
+    )  # fmt: skip
+
+
+#: The test suite's models (tests/test_torch_fold.py, and a decoder), rebuilt here.
+PROJECT_MODELS = {"test cnn": _test_cnn, "test decoder": _test_decoder}
 
 
 def prepare(model: nn.Module, size: int, seed: int) -> nn.Module:
@@ -95,40 +100,48 @@ def count_batch_norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def measure(name: str, model: nn.Module, batch: int, size: int, dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
-    model = prepare(model, size, seed=1)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        exact = copy.deepcopy(model).double()(x.double())
-        model = model.to(dtype)
-        xd = x.to(dtype)
-        scale = exact.abs().max().item()
-
-        def error(m: nn.Module | None) -> float | None:
-            if m is None:
-                return None
-            return (m(xd).double() - exact).abs().max().item() / scale
-
-        ours, report = anybn.torch.fold(model, report=True)
-        bns = count_batch_norms(model)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fx = torch.fx.experimental.optimization.fuse(model)
-            fx_folded: int | str = bns - count_batch_norms(fx)
-        except Exception as exc:  # torch.fx cannot trace it, or its fuser raises
-            fx, fx_folded = None, f"raises {type(exc).__name__}"  # type: ignore[assignment]
-        try:
-            pairwise: nn.Module | None = pairwise_torch(model, report.folded)
-            pairwise_error: Any = error(pairwise)
-        except Exception as exc:  # grouped transposed convolutions
-            pairwise_error = f"raises {type(exc).__name__}"
-        return {
-            "model": name, "bns": bns, "ours_folded": len(report.folded),
-            "fx_folded": fx_folded, "unfolded": error(model), "anybn": error(ours),
-            "fx": error(fx), "fuse_conv_bn_eval": pairwise_error,
-        }  # fmt: skip
+def measure(name: str, build: Any, batch: int, size: int, dtype: torch.dtype,
+            seeds: int) -> dict:  # fmt: skip
+    """The errors of one model over ``seeds`` draws (of the model and the input): for each
+    method the median over draws of the maximum relative error, in ``dtype`` and with the
+    folded weights run in float64 (the folding's own rounding alone)."""
+    errors: dict[str, list[float]] = {}
+    failures: dict[str, str] = {}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = prepare(build(), size, seed=1000 + seed)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(x.double())
+            scale = exact.abs().max().item()
+            model = model.to(dtype)
+            bns = count_batch_norms(model)
+            ours, report = anybn.torch.fold(model, report=True)
+            methods: dict[str, nn.Module | None] = {"unfolded": model, "anybn": ours}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    methods["fx"] = torch.fx.experimental.optimization.fuse(model)
+                fx_folded: int | str = bns - count_batch_norms(methods["fx"])
+            except Exception as exc:  # torch.fx cannot trace it, or its fuser raises
+                failures["fx"] = fx_folded = f"raises {type(exc).__name__}"
+            try:
+                methods["pairwise"] = pairwise_torch(model, report.folded)
+            except Exception as exc:  # grouped transposed convolutions
+                failures["pairwise"] = f"raises {type(exc).__name__}"
+            for method, m in methods.items():
+                assert m is not None
+                out = m(x.to(dtype)).double()
+                errors.setdefault(method, []).append((out - exact).abs().max().item() / scale)
+                if method != "unfolded":
+                    out64 = copy.deepcopy(m).double()(x.double())
+                    errors.setdefault(method + "64", []).append(
+                        (out64 - exact).abs().max().item() / scale)  # fmt: skip
+    row: dict[str, Any] = {"model": name, "bns": bns, "ours_folded": len(report.folded),
+                           "fx_folded": fx_folded}  # fmt: skip
+    for method in ("unfolded", "anybn", "fx", "pairwise", "anybn64", "fx64", "pairwise64"):
+        row[method] = failures.get(method.removesuffix("64")) or statistics.median(errors[method])
+    return row
 
 
 def fmt(value: Any) -> str:
@@ -144,29 +157,34 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    models = project_models()
+    builders: dict[str, Any] = dict(PROJECT_MODELS)
     try:
         import torchvision
 
         for name in args.models.split(","):
             if name:
-                models[name] = getattr(torchvision.models, name)(weights=None)
+                builders[name] = lambda name=name: getattr(torchvision.models, name)(weights=None)
     except ImportError:
         print("(torchvision is not installed: the test models only)")
-    rows = [measure(name, model, args.batch, args.size, dtype) for name, model in models.items()]
-    print(f"{args.dtype}, batch {args.batch}, {args.size}x{args.size}; torch {torch.__version__}; "
-          f"{platform.machine()}, {platform.processor() or platform.system()}")  # fmt: skip
+    rows = [measure(name, build, args.batch, args.size, dtype, args.seeds)
+            for name, build in builders.items()]  # fmt: skip
+    print(f"{args.dtype}, batch {args.batch}, {args.size}x{args.size}, median of {args.seeds} "
+          f"draws; torch {torch.__version__}; {platform.machine()}, "
+          f"{platform.processor() or platform.system()}")  # fmt: skip
     print()
     print("| model | batch norms | folded: anybn / torch.fx | unfolded | anybn.torch.fold | "
-          "torch.fx fuse | fuse_conv_bn_eval |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "torch.fx fuse | fuse_conv_bn_eval | folded weights in float64: anybn / torch.fx / "
+          "fuse_conv_bn_eval |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['bns']} | {r['ours_folded']} / {fmt(r['fx_folded'])} | "
               f"{fmt(r['unfolded'])} | {fmt(r['anybn'])} | {fmt(r['fx'])} | "
-              f"{fmt(r['fuse_conv_bn_eval'])} |")  # fmt: skip
+              f"{fmt(r['pairwise'])} | {fmt(r['anybn64'])} / {fmt(r['fx64'])} / "
+              f"{fmt(r['pairwise64'])} |")  # fmt: skip
 
 
 if __name__ == "__main__":
