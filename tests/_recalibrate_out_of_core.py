@@ -20,6 +20,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from _out_of_core import _vm_bytes  # (this directory is the script's: on sys.path)
 
 import anybn
 
@@ -38,14 +39,6 @@ def _generated(block_id: Any = None) -> np.ndarray:
     with _lock:
         _made.append(block_id)
     return _chunk(block_id[0])
-
-
-def _vm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
 
 
 def main() -> None:
