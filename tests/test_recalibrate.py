@@ -473,6 +473,8 @@ def test_torch_errors_leave_the_model(torch: Any) -> None:
     with pytest.raises(ValueError, match="no batch norm with running statistics"):
         anybn.torch.recalibrate(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(
             2, track_running_stats=False)), good)  # fmt: skip
+    with pytest.raises(ValueError, match=r"lazy batch norms that have not seen an input yet \(1\)"):
+        anybn.torch.recalibrate(nn.Sequential(nn.Linear(2, 2), nn.LazyBatchNorm1d()), good)
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         anybn.torch.recalibrate(lambda x: x, good)  # type: ignore[arg-type]
     check()

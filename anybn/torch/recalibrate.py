@@ -80,14 +80,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     would synchronize buffers on every batch, and wait for ranks that have none), or inside
     ``torch.compile``'s wrapper (its compiled code would not call the recording forwards)."""
     while True:
+        inner = None
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and (
-            type(model).__name__ == "OptimizedModule"
-        ):
-            model = model._orig_mod
-        else:
+            inner = model.module
+        elif type(model).__name__ == "OptimizedModule":
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner
 
 
 def recalibrate(
@@ -107,7 +107,9 @@ def recalibrate(
     own statistics, and records them; no gradient is recorded. Then every batch norm
     with running statistics (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, the
     :mod:`anybn.torch` modules) gets its ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` (the number of batches it saw), from one of:
+    ``num_batches_tracked`` (the number of batches it saw), from one of the methods below.
+    Frozen batch norms (:class:`anybn.torch.FrozenBatchNorm2d`, torchvision's) keep their
+    statistics, and batch norms without running statistics compute as always.
 
     ``method="exact"`` (the default)
         the population statistics of every value the batch norm saw: its mean, and
@@ -154,10 +156,10 @@ def recalibrate(
     TypeError
         ``model`` not a module, ``batches`` not iterable.
     ValueError
-        A bad ``method``; a model without a batch norm with running statistics; a batch
-        with one value per channel (as in training). With ``comm``: different models on
-        different ranks; an error on one rank makes every rank raise, and no rank
-        changes anything.
+        A bad ``method``; a model without a batch norm with running statistics, or with a
+        lazy one that has not seen an input; a batch with one value per channel (as in
+        training). With ``comm``: different models on different ranks; an error on one
+        rank makes every rank raise, and no rank changes anything.
 
     Examples
     --------
@@ -191,6 +193,12 @@ def recalibrate(
         and m.running_mean is not None
         and m.running_var is not None
     ]
+    lazy = [name for name, m in norms if any(nn.parameter.is_lazy(t) for t in m.buffers())]
+    if lazy:
+        raise ValueError(
+            f"model has lazy batch norms that have not seen an input yet ({', '.join(lazy)}): "
+            "their number of channels is unknown; run the model on one batch first"
+        )
     if not norms:
         raise ValueError(
             "model has no batch norm with running statistics (nn.BatchNorm*d with "
