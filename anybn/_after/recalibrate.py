@@ -103,7 +103,7 @@ def batch_moments(
         count: Any = values_per_channel(tuple(x.shape), axis) if mask is None else n
         return _param(np, count, channels), np.reshape(mean, channels), np.reshape(m2, channels)
     wide: Any = wide_dtype(xp, x)
-    xw = xp.astype(x, wide)
+    xw = xp.astype(x, wide, copy=False)
     axes = reduction_axes(x.ndim, axis)
     if mask is None:
         count = values_per_channel(tuple(x.shape), axis)
