@@ -223,6 +223,7 @@ def test_skips_are_grouped_by_reason_and_failures_shown_in_full(tmp_path: Path) 
         (anybn.batch_norm_backward, ["dy", "x", "weight", "mean", "invstd"]),
         (anybn.BatchNorm.backward, ["dy"]),
         (anybn.chan_merge, ["count_a", "mean_a", "m2_a", "count_b", "mean_b", "m2_b"]),
+        (anybn.fold, ["weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias"]),
     ],
     ids=lambda v: getattr(v, "__qualname__", ""),
 )
