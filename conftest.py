@@ -28,10 +28,14 @@ _NEEDS = {
     "anybn/torch/ops.py": "torch",
     "anybn/torch/sync.py": "torch",
     "anybn/torch/function.py": "torch",
+    "anybn/torch/fold.py": "torch",
+    "anybn/torch/frozen.py": "torch",
+    "anybn/torch/recalibrate.py": "torch",
     "anybn/distributed/torch_autograd.py": "torch",
     "anybn/_kernels/jax.py": "jax",
     "anybn/_kernels/half.py": "numba",
     "tests/_out_of_core.py": "dask",
+    "tests/_recalibrate_out_of_core.py": "dask",
 }
 collect_ignore += [path for path, need in _NEEDS.items() if importlib.util.find_spec(need) is None]
 

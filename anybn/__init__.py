@@ -6,6 +6,8 @@ PyTorch, array-api-strict and any other conforming library.
 """
 
 from . import convert
+from ._after.fold import FoldedWeights, fold
+from ._after.recalibrate import recalibrate
 from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
 from ._core.stats import chan_merge
 from ._layer import BatchNorm
@@ -19,6 +21,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormGrads",
     "BatchNormOutput",
+    "FoldedWeights",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
@@ -28,4 +31,6 @@ __all__ = [
     "get_num_threads",
     "set_fast_paths",
     "set_num_threads",
+    "fold",
+    "recalibrate",
 ]

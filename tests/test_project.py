@@ -267,6 +267,7 @@ def test_the_summary_says_what_the_deselected_tests_are(tmp_path: Path) -> None:
         (anybn.batch_norm_backward, ["dy", "x", "weight", "mean", "invstd"]),
         (anybn.BatchNorm.backward, ["dy"]),
         (anybn.chan_merge, ["count_a", "mean_a", "m2_a", "count_b", "mean_b", "m2_b"]),
+        (anybn.fold, ["weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias"]),
     ],
     ids=lambda v: getattr(v, "__qualname__", ""),
 )

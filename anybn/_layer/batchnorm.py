@@ -139,6 +139,16 @@ def _check_num_features(num_features: object) -> int | tuple[int, ...] | None:
     return int(num_features)
 
 
+def _check_frozen(frozen: object, track_running_stats: bool, name: str = "frozen") -> bool:
+    value = check_bool(frozen, name)
+    if value and not track_running_stats:
+        raise ValueError(
+            "a BatchNorm with track_running_stats=False has no running statistics to "
+            "freeze: it normalizes with each batch's own statistics"
+        )
+    return value
+
+
 def _check_axis(axis: object) -> int | tuple[int, ...]:
     if isinstance(axis, (tuple, list)):
         if not axis:
@@ -208,6 +218,9 @@ class BatchNorm:
         The variance the running variance accumulates: unbiased (PyTorch,
         Chainer; the default) or biased (Keras, Flax; see
         :mod:`anybn.convert` for their checkpoints).
+    frozen : bool, optional
+        Normalize with the running statistics in training mode too, and never
+        update them (see :meth:`freeze`); needs ``track_running_stats=True``.
 
     Attributes
     ----------
@@ -221,6 +234,9 @@ class BatchNorm:
         as a 0-d int64 array, as torch does. None when ``track_running_stats=False``.
     training : bool
         The mode: True (the initial mode) or False; see :meth:`train` and :meth:`eval`.
+    frozen : bool
+        Whether the running statistics are used, and left as they are, in training
+        too; see :meth:`freeze`.
 
     Notes
     -----
@@ -274,6 +290,11 @@ class BatchNorm:
     ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
     """
 
+    #: Class-level defaults, for layers pickled before these attributes existed.
+    frozen: bool = False
+    #: The recorder of a running :func:`anybn.recalibrate` (never copied or pickled).
+    _recorder: Any = None
+
     def __init__(
         self,
         num_features: int | tuple[int, ...] | None = None,
@@ -288,6 +309,7 @@ class BatchNorm:
         dtype: Any = None,
         comm: Any = None,
         var_estimator: str = "unbiased",
+        frozen: bool = False,
     ) -> None:
         self.num_features = _check_num_features(num_features)
         self.var_estimator = check_var_estimator(var_estimator)
@@ -297,6 +319,7 @@ class BatchNorm:
         self.affine = check_bool(affine, "affine")
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.training = True
+        self.frozen = _check_frozen(frozen, self.track_running_stats)
         self._device = device
         self._dtype = check_dtype(dtype)
         self._storage: Storage | None = None
@@ -419,6 +442,40 @@ class BatchNorm:
         """Set eval mode; return the layer."""
         return self.train(False)
 
+    def freeze(self, mode: bool = True) -> BatchNorm:
+        """Freeze the running statistics (``mode=True``) or unfreeze them; return the layer.
+
+        A frozen layer normalizes with its running statistics in training mode too
+        (the eval-mode forward), never updates them nor ``num_batches_tracked``, and
+        synchronizes nothing (``comm`` is not used); :meth:`backward` still gives
+        ``dx``, ``dweight`` and ``dbias``, through the running statistics as constants.
+        This is Keras' ``BatchNormalization`` with ``trainable=False`` (which runs in
+        inference mode), Flax's ``use_running_average=True`` and torchvision's
+        ``FrozenBatchNorm2d``, with the affine parameters still trained.
+
+        Raises
+        ------
+        ValueError
+            Freezing a layer without running statistics (``track_running_stats=False``);
+            the layer is left as it was.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import anybn
+        >>> bn = anybn.BatchNorm(2, xp=np).freeze()
+        >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+        >>> bn(x)  # the running statistics (0 and 1) in training mode
+        array([[ 0.99999...,  9.99995...],
+               [ 2.99998..., 29.99985...]])
+        >>> bn.running_mean, bn.num_batches_tracked
+        (array([0., 0.]), 0)
+        >>> bn.backward(np.ones_like(x)).dbias
+        array([2., 2.])
+        """
+        self.frozen = _check_frozen(mode, self.track_running_stats, name="mode")
+        return self
+
     # --- forward and backward ------------------------------------------------------------
 
     def __call__(self, x: ArrayT, /, *, mask: AnyArray | None = None) -> ArrayT:
@@ -451,15 +508,19 @@ class BatchNorm:
             ``x`` with fewer than 2 dimensions, ``axis`` out of range, a channel
             count other than ``num_features``, one value per channel in training.
         """
-        if mask is None and (self.comm is None or not self.training):
+        recorder = self._recorder
+        if recorder is not None:  # anybn.recalibrate is running
+            return recorder.forward(self, x, mask)
+        if mask is None and (self.comm is None or not self.training or self.frozen):
             with self._lock:
                 hit = self._forward_resolved(x)
             if hit is not None:
                 return hit
+        if self.frozen:  # nothing synchronized, so no rank to tell of a failure either
+            return self._forward_local(x, mask)
         return self._forward_checked(x, mask)
 
-    @reports_failures  # with comm=: a rank whose x fails these checks fails every rank
-    def _forward_checked(self, x: ArrayT, mask: AnyArray | None) -> ArrayT:
+    def _forward_local(self, x: ArrayT, mask: AnyArray | None) -> ArrayT:
         """:meth:`forward` with every check: the first call, and any whose kind changed."""
         with self._lock:  # read, compute, commit: one update at a time
             storage = self._placement_for(x)
@@ -473,7 +534,10 @@ class BatchNorm:
                     f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
                     f"but this BatchNorm has num_features={self.num_features}"
                 )
-            training = check_training(self.training)
+            # A frozen layer computes as in eval (check_frozen: it has running statistics).
+            training = check_training(self.training) and not _check_frozen(
+                self.frozen, self.track_running_stats, name="frozen"
+            )
             arrays = self._arrays_in(storage, channels)
             update = training and self.track_running_stats
             count = self.num_batches_tracked
@@ -544,11 +608,14 @@ class BatchNorm:
             )  # fmt: skip
         return out.y
 
+    #: with comm=: a rank whose x fails these checks fails every rank
+    _forward_checked = reports_failures(_forward_local)
+
     def _options(self) -> tuple[Any, ...]:
         """The options a kept call was resolved with (compared by identity, see _Kept)."""
         return (
             self.training, self.track_running_stats, self.axis, self.eps,
-            self.var_estimator, self.momentum,
+            self.var_estimator, self.momentum, self.frozen,
         )  # fmt: skip
 
     def _forward_resolved(self, x: Any) -> Array | None:
@@ -740,5 +807,6 @@ class BatchNorm:
                 if self.var_estimator == "unbiased"
                 else f", var_estimator={self.var_estimator!r}"
             )
+            + (", frozen=True" if self.frozen else "")
             + ")"
         )

@@ -135,6 +135,7 @@ def copyable_state(layer: BatchNorm) -> dict[str, Any]:
     with layer._lock:
         state = layer.__dict__.copy()
     del state["_lock"], state["_local"]
+    state.pop("_recorder", None)  # a running recalibration belongs to the original
     state["_device"] = portable_device(state.get("_device"))
     if layer._storage is not None:  # modules do not pickle: the namespace by name
         xp, device, dtype = layer._storage

@@ -25,10 +25,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .fold import FoldReport, fold
+from .frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+)
 from .function import KeptCall, batch_norm, module_arguments
+from .recalibrate import recalibrate
 from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FoldReport",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert",
+    "fold",
+    "freeze",
+    "recalibrate",
+]
 
 
 class _AnyBNForward(nn.modules.batchnorm._BatchNorm):

@@ -70,6 +70,9 @@ OBJECTS: dict[str, tuple[str, str, str, list[tuple[str, str, str, str]]]] = {
                 for d in (1, 2, 3)
             ),
             ("torch.nn.Module", "py:class", "generated/$.html#$", "-"),
+            # the base class of anybn.torch.FrozenBatchNorm, under the name autodoc shows
+            ("torch.nn.modules.module.Module", "py:class",
+             "generated/torch.nn.Module.html#torch.nn.Module", "torch.nn.Module"),
             ("torch.autograd.Function", "py:class", "generated/$.html#$", "-"),
             ("torch.cuda.is_available", "py:function", "generated/$.html#$", "-"),
             ("torch.autocast", "py:class", "amp.html#$", "-"),
