@@ -28,9 +28,9 @@ __all__ = [
     "chan_merge",
     "convert",
     "fast_paths",
+    "fold",
     "get_num_threads",
+    "recalibrate",
     "set_fast_paths",
     "set_num_threads",
-    "fold",
-    "recalibrate",
 ]
