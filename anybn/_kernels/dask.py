@@ -56,7 +56,7 @@ def _shallow(a: Any) -> bool:
     return len(a.__dask_graph__()) <= SHALLOW_TASKS_PER_CHUNK * max(1, a.npartitions)
 
 
-def clone(*arrays: Any) -> Any:
+def clone(*arrays: Any, after: Any = None) -> Any:
     """Independent copies of shallow Dask graphs (see the module docstring), one per array.
 
     Only arrays whose graphs are shallow (:data:`SHALLOW_TASKS_PER_CHUNK`) are
@@ -65,10 +65,22 @@ def clone(*arrays: Any) -> Any:
     loop) would cost more than holding its chunks, and clones of clones grow
     exponentially over a chain of such calls. Deep ones are returned as they are:
     Dask then keeps their chunks between the two passes.
+
+    ``after``: a Dask array (the statistics) that the copies' first tasks wait
+    for (:func:`dask.graph_manipulation.bind`). Without it a scheduler free to
+    run ready tasks early (``dask.distributed``'s) would load the second pass's
+    chunks while the first pass still runs, and hold them until the statistics
+    are known: x again. The local schedulers' ordering never does; with it none can.
     """
+    from dask.graph_manipulation import bind
     from dask.graph_manipulation import clone as dask_clone
 
-    out = tuple(dask_clone(a) if _shallow(a) else a for a in arrays)
+    def copy(a: Any) -> Any:
+        if not _shallow(a):
+            return a
+        return dask_clone(a) if after is None else bind(a, after)
+
+    out = tuple(copy(a) for a in arrays)
     return out if len(arrays) > 1 else out[0]
 
 
@@ -177,7 +189,7 @@ def _moments(call: Call, x: Array, xc: Array) -> Moments:
     mean_b, m2 = as_dtype(xp, mean64, cdt), as_dtype(xp, m2_64, cdt)
     # centre on the rounded mean, fold its rounding error into the shift (as the generic does)
     corr = as_dtype(xp, mean64 - as_dtype(xp, mean_b, mean64.dtype), cdt)
-    return Moments(n, mean_b, m2, clone(xc) - mean_b, corr, None)
+    return Moments(n, mean_b, m2, clone(xc, after=mean_b) - mean_b, corr, None)
 
 
 def _sums(call: Call, dy: Array, dyc: Array, x: Array, centered: Array, mean_b: Array) -> Sums:
@@ -192,8 +204,8 @@ def _sums(call: Call, dy: Array, dyc: Array, x: Array, centered: Array, mean_b: 
         for s in backward_sums(xp, dyc, as_dtype(xp, x, cdt), mean_b, call.axis, mask)
     )
     if mask is not None:
-        mask = clone(mask)
-    x_again, dy_again = clone(x, dy)
+        mask = clone(mask, after=sum_dy_centered)
+    x_again, dy_again = clone(x, dy, after=sum_dy_centered)
     centered = as_dtype(xp, x_again, cdt) - mean_b
     return Sums(sum_dy, sum_dy_centered, centered, as_dtype(xp, dy_again, cdt), mask)
 
