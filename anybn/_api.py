@@ -113,7 +113,7 @@ def batch_norm(
         :class:`anybn.distributed.CollectiveTimeout` (a ``TimeoutError``) naming
         the collective and the ranks that did not answer, the late ranks included
         when they come. None: the engine's default (torch.distributed: the process
-        group's timeout; MPI: :data:`anybn.distributed.DEFAULT_TIMEOUT`, 30 minutes).
+        group's timeout; MPI: ``anybn.distributed.deadline.DEFAULT_TIMEOUT``, 30 minutes).
     axis_name : str or tuple of str, optional
         JAX only: inside ``jax.pmap`` or ``jax.shard_map``, the named axis whose
         devices hold the shards of the batch. In training the statistics are those

@@ -248,7 +248,7 @@ def resolve_axis_name(
     groups = None
     if axis_index_groups is not None:
         try:
-            groups = tuple(tuple(operator.index(i) for i in g) for g in axis_index_groups)  # type: ignore[union-attr]
+            groups = tuple(tuple(operator.index(i) for i in g) for g in axis_index_groups)  # type: ignore[attr-defined]
         except TypeError:
             raise TypeError(
                 "axis_index_groups must be a sequence of sequences of device indices, got "

@@ -169,7 +169,7 @@ def _synced_forward(
     """
     import jax.numpy as jnp
 
-    cdt = compute_dtype(jnp, x.dtype)
+    cdt: Any = compute_dtype(jnp, x.dtype)
     channels = param_shape(tuple(x.shape), call.axis)
     bshape = channel_shape(x.ndim, call.axis, channels)
     xc = x.astype(cdt)
@@ -235,7 +235,7 @@ def _synced_grads(
     """
     import jax.numpy as jnp
 
-    cdt = compute_dtype(jnp, x.dtype)
+    cdt: Any = compute_dtype(jnp, x.dtype)
     channels = param_shape(tuple(x.shape), call.axis)
     bshape = channel_shape(x.ndim, call.axis, channels)
     axes = reduction_axes(x.ndim, call.axis)

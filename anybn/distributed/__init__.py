@@ -14,7 +14,7 @@ the two per-channel sums of the backward. ``comm`` may be
 
 Every synchronized call takes ``timeout=``: a rank that does not make the call in
 time makes every rank raise :class:`CollectiveTimeout`, naming the collective and
-the ranks that did not answer (:mod:`anybn.distributed.deadline`).
+the ranks that did not answer (``anybn.distributed.deadline``).
 
 For PyTorch models use :class:`anybn.torch.SyncBatchNorm`. Neither torch nor
 mpi4py is imported by ``import anybn``; this module imports them only when a
@@ -31,10 +31,9 @@ Examples
 from __future__ import annotations
 
 from .comm import Communicator, MPIComm, TorchComm, as_communicator
-from .deadline import DEFAULT_TIMEOUT, CollectiveTimeout
+from .deadline import CollectiveTimeout
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
     "CollectiveTimeout",
     "Communicator",
     "MPIComm",

@@ -13,7 +13,7 @@ user already runs and offers exactly what :mod:`anybn.distributed.sync` needs:
 Each takes ``timeout=`` (seconds, or None for the engine's default): a rank that
 does not answer in time makes every rank raise :class:`CollectiveTimeout`. The
 header is where a rank that never calls is found, so over both engines it is not
-a collective but the coordinated exchange of :mod:`anybn.distributed.deadline`,
+a collective but the coordinated exchange of ``anybn.distributed.deadline``,
 which names the ranks that did not answer, tells a late rank when it comes, and
 leaves the group usable.
 
@@ -46,7 +46,6 @@ from .deadline import (
 )
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
     "CollectiveTimeout",
     "Communicator",
     "MPIComm",
@@ -148,8 +147,8 @@ class MPIComm(Communicator):
     back after. For per-channel statistics (a few kilobytes) the copies cost
     far less than the collective's latency.
 
-    Every exchange has a deadline (``timeout=``, :data:`DEFAULT_TIMEOUT` when
-    None): the header travels as point-to-point messages on a duplicate of the
+    Every exchange has a deadline (``timeout=``; 30 minutes,
+    ``anybn.distributed.deadline.DEFAULT_TIMEOUT``, when None): the header travels as point-to-point messages on a duplicate of the
     communicator (made by ``MPI_Comm_idup`` at the first synchronized call, so
     anybn's messages never meet yours), and the statistics as non-blocking
     collectives on it, polled until the deadline.
@@ -165,7 +164,7 @@ class MPIComm(Communicator):
 
     >>> from mpi4py import MPI  # doctest: +SKIP
     >>> comm = anybn.distributed.MPIComm(MPI.COMM_WORLD)  # doctest: +SKIP
-    >>> out = anybn.batch_norm(x_shard, rm, rv, training=True, comm=comm, timeout=60)  # doctest: +SKIP
+    >>> out = anybn.batch_norm(x, rm, rv, training=True, comm=comm, timeout=60)  # doctest: +SKIP
     """
 
     engine = "mpi"

@@ -337,7 +337,8 @@ def torch_default_timeout(group: Any) -> float:
         device = torch.device("cuda" if "nccl" in backend else "cpu")
         return float(pg._get_backend(device).options._timeout.total_seconds())
     except Exception:
-        return float(getattr(c10d, "default_pg_timeout", datetime.timedelta(minutes=30)).total_seconds())
+        default = getattr(c10d, "default_pg_timeout", datetime.timedelta(minutes=30))
+        return float(default.total_seconds())
 
 
 # --- MPI: point-to-point messages on a duplicate communicator -------------------------------
@@ -376,7 +377,7 @@ class MPITransport(Transport):
         self._sends.append((self.dup.Isend(buf, dest=dest, tag=tag), buf))
 
     def _receive(self, source: int, tag: int, length: int, seq: int, deadline: float) -> Any:
-        """A message of call ``seq`` from ``source`` (stale ones dropped), or None by ``deadline``."""
+        """A message of call ``seq`` from ``source`` (stale ones dropped), or None in time."""
         while True:
             buf = np.zeros(length, dtype=np.int64)
             request = self.dup.Irecv(buf, source=source, tag=tag)

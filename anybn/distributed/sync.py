@@ -29,7 +29,7 @@ two global corrections.
 Before the statistics, the ranks exchange a small header of ints (operation,
 local check status, channel count, dtype, device type, local count) in a cheap
 first exchange (coordinated by rank 0 with a deadline, see
-:mod:`anybn.distributed.deadline`: a rank that does not come in ``timeout``
+``anybn.distributed.deadline``: a rank that does not come in ``timeout``
 seconds makes every rank raise :class:`~anybn.distributed.CollectiveTimeout`
 naming it), so that a rank with another channel count, dtype or device
 type, or a rank whose own arguments failed their checks, makes *every* rank
