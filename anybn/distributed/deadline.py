@@ -255,10 +255,6 @@ class StoreTransport(Transport):
     def send_header(self, seq: int, values: list[int]) -> None:
         self.store.set(f"{seq}/h{self.rank}", _encode([seq, *values]))
 
-    def _read(self, key: str, seq: int) -> list[int] | None:
-        values = _decode(self.store.get(key))
-        return values[1:] if values and values[0] == seq else None
-
     def collect(self, seq: int, width: int, deadline: float) -> dict[int, list[int]]:
         if self.store.check([f"{seq}/v"]):  # this rank is late: the others gave up already
             return {}
@@ -266,13 +262,15 @@ class StoreTransport(Transport):
         try:
             self.store.wait(list(keys.values()), self._span(deadline))
         except Exception:  # some did not come (the store raises on its timeout)
-            pass
+            present = {r: k for r, k in keys.items() if self.store.check([k])}
+        else:
+            present = keys
         got = {}
-        for r, key in keys.items():
-            if self.store.check([key]):
-                values = self._read(key, seq)
-                if values is not None:
-                    got[r] = values
+        raws = self.store.multi_get(list(present.values())) if present else []
+        for r, raw in zip(present, raws, strict=True):
+            values = _decode(raw)
+            if values and values[0] == seq:
+                got[r] = values[1:]
         return got
 
     def publish(self, seq: int, verdict: list[int]) -> list[int]:
