@@ -185,7 +185,7 @@ def test_layer_on_a_cluster(client: Any) -> None:
 
 @pytest.mark.slow
 def test_out_of_core_on_a_cluster() -> None:
-    """1 GiB of float32 normalised by two worker processes capped at 512 MiB each, their
+    """1 GiB of float32 normalised by two worker processes capped at 640 MiB each, their
     imports included (so the two could not hold x between them), spilling off: a worker
     past its cap is killed and the computation fails. The client's memory stays flat."""
     pytest.importorskip("dask.distributed")
@@ -193,7 +193,7 @@ def test_out_of_core_on_a_cluster() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[1]), *sys.path])}
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(script), "1", "512", "--cluster"],
+        [sys.executable, str(script), "1", "640", "--cluster"],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

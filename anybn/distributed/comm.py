@@ -148,8 +148,9 @@ class MPIComm(Communicator):
     far less than the collective's latency.
 
     Every exchange has a deadline (``timeout=``; 30 minutes,
-    ``anybn.distributed.deadline.DEFAULT_TIMEOUT``, when None): the header travels as point-to-point messages on a duplicate of the
-    communicator (made by ``MPI_Comm_idup`` at the first synchronized call, so
+    ``anybn.distributed.deadline.DEFAULT_TIMEOUT``, when None): the header travels
+    as point-to-point messages on a duplicate of the communicator (made by
+    ``MPI_Comm_idup`` at the first synchronized call, so
     anybn's messages never meet yours), and the statistics as non-blocking
     collectives on it, polled until the deadline.
 
