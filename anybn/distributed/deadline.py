@@ -343,8 +343,8 @@ def torch_default_timeout(group: Any) -> float:
 
 _HEADER, _VERDICT, _GIVE_UP = 7101, 7102, 7103
 
-#: Seconds rank 0 probes for notices of ranks that stopped waiting, before its verdict.
-_NOTICE_WINDOW = 0.002
+#: How many empty probes rank 0 makes for notices of ranks that stopped waiting for it.
+_NOTICE_PROBES = 20
 
 
 class MPITransport(Transport):
@@ -427,16 +427,17 @@ class MPITransport(Transport):
 
         status = MPI.Status()
         buf = np.zeros(2, dtype=np.int64)
-        # A rank that stopped waiting for this one sent a notice: its verdict stands. The
-        # probes go on for a moment (MPI moves messages along only while it is called).
-        until = time.monotonic() + _NOTICE_WINDOW
-        while True:
+        # A rank that stopped waiting for this one sent a notice: its verdict stands. Probe a
+        # few times (MPI moves a message along only while it is called: the first probe may
+        # not see one that came long ago).
+        misses = 0
+        while misses < _NOTICE_PROBES:
             if self.dup.Iprobe(source=MPI.ANY_SOURCE, tag=_GIVE_UP, status=status):
                 self.dup.Recv(buf, source=status.Get_source(), tag=_GIVE_UP)
                 if buf[0] == seq:
                     verdict = [seq, _ABORT, int(buf[1]), 1, 0]
-            elif time.monotonic() > until:
-                break
+            else:
+                misses += 1
         length = max(self._verdict_length(self._width), len(verdict))
         padded = verdict + [0] * (length - len(verdict))
         for r in range(1, self.size):
