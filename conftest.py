@@ -15,9 +15,17 @@ Dask rows, ``tests/conftest.py``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import Counter
 
 import pytest
+
+# JAX's CPU platform split into 4 devices, for jax.pmap / jax.shard_map over a named axis
+# (tests/test_jax_sync.py). XLA reads the flag when JAX first starts its backend, which no
+# test has done yet when pytest loads this file; one device's computations are unchanged.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=4".strip()
 
 # tests/typecheck holds call sites for mypy (.ci/check_typing.py), some deliberately wrong.
 collect_ignore = ["tests/typecheck"]

@@ -8,13 +8,15 @@ computes it and applies the post-conditions once.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
 import array_api_compat as compat
 
 from . import _kernels as kernels
-from ._call import resolve_backward, resolve_forward
+from ._call import resolve_backward, resolve_forward, resolve_timeout
 from ._checks import check_training
 from ._core.outputs import BatchNormGrads, BatchNormOutput
 from ._typing import AnyArray
@@ -40,6 +42,9 @@ def batch_norm(
     mask: AnyArray | None = None,
     var_estimator: str = "unbiased",
     comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     xp: ModuleType | None = None,
 ) -> BatchNormOutput:
     r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
@@ -102,6 +107,25 @@ def batch_norm(
         several channel axes or ``var_estimator="biased"`` (ValueError on every
         rank: every check runs before the ranks communicate); torch tensors that
         require grad differentiate through the global statistics.
+    timeout : float or datetime.timedelta, optional
+        With ``comm=``: how long, in seconds, a rank waits for the others to make
+        the same call. A rank that does not answer in time makes every rank raise
+        :class:`anybn.distributed.CollectiveTimeout` (a ``TimeoutError``) naming
+        the collective and the ranks that did not answer, the late ranks included
+        when they come. None: the engine's default (torch.distributed: the process
+        group's timeout; MPI: ``anybn.distributed.deadline.DEFAULT_TIMEOUT``, 30 minutes).
+    axis_name : str or tuple of str, optional
+        JAX only: inside ``jax.pmap`` or ``jax.shard_map``, the named axis whose
+        devices hold the shards of the batch. In training the statistics are those
+        of the whole batch, exactly (every device's count, mean and M2 gathered
+        with ``jax.lax.all_gather`` and merged by the Chan formula, weighted by the
+        counts, so uneven ``mask=`` counts are exact), and ``jax.grad`` reduces
+        the backward's two sums over the same axis. Ignored in eval. As Flax's
+        ``BatchNorm(axis_name=...)``, but count-weighted.
+    axis_index_groups : sequence of sequences of int, optional
+        With ``axis_name``: groups of device indices that share statistics (each
+        group normalises its own batch), as ``jax.lax.all_gather`` takes them and
+        Flax's ``BatchNorm`` does.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -135,12 +159,16 @@ def batch_norm(
         return _sync_batch_norm(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
-            var_estimator=var_estimator, xp=xp, comm=comm,
+            var_estimator=var_estimator, xp=xp, comm=comm, timeout=timeout,
+            axis_name=axis_name,
         )  # fmt: skip
+    if timeout is not None:
+        resolve_timeout(timeout)  # checked, and unused without comm=
     call, (running_mean, running_var, weight, bias) = resolve_forward(
         x, running_mean, running_var, weight, bias,
         training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
-        var_estimator=var_estimator, xp=xp,
+        var_estimator=var_estimator, xp=xp, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
     )  # fmt: skip
     return kernels.forward(call, x, running_mean, running_var, weight, bias)
 
@@ -156,6 +184,9 @@ def batch_norm_backward(
     axis: int | tuple[int, ...] = 1,
     mask: AnyArray | None = None,
     comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     xp: ModuleType | None = None,
 ) -> BatchNormGrads:
     r"""Gradients of :func:`batch_norm` with respect to x, weight and bias.
@@ -203,6 +234,15 @@ def batch_norm_backward(
         stay this rank's own sums. In training not combinable with ``mask`` or
         several channel axes, and not differentiable (ValueError / TypeError on
         every rank). Ignored in eval. None: local.
+    timeout : float or datetime.timedelta, optional
+        With ``comm=``: the deadline of the call, as for :func:`batch_norm`.
+    axis_name, axis_index_groups : optional
+        JAX only: the named axis (and its groups) of a synchronised forward (see
+        :func:`batch_norm`): in training the two sums, and the counts, are
+        reduced over its devices, and ``dx`` is the gradient through the
+        statistics of the whole batch; ``dweight`` and ``dbias`` stay this
+        device's own sums. ``jax.grad`` of a forward with ``axis_name`` does
+        this by itself.
     xp : module, optional
         The array namespace; resolved from ``x`` when omitted.
 
@@ -232,11 +272,14 @@ def batch_norm_backward(
     if comm is not None:
         return _sync_batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
-            comm=comm,
+            comm=comm, timeout=timeout, axis_name=axis_name,
         )  # fmt: skip
+    if timeout is not None:
+        resolve_timeout(timeout)  # checked, and unused without comm=
     call, (dy, weight, mean, invstd) = resolve_backward(
-        dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp
-    )
+        dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )  # fmt: skip
     return kernels.backward(call, dy, x, weight, mean, invstd)
 
 
@@ -270,6 +313,8 @@ def _sync_batch_norm(
     var_estimator: str = "unbiased",
     xp: ModuleType | None = None,
     comm: object,
+    timeout: object = None,
+    axis_name: object = None,
 ) -> BatchNormOutput:
     """:func:`anybn.batch_norm` over the ranks of ``comm``.
 
@@ -283,25 +328,28 @@ def _sync_batch_norm(
     nothing in eval), and no communication.
     """
     if not check_training(training):
+        resolve_timeout(timeout)
         return batch_norm(
             x, running_mean, running_var, weight, bias,
             training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
             var_estimator=var_estimator, xp=xp,
         )  # fmt: skip
-    with _sync.failures_reported(comm, x, axis):
+    with _sync.failures_reported(comm, x, axis, timeout=timeout):
         if _torch_autograd(x, weight, bias):
-            axis = _sync.check_options(axis, mask, var_estimator)
+            axis = _sync.check_options(axis, mask, var_estimator, axis_name)
+            seconds = resolve_timeout(timeout)
             _sync.check_autodiff(x, running_mean, running_var, weight, bias)
             from .distributed.torch_autograd import function_batch_norm
 
             return function_batch_norm(
                 x, running_mean, running_var, weight, bias,
                 momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
+                timeout=seconds,
             )  # fmt: skip
         return _sync.forward(
             x, running_mean, running_var, weight, bias,
             momentum=momentum, eps=eps, axis=axis, xp=xp, comm=comm, mask=mask,
-            var_estimator=var_estimator,
+            var_estimator=var_estimator, timeout=timeout, axis_name=axis_name,
         ).out  # fmt: skip
 
 
@@ -318,6 +366,8 @@ def _sync_batch_norm_backward(
     mask: Array | None = None,
     xp: ModuleType | None = None,
     comm: object,
+    timeout: object = None,
+    axis_name: object = None,
 ) -> BatchNormGrads:
     """:func:`anybn.batch_norm_backward` over the ranks of ``comm``.
 
@@ -326,12 +376,14 @@ def _sync_batch_norm_backward(
     eval: local, with every option of the local one.
     """
     if not check_training(training):
+        resolve_timeout(timeout)
         return batch_norm_backward(
             dy, x, weight, mean, invstd, training=False, axis=axis, mask=mask,  # type: ignore[arg-type]
             xp=xp,
         )  # fmt: skip
     return _sync.checked_backward(
-        dy, x, weight, mean, invstd, axis=axis, mask=mask, xp=xp, comm=comm
+        dy, x, weight, mean, invstd, axis=axis, mask=mask, xp=xp, comm=comm, timeout=timeout,
+        axis_name=axis_name,
     )
 
 

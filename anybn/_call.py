@@ -17,6 +17,8 @@ with :meth:`Call.trusted`, without checking again.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import sys
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -45,7 +47,13 @@ from ._xp import (
     values_per_channel,
 )
 
-__all__ = ["Call", "resolve_backward", "resolve_forward"]
+__all__ = [
+    "Call",
+    "resolve_axis_name",
+    "resolve_backward",
+    "resolve_forward",
+    "resolve_timeout",
+]
 
 
 class Call(NamedTuple):
@@ -67,6 +75,12 @@ class Call(NamedTuple):
         The running variance's denominator, ``n - 1`` or ``n``.
     mask : array or None
         Boolean, x's shape, or None.
+    axis_name : hashable or None
+        JAX only: the named mapped axis (``jax.pmap``, ``jax.shard_map``) whose
+        devices share the batch statistics; None: local statistics.
+    axis_index_groups : tuple of tuple of int or None
+        JAX only: groups of device indices along ``axis_name`` that share
+        statistics, as ``jax.lax`` collectives take them; None: all devices.
     """
 
     xp: ModuleType
@@ -77,6 +91,8 @@ class Call(NamedTuple):
     eps: float = 1e-5
     var_estimator: str = "unbiased"
     mask: Array | None = None
+    axis_name: Any = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def trusted(
@@ -99,8 +115,8 @@ class Call(NamedTuple):
 
     @property
     def plain(self) -> bool:
-        """Whether the kernels of every backend serve it: one channel axis and no mask."""
-        return self.mask is None and type(self.axis) is int
+        """Whether the kernels of every backend serve it: one channel axis, no mask, local."""
+        return self.mask is None and type(self.axis) is int and self.axis_name is None
 
     def channels(self, x: Array) -> tuple[int, ...]:
         """The per-channel shape: x's sizes along the channel axes."""
@@ -199,6 +215,75 @@ def _unwrap(axes: tuple[int, ...]) -> int | tuple[int, ...]:
     return axes[0] if len(axes) == 1 else axes
 
 
+# --- the synchronisation options -----------------------------------------------------------
+
+
+def resolve_axis_name(
+    x: Array, axis_name: object, axis_index_groups: object
+) -> tuple[Any, tuple[tuple[int, ...], ...] | None]:
+    """``(axis_name, axis_index_groups)`` checked: JAX's named-axis synchronisation.
+
+    ``axis_name`` is None, a string or a tuple of strings (JAX's axis names, as
+    ``jax.pmap(axis_name=...)`` and ``jax.make_mesh`` take them), and needs x to be
+    a JAX array; ``axis_index_groups`` (a sequence of sequences of device indices,
+    as ``jax.lax.all_gather`` takes it) needs ``axis_name`` and becomes a tuple of
+    tuples (hashable: it is part of what ``jit`` caches on).
+    """
+    if axis_name is None:
+        if axis_index_groups is not None:
+            raise ValueError("axis_index_groups needs axis_name (the named axis it splits)")
+        return None, None
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            "axis_name must be a str or a tuple of str (the name of a jax.pmap / "
+            f"jax.shard_map axis), got {axis_name!r}"
+        )
+    if not compat.is_jax_array(x):
+        raise TypeError(
+            "axis_name= synchronises over the devices of a JAX named axis (jax.pmap, "
+            f"jax.shard_map) and needs JAX arrays, got x of type {type(x).__name__}; "
+            "for processes use comm= (torch.distributed, MPI)"
+        )
+    groups = None
+    if axis_index_groups is not None:
+        try:
+            groups = tuple(tuple(operator.index(i) for i in g) for g in axis_index_groups)  # type: ignore[attr-defined]
+        except TypeError:
+            raise TypeError(
+                "axis_index_groups must be a sequence of sequences of device indices, got "
+                f"{axis_index_groups!r}"
+            ) from None
+        sizes = {len(g) for g in groups}
+        flat = sorted(i for g in groups for i in g)
+        if not groups or len(sizes) != 1 or 0 in sizes or flat != list(range(len(flat))):
+            raise ValueError(
+                "axis_index_groups must split the axis' device indices 0..n-1 into groups "
+                f"of one size, each index once, got {axis_index_groups!r}"
+            )
+    return axis_name, groups
+
+
+def resolve_timeout(timeout: object) -> float | None:
+    """``timeout`` of a synchronised call: None (the engine's default) or seconds > 0.
+
+    A :class:`datetime.timedelta` is taken as its seconds.
+    """
+    if timeout is None:
+        return None
+    seconds = getattr(timeout, "total_seconds", None)
+    value: object = seconds() if callable(seconds) else timeout
+    if isinstance(value, (bool, _np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"timeout must be a number of seconds, a datetime.timedelta or None, got "
+            f"{type(timeout).__name__}"
+        )
+    value = float(value)
+    if not (value > 0 and not math.isnan(value)):
+        raise ValueError(f"timeout must be > 0 seconds (or None for the default), got {timeout!r}")
+    return value
+
+
 # --- the forward ---------------------------------------------------------------------------
 
 
@@ -217,15 +302,25 @@ def resolve_forward(
     var_estimator: object,
     xp: ModuleType | None,
     shard: bool = False,
+    axis_name: object = None,
+    axis_index_groups: object = None,
 ) -> tuple[Call, tuple[Array | None, Array | None, Array | None, Array | None]]:
     """The call of :func:`anybn.batch_norm`, and its per-channel vectors in x's namespace.
 
     Raises as :func:`anybn.batch_norm` documents, before anything is computed.
     ``shard=True``: x is one rank's shard of a synchronised batch, whose values per
     channel are counted over every rank (:mod:`anybn.distributed.sync`), so one value per
-    channel here is not an error.
+    channel here is not an error; the same holds for one device's shard with
+    ``axis_name`` (:func:`resolve_axis_name`) in training.
     """
-    if xp is None and mask is None and type(var_estimator) is str and var_estimator in _ESTIMATORS:
+    if (
+        xp is None
+        and mask is None
+        and axis_name is None
+        and axis_index_groups is None
+        and type(var_estimator) is str
+        and var_estimator in _ESTIMATORS
+    ):
         plain = _plain(x, (running_mean, running_var, weight, bias), axis)
         if (
             plain is not None
@@ -269,6 +364,10 @@ def resolve_forward(
     eps = check_eps(eps)
     var_estimator = check_var_estimator(var_estimator)
     mask = check_mask(xp, mask, x)
+    axis_name, groups = resolve_axis_name(x, axis_name, axis_index_groups)
+    if not training:  # eval: nothing is synchronised
+        axis_name, groups = None, None
+    shard = shard or axis_name is not None
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must be given together, got only "
@@ -283,7 +382,9 @@ def resolve_forward(
             "running_mean and running_var are required when training=False "
             "(or pass training=True to normalize with batch statistics)"
         )
-    call = Call(xp, _unwrap(axes), count, training, momentum, eps, var_estimator, mask)
+    call = Call(
+        xp, _unwrap(axes), count, training, momentum, eps, var_estimator, mask, axis_name, groups
+    )
     return call, (running_mean, running_var, weight, bias)
 
 
@@ -301,13 +402,18 @@ def resolve_backward(
     axis: object,
     mask: Array | None,
     xp: ModuleType | None,
+    axis_name: object = None,
+    axis_index_groups: object = None,
 ) -> tuple[Call, tuple[Array, Array | None, Array, Array]]:
     """The call of :func:`anybn.batch_norm_backward`, and ``(dy, weight, mean, invstd)``.
 
     Raises as :func:`anybn.batch_norm_backward` documents. In eval the mask plays
-    no part (the statistics are constants) and the call holds none.
+    no part (the statistics are constants) and the call holds none, nor an
+    ``axis_name`` (nothing is synchronised).
     """
-    if xp is None and mask is None and type(training) is bool:
+    if xp is None and mask is None and axis_name is None and axis_index_groups is None and (
+        type(training) is bool
+    ):
         if mean is not None and invstd is not None:
             plain = _plain(x, (weight, mean, invstd), axis)
             if (
@@ -339,5 +445,11 @@ def resolve_backward(
         check_channel_vector(xp, a, name, channels[0] if len(axes) == 1 else channels, x.dtype)
     training = check_training(training)
     mask = check_mask(xp, mask, x)
-    call = Call(xp, _unwrap(axes), count, training, mask=mask if training else None)
+    axis_name, groups = resolve_axis_name(x, axis_name, axis_index_groups)
+    if not training:
+        mask, axis_name, groups = None, None, None
+    call = Call(
+        xp, _unwrap(axes), count, training, mask=mask, axis_name=axis_name,
+        axis_index_groups=groups,
+    )  # fmt: skip
     return call, (dy, weight, mean, invstd)

@@ -8,6 +8,7 @@ by pytest; run it directly::
 
     python tests/_dist_stress.py --runs 50 --load 2
     python tests/_dist_stress.py --runs 3 --scenario faults --scenario dead
+    python tests/_dist_stress.py --runs 5 --scenario late   # deadlines, ~40 s a run
 
 Each rank runs with ``PYTHONFAULTHANDLER=1`` (a fatal signal prints every thread's
 Python traceback) and its stderr goes to ``WORKDIR/run{i}/rank{r}.err``; the
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE))
 import test_distributed as td  # noqa: E402
 
 #: scenario -> (ranks, the exit codes every run must give)
-SCENARIOS = {"faults": (3, [0, 0, 0]), "dead": (2, [0, 17])}
+SCENARIOS = {"faults": (3, [0, 0, 0]), "dead": (2, [0, 17]), "late": (3, [0, 0, 0])}
 
 
 def _burn(stop: float) -> None:  # pragma: no cover - runs in a child process
@@ -73,6 +74,11 @@ def check(scenario: str, size: int, workdir: Path, codes: list[int | None]) -> s
                 return f"rank {rank}: {quiet} did not raise or changed state"
         if scenario == "dead" and report.get("forward") is None:
             return f"rank {rank} did not raise"
+        if scenario == "late":
+            steps = [name for name, _ in td.worker.LATE_STEPS]
+            quiet = [k for k in steps if (report.get(k) or [""])[0] != "CollectiveTimeout"]
+            if quiet:
+                return f"rank {rank}: {quiet} did not raise CollectiveTimeout"
     return None
 
 

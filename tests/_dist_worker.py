@@ -11,6 +11,8 @@ Scenarios
 ``exact``   every variant of :data:`VARIANTS` on this rank's shard of the batch.
 ``faults``  the recoverable fault cases, one after another on the same group.
 ``dead``    the last rank exits before the collective; the others must raise.
+``late``    a live rank that comes after the deadline (``timeout=``): every rank raises
+            CollectiveTimeout in time, and the group stays usable.
 ``ddp``     20 DistributedDataParallel steps of :func:`make_cnn` with SyncBatchNorm.
 ``single``  a group of one rank: everything behaves as local batch norm.
 """
@@ -51,6 +53,12 @@ ONE_RANK_FAULTS = (
     "mask", "axes", "biased", "backward_mask", "backward_axes", "layer_mask", "layer_biased",
 )  # fmt: skip
 DDP_STEPS, DDP_BATCH, DDP_LR = 20, 8, 0.1
+#: The deadline of the ``late`` scenario's calls; a late rank sleeps 1.5 times as long.
+LATE_TIMEOUT = float(os.environ.get("ANYBN_TEST_LATE_TIMEOUT", "4"))
+#: The late-scenario steps and the rank that comes late in each (-1: the last rank).
+LATE_STEPS = (
+    ("forward", -1), ("layer", -1), ("backward", -1), ("rank0_late", 0), ("module", -1),
+)  # fmt: skip
 
 
 def shard_bounds(splits: list[int], rank: int) -> tuple[int, int]:
@@ -365,9 +373,65 @@ def run_dead(r: Rank, data: dict) -> None:
     rm, rv = np.zeros(3), np.ones(3)
     r.attempt(
         "forward",
-        lambda: anybn.batch_norm(np.ones((4, 3)), rm, rv, training=True, comm=r.comm),
+        lambda: anybn.batch_norm(np.ones((4, 3)), rm, rv, training=True, comm=r.comm, timeout=5),
     )
     r.arrays["running_mean"], r.arrays["running_var"] = rm, rv
+
+
+def run_late(r: Rank, data: dict) -> None:
+    """A live rank sleeps past the deadline before each call: every rank raises
+    CollectiveTimeout within the deadline (the late one as soon as it comes), nothing
+    is updated, and the next calls pair as before (a call with a long timeout after each).
+    """
+    import time
+
+    import anybn
+    from anybn.distributed.deadline import GRACE
+
+    t = LATE_TIMEOUT
+    rng = np.random.default_rng(r.rank)
+    x, dy = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+
+    def aligned(name: str) -> None:
+        # every rank normalizes SAME_BATCH (mean 5): the call after a fault must pair
+        out = anybn.batch_norm(SAME_BATCH, training=True, comm=r.comm, timeout=120)
+        r.arrays[f"{name}:after"] = out.mean
+
+    aligned("start")  # (MPI: the first call also duplicates the communicator)
+    bn = anybn.BatchNorm(3, comm=r.comm, timeout=t)
+    grads_of = anybn.batch_norm(x, training=True, comm=r.comm, timeout=120)
+    calls = {
+        "forward": lambda: anybn.batch_norm(x, rm, rv, training=True, comm=r.comm, timeout=t),
+        "layer": lambda: bn(x),
+        "backward": lambda: anybn.batch_norm_backward(
+            dy, x, None, grads_of.mean, grads_of.invstd, comm=r.comm, timeout=t
+        ),
+        "rank0_late": lambda: anybn.batch_norm(x, training=True, comm=r.comm, timeout=t),
+    }
+    if r.engine == "gloo":
+        import torch
+
+        import anybn.torch as abt
+
+        module = abt.SyncBatchNorm(3, timeout=t).double()
+        calls["module"] = lambda: module(torch.from_numpy(x))
+    for name, late_rank in LATE_STEPS:
+        if name not in calls:
+            continue
+        late = r.rank == (late_rank % r.size)
+        if late:
+            time.sleep(1.5 * t + (GRACE if late_rank == 0 else 0.0))
+        start = time.monotonic()
+        r.attempt(name, calls[name])
+        r.report[f"{name}:seconds"] = time.monotonic() - start
+        aligned(name)
+    r.arrays["running_mean"], r.arrays["running_var"] = rm, rv
+    r.report["layer_unchanged"] = bn.num_batches_tracked == 0 and bool(
+        np.array_equal(bn.running_mean, np.zeros(3))
+    )
+    if r.engine == "gloo":
+        r.report["module_unchanged"] = int(module.num_batches_tracked) == 0
 
 
 def run_single(r: Rank, data: dict) -> None:
@@ -426,6 +490,7 @@ def main() -> None:
             "exact": run_exact,
             "faults": run_faults,
             "dead": run_dead,
+            "late": run_late,
             "ddp": run_ddp,
             "single": run_single,
         }[scenario](r, data)

@@ -1,7 +1,10 @@
 """Dask: lazy, chunked, out of core; NumPy vectors beside Dask x; unknown chunk sizes.
 
 Also pydata-sparse x with NumPy vectors (the other wrapping library) and the
-mixes that stay TypeErrors.
+mixes that stay TypeErrors. Where ``dask.distributed`` is installed, the forward,
+the backward, the layer and the out-of-core run also compute on a ``LocalCluster``
+of two worker processes on 127.0.0.1: the graphs must pickle, and the data stays
+on the workers (what comes back to the client is the per-channel results).
 """
 
 from __future__ import annotations
@@ -113,6 +116,96 @@ def test_out_of_core() -> None:
     np.testing.assert_allclose(result["y_mean"], 0.0, atol=1e-5)
     np.testing.assert_allclose(result["y_var"], 1.0, atol=1e-4)
     np.testing.assert_allclose(result["running_mean"], 10.0, atol=1e-3)  # 0.1 * 100
+    np.testing.assert_allclose(result["running_var"], 0.9 + 0.1 * 9.0, atol=1e-3)
+
+
+# --- on a cluster of two worker processes ----------------------------------------------
+
+#: Seconds any one computation on the cluster may take (starting it included).
+CLUSTER_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    """A LocalCluster of two single-threaded worker processes on loopback, and its client."""
+    distributed = pytest.importorskip("dask.distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, silence_logs=40,
+        ) as cluster,
+        distributed.Client(cluster, timeout=f"{CLUSTER_TIMEOUT}s") as c,
+    ):  # fmt: skip
+        c.wait_for_workers(2, timeout=CLUSTER_TIMEOUT)
+        yield c
+
+
+def _on_cluster(client: Any, *arrays: Any) -> list[np.ndarray]:
+    """Compute on the workers, bounded by CLUSTER_TIMEOUT, and bring back the results."""
+    futures = client.compute(list(arrays))
+    return [np.asarray(f.result(timeout=CLUSTER_TIMEOUT)) for f in futures]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_forward_and_backward_on_a_cluster(client: Any, masked: bool) -> None:
+    xn = _data(1)
+    mask_n = xn > 49.0 if masked else None
+    x = da.from_array(xn, chunks=(2, 3, 5))
+    mask = None if mask_n is None else da.from_array(mask_n, chunks=(3, 3, 10))
+    rm, rv, w, b = np.zeros(3), np.ones(3), np.full(3, 2.0), np.full(3, 0.5)
+    with dask.config.set(scheduler=_NoCompute()):  # nothing computed during the calls
+        out = anybn.batch_norm(x, rm, rv, w, b, training=True, mask=mask)
+        dy = da.sin(x)
+        grads = anybn.batch_norm_backward(dy, x, w, out.mean, out.invstd, mask=mask)
+    got = _on_cluster(client, *out, *grads)
+    want = anybn.batch_norm(xn, rm, rv, w, b, training=True, mask=mask_n)
+    want_g = anybn.batch_norm_backward(np.sin(xn), xn, w, want.mean, want.invstd, mask=mask_n)
+    for g, e in zip(got, (*want, *want_g), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_on_a_cluster(client: Any) -> None:
+    """The layer's training forward computes its running statistics with the client (the
+    default scheduler inside ``client.as_current()``); y and backward stay lazy."""
+    xn = _data(2)
+    bn, ref = anybn.BatchNorm(3), anybn.BatchNorm(3)
+    x = da.from_array(xn, chunks=(3, 3, 5))
+    with client.as_current(), dask.config.set(scheduler=client.get):
+        for step in range(2):
+            y = bn(x + step)
+            g = bn.backward(da.cos(x))
+            got_y, got_dx = _on_cluster(client, y, g.dx)
+            want_y = ref(xn + step)
+            want_g = ref.backward(np.cos(xn))
+            np.testing.assert_allclose(got_y, want_y, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(got_dx, want_g.dx, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(bn.running_var), ref.running_var, rtol=1e-12)
+    assert bn.num_batches_tracked == 2
+
+
+@pytest.mark.slow
+def test_out_of_core_on_a_cluster() -> None:
+    """1 GiB of float32 normalised by two worker processes capped at 640 MiB each, their
+    imports included (so the two could not hold x between them), spilling off: a worker
+    past its cap is killed and the computation fails. The client's memory stays flat."""
+    pytest.importorskip("dask.distributed")
+    script = Path(__file__).with_name("_out_of_core.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[1]), *sys.path])}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "1", "640", "--cluster"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["x_bytes"] == 2**30
+    room = sum(result["cap"] - start for start in result["worker_starts"])
+    assert room < result["x_bytes"], "the workers could have held x"
+    assert max(result["worker_peaks"]) < result["cap"]
+    assert result["rss_peak"] - result["rss_before"] < 128 * 2**20  # nothing came to the client
+    np.testing.assert_allclose(result["y_mean"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(result["y_var"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(result["running_mean"], 10.0, atol=1e-3)
     np.testing.assert_allclose(result["running_var"], 0.9 + 0.1 * 9.0, atol=1e-3)
 
 

@@ -312,7 +312,8 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
 def test_dead_rank_fails_fast(engine: str, tmp_path: Path) -> None:
     """A rank that exits before the collective: no rank is left waiting past the timeout.
 
-    gloo: the surviving ranks raise (the peer's connection closes) and report it.
+    gloo: the surviving rank raises CollectiveTimeout at the call's deadline (5 s), naming
+    the dead rank, and reports it.
     MPI: the launcher aborts the whole job (mpich's default), with a failing exit code.
     """
     size = 2
@@ -322,12 +323,52 @@ def test_dead_rank_fails_fast(engine: str, tmp_path: Path) -> None:
         assert codes[-1] == 17
         report = json.loads((tmp_path / "rank0.json").read_text())
         assert report["forward"] is not None, "rank 0 did not raise"
+        assert report["forward"][0] == "CollectiveTimeout", report["forward"]
+        assert "rank(s) [1] did not answer" in report["forward"][1]
         with np.load(tmp_path / "rank0.npz") as arrays:
             np.testing.assert_array_equal(arrays["running_mean"], np.zeros(3))
             np.testing.assert_array_equal(arrays["running_var"], np.ones(3))
     else:
         assert codes[0] != 0
         assert not (tmp_path / "rank0.json").exists()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_late_rank_times_out_on_every_rank(engine: str, tmp_path: Path) -> None:
+    """timeout=: a live rank that comes after the deadline. Each waiting rank raises
+    CollectiveTimeout within the deadline (+ GRACE where rank 0 is the late one) naming
+    it; the late rank raises as soon as it comes, naming itself; nothing is updated; and
+    the next call pairs as before. Forward, layer, backward, a late rank 0, and (gloo)
+    SyncBatchNorm; 3 ranks."""
+    from anybn.distributed.deadline import GRACE
+
+    size, t = 3, worker.LATE_TIMEOUT
+    slack = 3.0  # process scheduling on a loaded machine
+    codes = launch(engine, size, "late", tmp_path)
+    assert codes == [0] * len(codes), f"exit codes {codes}"
+    for rank, (report, arrays) in enumerate(results(tmp_path, size)):
+        assert report["done"], rank
+        for name, late_rank in worker.LATE_STEPS:
+            if name == "module" and engine != "gloo":
+                continue
+            late = late_rank % size
+            kind, message = report[name]
+            assert kind == "CollectiveTimeout", (rank, name, message)
+            assert "header exchange" in message, message
+            seconds = report[f"{name}:seconds"]
+            if rank == late:
+                assert f"this rank ({rank}) came after" in message, message
+                assert seconds < slack, (rank, name, seconds)
+            else:
+                assert f"rank(s) [{late}] did not answer" in message, message
+                limit = t + (GRACE if late == 0 else 0.0)
+                assert limit - 0.5 < seconds < limit + slack, (rank, name, seconds)
+            # the call after the fault pairs with every rank's: the shared batch's mean
+            np.testing.assert_array_equal(arrays[f"{name}:after"], np.full(3, 5.0))
+        np.testing.assert_array_equal(arrays["running_mean"], np.zeros(3))
+        assert report["layer_unchanged"], rank
+        if engine == "gloo":
+            assert report["module_unchanged"], rank
 
 
 @pytest.mark.skipif(not _has_gloo(), reason="torch.distributed gloo missing")

@@ -56,7 +56,7 @@ def _shallow(a: Any) -> bool:
     return len(a.__dask_graph__()) <= SHALLOW_TASKS_PER_CHUNK * max(1, a.npartitions)
 
 
-def clone(*arrays: Any) -> Any:
+def clone(*arrays: Any, second: bool = False) -> Any:
     """Independent copies of shallow Dask graphs (see the module docstring), one per array.
 
     Only arrays whose graphs are shallow (:data:`SHALLOW_TASKS_PER_CHUNK`) are
@@ -65,10 +65,32 @@ def clone(*arrays: Any) -> Any:
     loop) would cost more than holding its chunks, and clones of clones grow
     exponentially over a chain of such calls. Deep ones are returned as they are:
     Dask then keeps their chunks between the two passes.
+
+    ``second=True``: the copies are the second pass, whose chunks are only of use
+    once the statistics of the first are known: their tasks are annotated with a
+    lower priority (``dask.annotate(priority=-1)``), so that ``dask.distributed``,
+    whose workers otherwise load ready chunks as soon as a thread is free, runs
+    every task of the first pass first instead of loading the second pass's chunks
+    early and holding them until the statistics come (x again). The local
+    schedulers ignore the annotation; their ordering never does that. (Making the
+    copies depend on the statistics, ``dask.graph_manipulation.bind``, would do it
+    too, but it changes ``dask.order``'s ordering for the local schedulers, which
+    then hold x.)
     """
     from dask.graph_manipulation import clone as dask_clone
 
-    out = tuple(dask_clone(a) if _shallow(a) else a for a in arrays)
+    def copy(a: Any) -> Any:
+        if not _shallow(a):
+            return a
+        copied = dask_clone(a)
+        if second:
+            original = set(a.__dask_graph__().layers)
+            for name, layer in copied.__dask_graph__().layers.items():
+                if name not in original:
+                    layer.annotations = {**(layer.annotations or {}), "priority": -1}
+        return copied
+
+    out = tuple(copy(a) for a in arrays)
     return out if len(arrays) > 1 else out[0]
 
 
@@ -177,7 +199,7 @@ def _moments(call: Call, x: Array, xc: Array) -> Moments:
     mean_b, m2 = as_dtype(xp, mean64, cdt), as_dtype(xp, m2_64, cdt)
     # centre on the rounded mean, fold its rounding error into the shift (as the generic does)
     corr = as_dtype(xp, mean64 - as_dtype(xp, mean_b, mean64.dtype), cdt)
-    return Moments(n, mean_b, m2, clone(xc) - mean_b, corr, None)
+    return Moments(n, mean_b, m2, clone(xc, second=True) - mean_b, corr, None)
 
 
 def _sums(call: Call, dy: Array, dyc: Array, x: Array, centered: Array, mean_b: Array) -> Sums:
@@ -192,8 +214,8 @@ def _sums(call: Call, dy: Array, dyc: Array, x: Array, centered: Array, mean_b: 
         for s in backward_sums(xp, dyc, as_dtype(xp, x, cdt), mean_b, call.axis, mask)
     )
     if mask is not None:
-        mask = clone(mask)
-    x_again, dy_again = clone(x, dy)
+        mask = clone(mask, second=True)
+    x_again, dy_again = clone(x, dy, second=True)
     centered = as_dtype(xp, x_again, cdt) - mean_b
     return Sums(sum_dy, sum_dy_centered, centered, as_dtype(xp, dy_again, cdt), mask)
 

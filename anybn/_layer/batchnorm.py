@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _kernels as kernels
 from .._api import BatchNormGrads, batch_norm, batch_norm_backward
-from .._call import resolve_forward
+from .._call import resolve_forward, resolve_timeout
 from .._checks import (
     check_bool,
     check_eps,
@@ -76,6 +76,9 @@ class _Saved(NamedTuple):
     axis: int | tuple[int, ...]
     comm: Any = None
     mask: Array | None = None
+    timeout: float | None = None
+    axis_name: Any = None
+    axis_index_groups: Any = None
 
 
 def _kinds(arrays: Arrays) -> tuple[Any, ...]:
@@ -214,6 +217,20 @@ class BatchNorm:
         ProcessGroup, an mpi4py communicator, ``"torch"``, ``"mpi"`` or an
         :class:`anybn.distributed.Communicator`, as for :func:`anybn.batch_norm`.
         Every rank then holds the same running statistics. None: local.
+    timeout : float or datetime.timedelta, optional
+        With ``comm``: how long a rank waits for the others in each synchronized
+        call, as for :func:`anybn.batch_norm` (None: the engine's default). A
+        forward that times out raises :class:`anybn.distributed.CollectiveTimeout`
+        on every rank and leaves the layer as it was.
+    axis_name : str or tuple of str, optional
+        JAX only: synchronize the batch statistics over the devices of this named
+        axis (``jax.pmap``, ``jax.shard_map``) in training, as for
+        :func:`anybn.batch_norm`. The layer keeps state and runs eagerly, so inside
+        those transformations only a layer without running statistics
+        (``track_running_stats=False``) trains; keep the running statistics as
+        explicit state with :func:`anybn.batch_norm` otherwise.
+    axis_index_groups : sequence of sequences of int, optional
+        With ``axis_name``: the groups of devices that share statistics.
     var_estimator : {"unbiased", "biased"}, optional
         The variance the running variance accumulates: unbiased (PyTorch,
         Chainer; the default) or biased (Keras, Flax; see
@@ -310,6 +327,9 @@ class BatchNorm:
         comm: Any = None,
         var_estimator: str = "unbiased",
         frozen: bool = False,
+        timeout: Any = None,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
     ) -> None:
         self.num_features = _check_num_features(num_features)
         self.var_estimator = check_var_estimator(var_estimator)
@@ -337,6 +357,15 @@ class BatchNorm:
         self._lock = threading.RLock()
         self._local = threading.local()
         self.comm = comm
+        self.timeout = None if timeout is None else resolve_timeout(timeout)
+        if axis_index_groups is not None and axis_name is None:
+            raise ValueError("axis_index_groups needs axis_name (the named axis it splits)")
+        if axis_name is not None and comm is not None:
+            raise ValueError(
+                "comm= (processes) and axis_name= (JAX devices) cannot be combined; pass one"
+            )
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
         if self.num_features is not None:
             self._set_arrays(self._fresh(self.num_features, self._placement()))
 
@@ -511,7 +540,15 @@ class BatchNorm:
         recorder = self._recorder
         if recorder is not None:  # anybn.recalibrate is running
             return recorder.forward(self, x, mask)
-        if mask is None and (self.comm is None or not self.training or self.frozen):
+        if (
+            mask is None
+            and (self.comm is None or not self.training or self.frozen)
+            and (
+                self.axis_name is None
+                or self.frozen
+                or not uses_batch_stats(self.training, self.track_running_stats)
+            )
+        ):
             with self._lock:
                 hit = self._forward_resolved(x)
             if hit is not None:
@@ -552,7 +589,9 @@ class BatchNorm:
                 factor = running_factor(self.momentum, count)
             use_batch_stats = uses_batch_stats(training, self.track_running_stats)
             comm = self.comm if training else None
-            if comm is None and mask is None:
+            axis_name = self.axis_name if use_batch_stats else None
+            groups = self.axis_index_groups if axis_name is not None else None
+            if comm is None and mask is None and axis_name is None:
                 # The one validation of the call; kept (per thread) for the next calls
                 # with the same kind of x (see _forward_resolved).
                 call, _ = resolve_forward(
@@ -578,6 +617,9 @@ class BatchNorm:
                     mask=mask,
                     var_estimator=self.var_estimator,
                     comm=comm,
+                    timeout=self.timeout if comm is not None else None,
+                    axis_name=axis_name,
+                    axis_index_groups=groups,
                     xp=xp,
                 )
             mean, invstd = out.mean, out.invstd
@@ -594,8 +636,9 @@ class BatchNorm:
             self.num_features = channels
             self._set_arrays(arrays)
             self._local.saved = _Saved(
-                xp, x, arrays.weight, mean, invstd, use_batch_stats, axis, comm, mask
-            )
+                xp, x, arrays.weight, mean, invstd, use_batch_stats, axis, comm, mask,
+                self.timeout if comm is not None else None, axis_name, groups,
+            )  # fmt: skip
             if compat.is_torch_array(x):
                 _RESOLVED_TYPES.add(type(x))
             self._local.resolved = (
@@ -615,7 +658,7 @@ class BatchNorm:
         """The options a kept call was resolved with (compared by identity, see _Kept)."""
         return (
             self.training, self.track_running_stats, self.axis, self.eps,
-            self.var_estimator, self.momentum, self.frozen,
+            self.var_estimator, self.momentum, self.frozen, self.axis_name,
         )  # fmt: skip
 
     def _forward_resolved(self, x: Any) -> Array | None:
@@ -700,6 +743,9 @@ class BatchNorm:
             axis=saved.axis,
             mask=saved.mask,
             comm=saved.comm,
+            timeout=saved.timeout,
+            axis_name=saved.axis_name,
+            axis_index_groups=saved.axis_index_groups,
             xp=saved.xp,
         )
 

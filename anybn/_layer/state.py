@@ -181,6 +181,8 @@ def restore(layer: BatchNorm, state: dict[str, Any]) -> None:
                 state[key] = compat.to_device(state[key], live)
         state["_storage"] = Storage(xp, live, dtype)
     state.setdefault("var_estimator", "unbiased")  # pickles from before the option
+    for key in ("timeout", "axis_name", "axis_index_groups"):  # (from before these options)
+        state.setdefault(key, None)
     layer.__dict__.update(state)
     layer._lock = threading.RLock()
     layer._local = threading.local()

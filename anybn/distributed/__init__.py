@@ -12,6 +12,10 @@ the two per-channel sums of the backward. ``comm`` may be
   directly; CuPy and other arrays staged through host memory);
 - a :class:`Communicator` (subclass it to bring another engine).
 
+Every synchronized call takes ``timeout=``: a rank that does not make the call in
+time makes every rank raise :class:`CollectiveTimeout`, naming the collective and
+the ranks that did not answer (``anybn.distributed.deadline``).
+
 For PyTorch models use :class:`anybn.torch.SyncBatchNorm`. Neither torch nor
 mpi4py is imported by ``import anybn``; this module imports them only when a
 communicator of that engine is created. See the guide "Data-parallel training".
@@ -27,5 +31,12 @@ Examples
 from __future__ import annotations
 
 from .comm import Communicator, MPIComm, TorchComm, as_communicator
+from .deadline import CollectiveTimeout
 
-__all__ = ["Communicator", "MPIComm", "TorchComm", "as_communicator"]
+__all__ = [
+    "CollectiveTimeout",
+    "Communicator",
+    "MPIComm",
+    "TorchComm",
+    "as_communicator",
+]

@@ -28,7 +28,10 @@ two global corrections.
 
 Before the statistics, the ranks exchange a small header of ints (operation,
 local check status, channel count, dtype, device type, local count) in a cheap
-first collective, so that a rank with another channel count, dtype or device
+first exchange (coordinated by rank 0 with a deadline, see
+``anybn.distributed.deadline``: a rank that does not come in ``timeout``
+seconds makes every rank raise :class:`~anybn.distributed.CollectiveTimeout`
+naming it), so that a rank with another channel count, dtype or device
 type, or a rank whose own arguments failed their checks, makes *every* rank
 raise, instead of a collective on mismatched buffers. The header also carries
 the counts: the global count ``N`` is known before the statistics move, so
@@ -56,7 +59,7 @@ from typing import Any, NamedTuple, TypeVar
 import array_api_compat as compat
 
 from .. import _kernels as kernels
-from .._call import Call, resolve_backward, resolve_forward
+from .._call import Call, resolve_backward, resolve_forward, resolve_timeout
 from .._checks import check_eps, check_momentum, check_var_estimator
 from .._core.generic import running_update
 from .._core.outputs import BatchNormGrads, BatchNormOutput
@@ -70,7 +73,7 @@ from .._xp import (
     reduction_axes,
     writeable,
 )
-from .comm import Communicator, as_communicator
+from .comm import Communicator, MPIComm, TorchComm, as_communicator
 
 __all__ = [
     "SyncForward",
@@ -132,6 +135,24 @@ def _name(table: tuple[str, ...], code: int) -> str:
     return table[code] if 0 <= code < len(table) else "unknown"
 
 
+def timed(comm: Communicator, timeout: float | None, what: str) -> dict[str, Any]:
+    """The keywords of a collective: ``timeout`` when given, and the name of the exchange
+    for anybn's own communicators (a user's subclass may take neither)."""
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if isinstance(comm, (TorchComm, MPIComm)):
+        kwargs["what"] = what
+    return kwargs
+
+
+def _lenient_timeout(timeout: object) -> float | None:
+    """``timeout`` resolved, or None (the engine's default) where it is invalid: the
+    header of a rank whose own checks failed (that failure is reported) still goes."""
+    try:
+        return resolve_timeout(timeout)
+    except (TypeError, ValueError):
+        return None
+
+
 def _agree(
     comm: Communicator,
     op: int,
@@ -139,6 +160,7 @@ def _agree(
     error: BaseException | None,
     x: Any,
     axis: int | None,
+    timeout: object = None,
 ) -> list[int]:
     """Exchange headers; raise on every rank unless all ranks agree. Returns the counts.
 
@@ -149,8 +171,10 @@ def _agree(
     its own error (from the exchange's).
     """
     _exchanges.count = getattr(_exchanges, "count", 0) + 1
+    what = f"{_OPS[op]} header exchange"
+    kwargs = timed(comm, _lenient_timeout(timeout), what)
     try:
-        rows = comm.all_gather_ints(_header(op, local, x, axis), like=x)
+        rows = comm.all_gather_ints(_header(op, local, x, axis), like=x, **kwargs)
     except Exception as failure:  # the ranks could not be told (no group, a dead peer)
         if error is not None:
             raise error from failure  # this rank's own error comes first
@@ -204,7 +228,7 @@ _exchanges = threading.local()
 
 @contextmanager
 def failures_reported(
-    comm: object, x: Any, axis: object = 1, *, backward: bool = False
+    comm: object, x: Any, axis: object = 1, *, backward: bool = False, timeout: object = None
 ) -> Iterator[None]:
     """Make an error raised before this rank reached the header exchange fail every rank.
 
@@ -214,7 +238,8 @@ def failures_reported(
     any header was exchanged, this rank still takes part in the exchange, as a
     failed rank, so that the other ranks raise too instead of waiting in the
     collective (or pairing with this rank's next call). Then the error
-    propagates. ``backward``: the exchange is that of :func:`batch_norm_backward`.
+    propagates. ``backward``: the exchange is that of :func:`batch_norm_backward`;
+    ``timeout``: that of the call (the engine's default where it is invalid).
     """
     before = getattr(_exchanges, "count", 0)
     try:
@@ -222,7 +247,7 @@ def failures_reported(
     except Exception as exc:
         if getattr(_exchanges, "count", 0) == before:
             op = _BACKWARD if backward else _FORWARD
-            _agree(as_communicator(comm), op, None, exc, x, _axis_or_none(axis, x))
+            _agree(as_communicator(comm), op, None, exc, x, _axis_or_none(axis, x), timeout)
         raise
 
 
@@ -232,7 +257,8 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 def reports_failures(method: _Method) -> _Method:
     """Decorate a layer's ``forward(self, x)``: :func:`failures_reported` when it syncs.
 
-    It syncs when ``self.comm`` is set and ``self.training`` is true.
+    It syncs when ``self.comm`` is set and ``self.training`` is true; the exchange
+    has ``self.timeout``.
     """
 
     @functools.wraps(method)
@@ -240,19 +266,26 @@ def reports_failures(method: _Method) -> _Method:
         comm = getattr(self, "comm", None)
         if comm is None or not getattr(self, "training", False):
             return method(self, x, *args, **options)
-        with failures_reported(comm, x, getattr(self, "axis", 1)):
+        timeout = getattr(self, "timeout", None)
+        with failures_reported(comm, x, getattr(self, "axis", 1), timeout=timeout):
             return method(self, x, *args, **options)
 
     return wrapper  # type: ignore[return-value]
 
 
-def check_options(axis: object, mask: object, var_estimator: object) -> object:
+def check_options(
+    axis: object, mask: object, var_estimator: object, axis_name: object = None
+) -> object:
     """The options that ``comm=`` does not support in training raise; returns the axis.
 
     One channel axis (an int, or a sequence of one), no ``mask``, the unbiased
-    estimator. Run inside the agreement (:func:`forward`, :func:`failures_reported`),
-    so that a rank whose options fail makes every rank raise.
+    estimator, no JAX ``axis_name``. Run inside the agreement (:func:`forward`,
+    :func:`failures_reported`), so that a rank whose options fail makes every rank raise.
     """
+    if axis_name is not None:
+        raise ValueError(
+            "comm= (processes) and axis_name= (JAX devices) cannot be combined; pass one"
+        )
     if isinstance(axis, (tuple, list)):
         if len(axis) != 1:
             raise ValueError(
@@ -383,6 +416,7 @@ class SyncForward(NamedTuple):
     out: BatchNormOutput
     total_count: int
     call: Call
+    timeout: float | None = None  #: the call's, for its backward
 
 
 def forward(
@@ -400,6 +434,8 @@ def forward(
     mask: object = None,
     var_estimator: object = "unbiased",
     momentum_range: bool = True,
+    timeout: object = None,
+    axis_name: object = None,
 ) -> SyncForward:
     """The synchronized training forward; see :func:`batch_norm`.
 
@@ -407,12 +443,15 @@ def forward(
     header, so that a check failing on one rank fails every rank.
     ``momentum_range=False`` accepts any float momentum, as
     ``torch.nn.SyncBatchNorm`` does (for :class:`anybn.torch.SyncBatchNorm`).
+    ``timeout``: each exchange's deadline (None: the engine's default).
     """
     communicator = as_communicator(comm)
     local: Call | None = None
     error: BaseException | None = None
+    seconds: float | None = None
     try:
-        axis = check_options(axis, mask, var_estimator)
+        axis = check_options(axis, mask, var_estimator, axis_name)
+        seconds = resolve_timeout(timeout)
         momentum = check_momentum(momentum) if momentum_range else float(momentum)
         eps = check_eps(eps)
         check_autodiff(x, running_mean, running_var, weight, bias)
@@ -422,7 +461,7 @@ def forward(
         running_mean, running_var, weight, bias = vectors
     except Exception as exc:  # tell the other ranks before raising
         error = exc
-    counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_none(axis, x))
+    counts = _agree(communicator, _FORWARD, local, error, x, _axis_or_none(axis, x), timeout)
     assert local is not None
     total = sum(counts)
     if total == 1:
@@ -435,10 +474,12 @@ def forward(
     channels = int(x.shape[axis])
     if total == 0:  # every shard empty: the core's empty batch (NaN statistics, as torch)
         out = kernels.forward(local, x, running_mean, running_var, weight, bias)
-        return SyncForward(out, 0, local)
+        return SyncForward(out, 0, local, seconds)
     cdt = compute_dtype(xp, x.dtype)
     pair_and_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
-    gathered = communicator.all_gather(xp.concat(pair_and_m2))  # (ranks, 3C): m1, correction, M2
+    gathered = communicator.all_gather(  # (ranks, 3C): m1, correction, M2
+        xp.concat(pair_and_m2), **timed(communicator, seconds, "statistics all-gather")
+    )
 
     # Chan's merge, in rank order on every rank, of the means measured from an anchor:
     # the first non-empty rank's m1. Each rank's mean is anchor + offset, with the
@@ -477,8 +518,9 @@ def forward(
             total, (channels,),
         )  # fmt: skip
     return SyncForward(
-        BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total, local
-    )
+        BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total, local,
+        seconds,
+    )  # fmt: skip
 
 
 def checked_backward(
@@ -492,6 +534,8 @@ def checked_backward(
     mask: Array | None,
     xp: ModuleType | None,
     comm: object,
+    timeout: object = None,
+    axis_name: object = None,
 ) -> BatchNormGrads:
     """The synchronized training backward of :func:`anybn.batch_norm_backward`.
 
@@ -501,17 +545,23 @@ def checked_backward(
     communicator = as_communicator(comm)
     local: Call | None = None
     error: BaseException | None = None
+    seconds: float | None = None
     try:
-        axis = check_options(axis, mask, "unbiased")
+        axis = check_options(axis, mask, "unbiased", axis_name)
+        seconds = resolve_timeout(timeout)
         check_autodiff(dy, x, weight, mean, invstd, differentiable=False)
         local, (dy, weight, mean, invstd) = resolve_backward(
             dy, x, weight, mean, invstd, training=True, axis=axis, mask=None, xp=xp
         )
     except Exception as exc:  # tell the other ranks before raising
         error = exc
-    total_count = sum(_agree(communicator, _BACKWARD, local, error, x, _axis_or_none(axis, x)))
+    total_count = sum(
+        _agree(communicator, _BACKWARD, local, error, x, _axis_or_none(axis, x), timeout)
+    )
     assert local is not None
-    return backward(communicator, local, dy, x, weight, mean, invstd, total_count)
+    return backward(
+        communicator, local, dy, x, weight, mean, invstd, total_count, timeout=seconds
+    )
 
 
 def backward(
@@ -525,6 +575,7 @@ def backward(
     total_count: int,
     d_mean: Array | None = None,
     d_invstd: Array | None = None,
+    timeout: float | None = None,
 ) -> BatchNormGrads:
     """The synchronized training backward on checked arguments: one all-reduce.
 
@@ -552,7 +603,9 @@ def backward(
     parts = [sum_dy, sum_dy_xhat]
     if d_mean is not None and d_invstd is not None:
         parts += [_as(xp, d_mean, cdt), _as(xp, d_invstd, cdt)]
-    sums = communicator.all_reduce(xp.concat(parts))
+    sums = communicator.all_reduce(
+        xp.concat(parts), **timed(communicator, timeout, "sums all-reduce")
+    )
 
     # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), scale = weight * invstd:
     # the eval dx (scale * dy) less the two terms through the global statistics.

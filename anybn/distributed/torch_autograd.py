@@ -42,14 +42,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         comm: Communicator,
         stats: bool,
         momentum_range: bool,
+        timeout: float | None = None,
     ) -> tuple[Tensor | None, ...]:
-        out, total, call = _sync.forward(
+        out, total, call, seconds = _sync.forward(
             x, running_mean, running_var, weight, bias,
             momentum=momentum, eps=eps, axis=axis, xp=None, comm=comm,
-            momentum_range=momentum_range,
+            momentum_range=momentum_range, timeout=timeout,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, out.mean, out.invstd)
         ctx.comm, ctx.total, ctx.call, ctx.stats = comm, total, call, stats
+        ctx.timeout = seconds
         fixed = [out.new_running_mean, out.new_running_var]
         if not stats:
             fixed += [out.mean, out.invstd]
@@ -69,13 +71,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
             ctx.comm, ctx.call, dy.contiguous(), x, weight, mean, invstd, ctx.total,
             _zeros_if_none(d_mean, mean) if stats else None,
             _zeros_if_none(d_invstd, invstd) if stats else None,
+            timeout=ctx.timeout,
         )  # fmt: skip
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
             _as_param(dweight, weight) if need_weight else None,
             _as_param(dbias, weight) if need_bias else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -99,6 +102,7 @@ def function_batch_norm(
     eps: float,
     axis: object,
     comm: Communicator,
+    timeout: float | None = None,
 ) -> BatchNormOutput:
     """:func:`anybn.batch_norm` with ``comm=`` on tensors that autograd records.
 
@@ -106,6 +110,7 @@ def function_batch_norm(
     (the synchronized backward); the new running statistics carry no graph.
     """
     y, mean, invstd, new_mean, new_var = SyncBatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, momentum, eps, axis, comm, True, True
+        x, weight, bias, running_mean, running_var, momentum, eps, axis, comm, True, True,
+        timeout,
     )
     return BatchNormOutput(y, mean, invstd, new_mean, new_var)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._call import resolve_timeout
 from ..distributed import sync as _sync
 from ..distributed.comm import TorchComm
 from ..distributed.torch_autograd import SyncBatchNormFunction as _SyncBatchNormFunction
@@ -56,6 +57,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     rounded once. Double backward, forward-mode AD and ``torch.func``
     transforms are not supported (as in PyTorch; refused on every rank).
 
+    One keyword more than PyTorch's: ``timeout`` (seconds or a ``timedelta``; None,
+    the default, is the process group's timeout) bounds each exchange of a
+    synchronized forward and backward: a rank that does not make the call in
+    time makes every rank raise :class:`anybn.distributed.CollectiveTimeout`,
+    naming the ranks that did not answer.
+
     Examples
     --------
     >>> import torch
@@ -79,6 +86,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        timeout: Any = None,
     ) -> None:
         # bias= only when False: torch before 2.10 has no such argument.
         no_bias = {} if bias else {"bias": False}
@@ -87,6 +95,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             device=device, dtype=dtype, **no_bias,
         )  # fmt: skip
         self.process_group = process_group
+        self.timeout = resolve_timeout(timeout)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -122,7 +131,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if comm is None:
             return self._forward(input, None)
         # A rank whose input fails the checks below still tells the others.
-        with _sync.failures_reported(comm, input):
+        with _sync.failures_reported(comm, input, timeout=getattr(self, "timeout", None)):
             return self._forward(input, comm)
 
     def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:
@@ -138,7 +147,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             _sync.check_autodiff(input, self.weight, self.bias, running_mean, running_var)
             y, _, _, new_mean, new_var = _SyncBatchNormFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, factor, self.eps,
-                1, comm, False, False,
+                1, comm, False, False, getattr(self, "timeout", None),
             )  # fmt: skip
             if new_mean is not None:
                 assert running_mean is not None and running_var is not None

@@ -28,6 +28,14 @@ def numpy_calls(x: npt.NDArray[np.float32]) -> None:
     assert_type(bn.forward(x), npt.NDArray[np.float32])
     bn.backward(np.ones_like(y))
     merged = anybn.chan_merge(3, x.mean(axis=0), x.var(axis=0), 2.0, rm, rv)
+    # the synchronisation options: a deadline (seconds or a timedelta), a JAX axis name
+    import datetime
+
+    anybn.batch_norm(x, training=True, comm="mpi", timeout=30.0)
+    anybn.batch_norm(x, training=True, comm="mpi", timeout=datetime.timedelta(seconds=30))
+    anybn.batch_norm_backward(x, x, None, out.mean, out.invstd, comm="mpi", timeout=5)
+    anybn.batch_norm(x, training=True, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]])
+    anybn.BatchNorm(3, comm="mpi", timeout=60.0)
     assert_type(merged[1], Any)  # the statistics stay in the input's library, untyped
 
 
