@@ -48,7 +48,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .._core.outputs import BatchNormGrads, BatchNormOutput
-from .pool import _executor, _memory_order, _quietly, get_num_threads, native_order
+from .pool import (
+    _executor,
+    _memory_order,
+    _quietly,
+    get_num_threads,
+    native_order,
+    tbb_layer,
+    tbb_threads,
+)
 
 if TYPE_CHECKING:
     from .._call import Call
@@ -74,7 +82,8 @@ numba = _import_numba()
 #: Whether the compiled kernels are available (Numba installed, ``ANYBN_NUMBA`` not 0).
 AVAILABLE = numba is not None
 
-#: Inputs with at least this many values use Numba's threads.
+#: Inputs with at least this many values share their passes among the Python pool's threads
+#: (where Numba's TBB layer is missing: tens of microseconds a pass).
 PARALLEL_MIN = 1 << 18
 
 #: Values per work item of a reduction (a block that stays in L1/L2 while it is read).
@@ -83,8 +92,16 @@ CHUNK = 1 << 14
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
 
+#: Inputs with at least this many values split their passes among threads on Numba's TBB
+#: layer (a few microseconds a pass); :data:`PARALLEL_MIN` with the Python pool.
+TBB_MIN = 1 << 16
+
 if numba is not None:
+    from numba import prange
+
     from .half import read, written
+else:  # pragma: no cover - the kernels are plain Python then, never called
+    prange = range
 
 
 def supports(x: Any) -> bool:
@@ -114,6 +131,16 @@ def _jit(fn: Any) -> Any:
     return numba.njit(
         fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy"
     )(fn)
+
+
+def _jit_parallel(fn: Any) -> Any:
+    """:func:`_jit` with Numba's parallel loops (``prange``), run on its TBB layer."""
+    if numba is None:
+        return fn
+    return numba.njit(
+        fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy",
+        parallel=True,
+    )(fn)  # fmt: skip
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -183,7 +210,19 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
-            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+            r, r1 = blk * rows, min(p_, (blk + 1) * rows)
+            while r + 4 <= r1:  # four rows a sweep: a quarter of the table traffic
+                xa, xb, xc, xd = x2[r], x2[r + 1], x2[r + 2], x2[r + 3]
+                for c in range(c_):
+                    k = piv[c]
+                    da = np.float64(read(xa[c])) - k
+                    db = np.float64(read(xb[c])) - k
+                    dc = np.float64(read(xc[c])) - k
+                    dd = np.float64(read(xd[c])) - k
+                    t1[c] += (da + db) + (dc + dd)
+                    t2[c] += (da * da + db * db) + (dc * dc + dd * dd)
+                r += 4
+            for r in range(r, r1):
                 xr = x2[r]
                 for c in range(c_):
                     d = np.float64(read(xr[c])) - piv[c]
@@ -305,7 +344,22 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
-            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
+            r, r1 = blk * rows, min(p_, (blk + 1) * rows)
+            while r + 4 <= r1:  # four rows a sweep (see _stats)
+                xa, xb, xc, xd = x2[r], x2[r + 1], x2[r + 2], x2[r + 3]
+                ga, gb, gc, gd = g2[r], g2[r + 1], g2[r + 2], g2[r + 3]
+                for c in range(c_):
+                    m = mean[c]
+                    a = np.float64(read(ga[c]))
+                    b = np.float64(read(gb[c]))
+                    e = np.float64(read(gc[c]))
+                    f = np.float64(read(gd[c]))
+                    t1[c] += (a + b) + (e + f)
+                    t2[c] += (a * (np.float64(read(xa[c])) - m) + b * (np.float64(read(xb[c])) - m)) + (
+                        e * (np.float64(read(xc[c])) - m) + f * (np.float64(read(xd[c])) - m)
+                    )
+                r += 4
+            for r in range(r, r1):
                 xr = x2[r]
                 gr = g2[r]
                 for c in range(c_):
@@ -414,8 +468,60 @@ def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows,
     _grad(dy, x, vec, rows, training, 0, ne, dx)
 
 
+@_jit_parallel
+def _forward_parallel(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
+                      rm_out, rv_out, y, stats, threads):  # fmt: skip  # pragma: no cover
+    """:func:`_forward_serial` with each pass split among ``threads`` threads of Numba's
+    (TBB) layer: one compiled call, no Python between the passes. The items are those of
+    the serial kernels, each writing its own place of the tables, so the bits do not
+    depend on the split. Each pass is ``threads`` parts, one a thread (a ``prange`` of
+    ``threads`` iterations: at most that many threads take part, whatever Numba's own
+    count; calling ``numba.set_num_threads`` here would keep the function out of Numba's
+    disk cache). Where the machine has taken a thread away, TBB's calling thread runs the
+    part left waiting itself."""
+    c_ = x.shape[1]
+    nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
+    if training:
+        parts = min(nr, threads)
+        for i in prange(parts):
+            _stats(x, chunk, rows, nr * i // parts, nr * (i + 1) // parts, s1, s2)
+    vec = np.empty((3, c_), stats.dtype)
+    _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
+                    stats[0], stats[1], rm_out, rv_out, vec)  # fmt: skip
+    # elementwise: planes, or single rows (no table: any split will do)
+    ne, step = (ne, rows) if x.shape[2] > 1 else (x.shape[0], 1)
+    parts = min(ne, threads)
+    for i in prange(parts):
+        _affine(x, vec, step, ne * i // parts, ne * (i + 1) // parts, y)
+
+
+@_jit_parallel
+def _backward_parallel(dy, x, w, mean, invstd, training, chunk, rows,
+                       dx, grads, threads):  # fmt: skip  # pragma: no cover - compiled
+    """:func:`_backward_serial` with each pass split among ``threads`` threads (see
+    :func:`_forward_parallel`)."""
+    c_ = x.shape[1]
+    nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
+    parts = min(nr, threads)
+    for i in prange(parts):
+        _sums(dy, x, mean, chunk, rows, nr * i // parts, nr * (i + 1) // parts, s1, s2)
+    vec = np.empty((4, c_), grads.dtype)
+    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, grads[0], grads[1], vec)
+    ne, step = (ne, rows) if x.shape[2] > 1 else (x.shape[0], 1)
+    parts = min(ne, threads)
+    for i in prange(parts):
+        _grad(dy, x, vec, step, training, ne * i // parts, ne * (i + 1) // parts, dx)
+
+
 def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
-    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among anybn's threads (no GIL held)."""
+    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among the Python pool's threads
+    (no GIL held): where Numba's TBB layer is not available."""
     pool, threads = _executor()
     parts = min(threads, items)
     bounds = [items * i // parts for i in range(parts + 1)]
@@ -501,6 +607,17 @@ def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
         _LAYOUTS.clear()
     _LAYOUTS[key] = lay
     return xc, lay
+
+
+def _threads(size: int) -> int:
+    """How an input of ``size`` values runs: 1 on the calling thread, ``n > 1`` on ``n``
+    threads of Numba's TBB layer, 0 on the Python pool's threads."""
+    threads = get_num_threads()
+    if threads == 1 or size < TBB_MIN:
+        return 1
+    if tbb_layer():
+        return tbb_threads(threads)
+    return 1 if size < PARALLEL_MIN else 0
 
 
 _EMPTY = {dt: np.empty(0, dtype=dt) for dt in (np.float32, np.float64)}
@@ -606,9 +723,13 @@ def forward_laid(
     y = np.empty(lay.shape, dtype=xc.dtype)
     yv = (y.view(np.uint16) if lay.half else y).reshape(view)
     stats = np.empty((2, view[1]), dtype=compute)
-    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+    threads = _threads(xc.size)
+    if threads == 1:
         _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
                         rm_out, rv_out, yv, stats)  # fmt: skip
+    elif threads > 1:
+        _forward_parallel(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
+                          rm_out, rv_out, yv, stats, threads)  # fmt: skip
     else:
         rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
         vec = np.empty((3, view[1]), dtype=compute)
@@ -670,8 +791,11 @@ def backward_laid(
     dx = np.empty(lay.shape, dtype=xc.dtype)
     dxv = (dx.view(np.uint16) if lay.half else dx).reshape(view)
     grads = np.empty((2, view[1]), dtype=compute)
-    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+    threads = _threads(xc.size)
+    if threads == 1:
         _backward_serial(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads)
+    elif threads > 1:
+        _backward_parallel(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads, threads)
     else:
         rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
         vec = np.empty((4, view[1]), dtype=compute)
