@@ -133,14 +133,22 @@ def _jit(fn: Any) -> Any:
     )(fn)
 
 
-def _jit_parallel(fn: Any) -> Any:
-    """:func:`_jit` with Numba's parallel loops (``prange``), run on its TBB layer."""
+def _jit_exact(fn: Any) -> Any:
+    """:func:`_jit` without fast-math: the per-channel arithmetic between the passes, and the
+    functions that call the passes. With contraction allowed there, whether ``a * b + c``
+    became one fused multiply-add depended on where LLVM inlined the arithmetic, and even on
+    whether the caller came from Numba's disk cache (the running mean of float64 input
+    differed in its last bit). The passes keep their own fast-math flags when inlined."""
     if numba is None:
         return fn
-    return numba.njit(
-        fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy",
-        parallel=True,
-    )(fn)  # fmt: skip
+    return numba.njit(nogil=True, cache=True, error_model="numpy")(fn)
+
+
+def _jit_parallel(fn: Any) -> Any:
+    """:func:`_jit_exact` with Numba's parallel loops (``prange``), run on its TBB layer."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, error_model="numpy", parallel=True)(fn)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
                 s2[blk * c_ + c] = t2[c]
 
 
-@_jit
+@_jit_exact
 def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
     """Per-channel totals of a partial-sum table, in a fixed order."""
     p_, c_, s_ = shape
@@ -255,7 +263,7 @@ def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
     return a, q
 
 
-@_jit
+@_jit_exact
 def _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
                     mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
     """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``.
@@ -371,7 +379,7 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
                 s2[blk * c_ + c] = t2[c]
 
 
-@_jit
+@_jit_exact
 def _backward_finish(x, w, mean_in, invstd_in, training, chunk, s1, s2,
                      dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
     """dweight, dbias and the per-channel (centre, negk, mean dy, scale) in ``vec``."""
@@ -433,7 +441,7 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
                         dx[r, c, 0] = written(dx, read(dy[r, c, 0]) * vec[3, c])
 
 
-@_jit
+@_jit_exact
 def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
                     rm_out, rv_out, y, stats):  # fmt: skip  # pragma: no cover - compiled
     """The whole forward on the calling thread, for small inputs: y, and ``(mean, invstd)``
@@ -452,7 +460,7 @@ def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
     _affine(x, vec, rows, 0, ne, y)
 
 
-@_jit
+@_jit_exact
 def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows,
                      dx, grads):  # fmt: skip  # pragma: no cover - compiled
     """The whole backward on the calling thread, for small inputs: dx, and ``(dweight,
