@@ -40,6 +40,11 @@ def _tbb() -> bool:
     return cpu.AVAILABLE and pool.tbb_layer()
 
 
+needs_tbb = pytest.mark.skipif(
+    not _tbb(), reason="Numba's TBB threading layer not available (pip install tbb)"
+)
+
+
 def _data(shape, axis, transposed, dtype, seed=3):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * 2 + 1e3
@@ -65,7 +70,9 @@ def _run(how, threads, x, dy, w, b, axis, training, monkeypatch):
             c = x.shape[axis]
             rm = np.full(c, 0.5, w.dtype)
             rv = np.full(c, 2.0, w.dtype)
-            f = cpu.forward(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5, axis=axis)
+            f = cpu.forward(
+                x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5, axis=axis
+            )
             g = cpu.backward(dy, x, w, f[1], f[2], training=training, axis=axis)
         finally:
             _kernels.set_num_threads(previous)
@@ -86,7 +93,7 @@ def test_bits_do_not_depend_on_threads_or_their_kind(layout, dtype, training, mo
             np.testing.assert_array_equal(a, e, err_msg=f"{name}: {how}, {threads} threads")
 
 
-@pytest.mark.skipif(not _tbb(), reason="Numba's TBB threading layer not available (pip install tbb)")
+@needs_tbb
 def test_thread_count_reaches_the_compiled_split(monkeypatch):
     """``set_num_threads`` decides: 1 runs on the calling thread, n > 1 splits n ways
     (capped at the threads Numba's layer started with)."""
@@ -125,7 +132,7 @@ def test_small_inputs_run_on_the_calling_thread(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.skipif(not _tbb(), reason="Numba's TBB threading layer not available (pip install tbb)")
+@needs_tbb
 def test_concurrent_callers_on_the_tbb_layer_get_their_own_results():
     """Several Python threads splitting their passes at once (TBB is thread-safe)."""
     rng = np.random.default_rng(5)
@@ -216,12 +223,12 @@ def test_without_tbb_the_pool_serves():
     assert _probe({}, before) == ["False", "False"]
 
 
-@pytest.mark.skipif(not _tbb(), reason="Numba's TBB threading layer not available (pip install tbb)")
+@needs_tbb
 def test_tbb_is_started_when_nothing_else_was():
     assert _probe({}) == ["True", "tbb"]
 
 
-@pytest.mark.skipif(not _tbb(), reason="Numba's TBB threading layer not available (pip install tbb)")
+@needs_tbb
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_a_forked_child_splits_its_passes_too():
     code = (

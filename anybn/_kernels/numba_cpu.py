@@ -15,7 +15,8 @@ views); they read every element through ``read`` and write through ``written``
 (:mod:`anybn._kernels.half`: exact conversions, identities for float32/float64), so
 one source serves every dtype. The float16 arithmetic is float32 (as the NumPy
 kernels' compute dtype), the statistics float64 like the others', and y and dx are
-rounded once to float16; the statistics returned are float32.
+rounded once to float16; the statistics returned are float32. bfloat16 torch tensors
+reach the kernels the same way, as ``int16`` views of their bits.
 
 Numerics (anybn's rules, DESIGN.md): statistics are a *shifted single pass*. Every
 value of a channel is shifted by the channel's first value (the pivot ``k``),
@@ -91,6 +92,11 @@ CHUNK = 1 << 14
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
+#: bfloat16, which NumPy lacks: torch's bfloat16 tensors reach the kernels as their bits
+#: (``int16`` views, :mod:`anybn._kernels.torch_cpu`), never a caller's NumPy array
+#: (:func:`supports` takes floats only).
+_BF16 = np.dtype(np.int16)
+_BITS = (_HALF, _BF16)
 
 #: Inputs with at least this many values split their passes among threads on Numba's TBB
 #: layer (a few microseconds a pass); :data:`PARALLEL_MIN` with the Python pool.
@@ -101,7 +107,7 @@ if numba is not None:
 
     from .half import read, written
 else:  # pragma: no cover - the kernels are plain Python then, never called
-    prange = range
+    prange = range  # type: ignore[misc]
 
 
 def supports(x: Any) -> bool:
@@ -116,11 +122,12 @@ def supports(x: Any) -> bool:
 
 def _compute_dtype(dt: np.dtype) -> np.dtype:
     """The dtype of the elementwise arithmetic and of the statistics: float32 for float16."""
-    return np.dtype(np.float32) if dt == _HALF else dt
+    return np.dtype(np.float32) if dt in _BITS else dt
 
 
 def _raw(a: np.ndarray) -> np.ndarray:
-    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`)."""
+    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`);
+    bfloat16 bits (``int16``) and floats as they are."""
     return a.view(np.uint16) if a.dtype == _HALF else a
 
 
@@ -230,8 +237,8 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
                     t1[c] += (da + db) + (dc + dd)
                     t2[c] += (da * da + db * db) + (dc * dc + dd * dd)
                 r += 4
-            for r in range(r, r1):
-                xr = x2[r]
+            for rr in range(r, r1):
+                xr = x2[rr]
                 for c in range(c_):
                     d = np.float64(read(xr[c])) - piv[c]
                     t1[c] += d
@@ -363,13 +370,15 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
                     e = np.float64(read(gc[c]))
                     f = np.float64(read(gd[c]))
                     t1[c] += (a + b) + (e + f)
-                    t2[c] += (a * (np.float64(read(xa[c])) - m) + b * (np.float64(read(xb[c])) - m)) + (
-                        e * (np.float64(read(xc[c])) - m) + f * (np.float64(read(xd[c])) - m)
-                    )
+                    pa = a * (np.float64(read(xa[c])) - m)
+                    pb = b * (np.float64(read(xb[c])) - m)
+                    pc = e * (np.float64(read(xc[c])) - m)
+                    pd = f * (np.float64(read(xd[c])) - m)
+                    t2[c] += (pa + pb) + (pc + pd)
                 r += 4
-            for r in range(r, r1):
-                xr = x2[r]
-                gr = g2[r]
+            for rr in range(r, r1):
+                xr = x2[rr]
+                gr = g2[rr]
                 for c in range(c_):
                     g = np.float64(read(gr[c]))
                     t1[c] += g
@@ -575,7 +584,7 @@ class _Layout(NamedTuple):
     shape: tuple[int, ...]  #: the C-ordered array's shape
     view: tuple[int, int, int]  #: its ``(P, C, S)`` view (channels in the middle)
     compute: np.dtype  #: the dtype of the statistics and the arithmetic
-    half: bool  #: float16 x, which the kernels read as its bits (see _raw)
+    half: bool  #: float16 or bfloat16 x, which the kernels read as its bits (see _raw)
     rows: int  #: rows per reduction item
     nr: int  #: reduction items
     ne: int  #: elementwise items
@@ -609,7 +618,7 @@ def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
     inverse = None if perm is None else tuple(int(i) for i in np.argsort(perm))
     lay = _Layout(
         xc is not x and perm is None, perm, inverse, xc.shape, (p_, c_, s_),
-        _compute_dtype(x.dtype), x.dtype == _HALF, rows, nr, ne, table,
+        _compute_dtype(x.dtype), x.dtype in _BITS, rows, nr, ne, table,
     )  # fmt: skip
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         _LAYOUTS.clear()
@@ -721,7 +730,7 @@ def forward_laid(
     compiled code raises no floating-point warnings and nothing is cast.
     """
     view, compute = lay.view, lay.compute
-    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
+    v = _raw(xc).reshape(view)
     if running_out is None:
         rm_out = rv_out = _EMPTY[np.float64]
         if training:  # (the kernels update where rm_out has the channels)
@@ -729,7 +738,7 @@ def forward_laid(
     else:
         rm_out, rv_out = running_out
     y = np.empty(lay.shape, dtype=xc.dtype)
-    yv = (y.view(np.uint16) if lay.half else y).reshape(view)
+    yv = _raw(y).reshape(view)
     stats = np.empty((2, view[1]), dtype=compute)
     threads = _threads(xc.size)
     if threads == 1:
@@ -766,7 +775,7 @@ def backward(
     xc, lay = _layout(x, axis)
     dt = lay.compute
     # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
-    dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
+    dy_dt = dy.dtype if x.dtype in _BITS and dy.dtype in _FLOATS else x.dtype
     return backward_laid(
         dy_laid(dy, lay, dy_dt), xc, lay, _vector(weight, dt), _vector(mean, dt),
         _vector(invstd, dt), training=bool(training),
@@ -794,10 +803,10 @@ def backward_laid(
     """``(dx, dweight, dbias)`` of x and dy in memory order (:func:`dy_laid`); dx laid out like
     x. The per-channel arrays are the kernels' (:func:`_vector`)."""
     view, compute = lay.view, lay.compute
-    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
-    g = (dyc.view(np.uint16) if dyc.dtype == _HALF else dyc).reshape(view)
+    v = _raw(xc).reshape(view)
+    g = _raw(dyc).reshape(view)
     dx = np.empty(lay.shape, dtype=xc.dtype)
-    dxv = (dx.view(np.uint16) if lay.half else dx).reshape(view)
+    dxv = _raw(dx).reshape(view)
     grads = np.empty((2, view[1]), dtype=compute)
     threads = _threads(xc.size)
     if threads == 1:

@@ -146,7 +146,7 @@ def _start_tbb() -> bool:
         return bool(numba.threading_layer() == "tbb")  # already started
     except ValueError:  # not started yet
         pass
-    config = numba.config
+    config: Any = numba.config
     layer = str(config.THREADING_LAYER).lower()
     if layer not in ("default", "tbb", "safe", "threadsafe", "forksafe"):
         return False  # the program chose another layer
@@ -172,13 +172,14 @@ def _load_tbb() -> bool:
     not look from a virtual environment, so Numba's layer fails to import
     (numba/numba#6108): loading the library by its path first lets it link.
     """
+    from importlib import import_module, metadata
+
     try:
-        from numba.np.ufunc import tbbpool  # noqa: F401
+        import_module("numba.np.ufunc.tbbpool")
     except ImportError:
         pass
     else:
         return True
-    from importlib import metadata
 
     try:
         files = metadata.files("tbb") or []
@@ -194,7 +195,7 @@ def _load_tbb() -> bool:
     else:
         return False
     try:
-        from numba.np.ufunc import tbbpool  # noqa: F401, F811
+        import_module("numba.np.ufunc.tbbpool")
     except ImportError:
         return False
     return True
@@ -204,7 +205,8 @@ def tbb_threads(n: int) -> int:
     """``n`` capped at the threads Numba's layer started with (``NUMBA_NUM_THREADS``)."""
     import numba
 
-    return max(1, min(n, int(numba.config.NUMBA_NUM_THREADS)))
+    config: Any = numba.config
+    return max(1, min(n, int(config.NUMBA_NUM_THREADS)))
 
 
 def _memory_order(x: np.ndarray) -> tuple[int, ...] | None:

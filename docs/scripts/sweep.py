@@ -197,7 +197,7 @@ def main() -> None:
     for name in args.shapes:
         r = row(name, args.dtype, args.threads, args.rounds)
         results[name] = r
-        cells = ["–" if r[c] is None else f"{r[c]:.2f}" for c in cols]
+        cells = ["n/a" if r[c] is None else f"{r[c]:.2f}" for c in cols]
         print(f"| {name.replace('-channels-last', ' CL')} | " + " | ".join(cells) + " |",
               flush=True)  # fmt: skip
     extra = {}
