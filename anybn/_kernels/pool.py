@@ -78,7 +78,9 @@ def set_num_threads(n: int) -> int:
     """Use ``n`` threads (>= 1) for large arrays; returns the previous number.
 
     The default is ``$ANYBN_NUM_THREADS`` or the CPUs this process may run on,
-    at most 8. Results do not depend on it. Safe to call while other threads
+    at most 8. Results do not depend on it. On Numba's TBB layer (:func:`tbb_layer`)
+    a pass takes at most the threads Numba started with (``NUMBA_NUM_THREADS``: the
+    CPUs); 1 runs every pass on the calling thread. Safe to call while other threads
     run anybn: a call already running keeps the pool it started with, and the
     old pool's workers exit once nothing uses it.
     """

@@ -17,7 +17,8 @@ an MLP layer ``(256,512)``, a late conv layer at batch 8 ``(8,256,14,14)``, and 
 in one process, which is what the ratios on the benchmarks page are; asv times each
 implementation on its own. Training mode throughout, weight and bias, running statistics.
 The shapes are many and large (up to 38.5M values): select some with
-``ANYBN_BENCH_SWEEP`` (names separated by commas outside parentheses).
+``ANYBN_BENCH_SWEEP`` (names separated by commas outside parentheses); the quick profile
+(``ANYBN_BENCH_PROFILE=quick``) takes ``(256,512)`` only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .common import Shape, make_data, require, set_threads, split_names, timing
+from .common import QUICK, Shape, make_data, require, set_threads, split_names, timing
 
 #: ResNet-18's and MobileNetV2's batch-norm inputs at batch 32, 224x224.
 NETWORK_SHAPES = (
@@ -53,10 +54,14 @@ IMPLEMENTATIONS = ("numpy", "tensors", "torch", "module", "nn")
 SWEEP_DTYPES = ("float32", "float16", "bfloat16")
 
 
+#: The quick profile's sweep (``ANYBN_BENCH_PROFILE=quick``, what CI runs): one mid size.
+QUICK_SWEEP = ("(256,512)",)
+
+
 def _selected() -> list[str]:
     value = os.environ.get("ANYBN_BENCH_SWEEP", "").strip()
     if not value:
-        return list(SWEEP)
+        return list(QUICK_SWEEP if QUICK else SWEEP)
     names = split_names(value)
     unknown = sorted(set(names) - set(SWEEP))
     if unknown:

@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "asv_benchmarks"))
 
+import sweep
 from benchmarks.bench_sweep import SWEEP
 from sweep import best, number_for
 
@@ -49,11 +51,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("base", type=Path, help="the other checkout (its root directory)")
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=list(SWEEP))
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: the calling thread's CPU time (one thread only)")  # fmt: skip
     args = ap.parse_args()
+    if args.clock == "thread":
+        if args.threads != [1]:
+            ap.error("--clock thread measures the calling thread only: use --threads 1")
+        sweep.CLOCK = time.thread_time
     base, base_kernels = load_base(args.base)
-    print(f"this ÷ {args.base}, NumPy forward + backward, float32, medians of {args.rounds}")
+    print(f"this ÷ {args.base}, NumPy forward + backward, float32, medians of {args.rounds}, "
+          f"{args.clock} clock")  # fmt: skip
     print("| input | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
     print("|---" * (len(args.threads) + 1) + "|", flush=True)
     for name in args.shapes:

@@ -2,21 +2,29 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python docs/scripts/sweep.py [--dtype float32] [--threads 2] [--rounds 7]
-        [--shapes "(256,512)" ...] [--json out.json] [--plot out.png] [--copy]
+    PYTHONPATH=. python docs/scripts/sweep.py [--dtype float32] [--threads 2] [--rounds 5]
+        [--shapes "(256,512)" ...] [--json out.json] [--plot out.png] [--copy] [--passes]
 
 The inputs are asv's ``LayerSweep`` ones (``asv_benchmarks/benchmarks/bench_sweep.py``): every
 batch-norm layer shape of ResNet-18 and MobileNetV2 at batch 32 (NCHW and channels-last), and
 (256,512), (8,256,14,14), (64,4096), (4096,1024). For each input and pair (A, B), each round
-times A and B back to back (the order alternating), each as the best of 3 runs of ``number``
-calls; the figure is the median over rounds of A ÷ B (below 1: anybn faster). Columns:
+times A and B back to back (the order alternating), each as the best of 2 runs of ``number``
+calls (about 2M values' worth, at least one call); the figure is the median over rounds of
+A ÷ B (below 1: anybn faster). Columns:
 
 * ``NumPy``: anybn on NumPy arrays ÷ ``F.batch_norm`` + autograd (torch native), forward +
-  backward; ``fwd`` and ``bwd`` each pass alone;
-* ``tensors``: anybn's functions on torch CPU tensors ÷ torch native (the same three);
-* ``module``: ``anybn.torch.BatchNorm1d/2d`` ÷ ``nn.BatchNorm1d/2d``: forward + ``backward()``,
-  the forward (building the graph) and ``backward()`` alone;
+  backward; with ``--passes`` also ``fwd`` and ``bwd``, each pass alone;
+* ``tensors``: anybn's functions on torch CPU tensors ÷ torch native (the same);
+* ``module``: ``anybn.torch.BatchNorm1d/2d`` ÷ ``nn.BatchNorm1d/2d``: forward + ``backward()``;
+  with ``--passes`` the forward (building the graph) and ``backward()`` alone;
 * ``NumPy 2T÷1T``: anybn on NumPy, forward + backward, on the ``--threads`` threads ÷ on one.
+
+The last column is the machine's load average after the row (1-minute, ``os.getloadavg``):
+above the thread count, other work shared the cores and the row's ratios carry its noise.
+
+``--clock thread`` (with ``--threads 1``) times the calling thread's CPU time instead of the
+wall clock: on a machine that other work keeps busy, a one-thread comparison that its load
+does not skew.
 
 ``--copy`` adds the memory-traffic figure: anybn's NumPy forward + backward at (32,64,56,56)
 ÷ one ``np.copyto`` of x, on one thread and on ``--threads``. ``--plot`` draws the forward +
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,14 +66,19 @@ PAIRS = (
 THREADS_COLUMN = "NumPy 2T÷1T"
 
 
-def best(fn: Callable[[], object], number: int, repeat: int = 3) -> float:
+#: The clock: wall time, or with ``--clock thread`` (one thread only) the calling thread's
+#: CPU time, which a busy machine does not inflate (time spent descheduled is not counted).
+CLOCK = time.perf_counter
+
+
+def best(fn: Callable[[], object], number: int, repeat: int = 2) -> float:
     """Seconds per call: the best of ``repeat`` runs of ``number`` calls."""
     out = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = CLOCK()
         for _ in range(number):
             fn()
-        out = min(out, (time.perf_counter() - t) / number)
+        out = min(out, (CLOCK() - t) / number)
     return out
 
 
@@ -94,7 +108,9 @@ def number_for(size: int) -> int:
     return max(1, int(2e6 // size))
 
 
-def row(shape: str, dtype: str, threads: int, rounds: int) -> dict[str, float | None]:
+def row(
+    shape: str, dtype: str, threads: int, rounds: int, passes: bool
+) -> dict[str, float | None]:
     """The ratios of one input."""
     cases = {}
     for impl in ("numpy", "tensors", "torch", "module", "nn"):
@@ -105,6 +121,8 @@ def row(shape: str, dtype: str, threads: int, rounds: int) -> dict[str, float | 
     number = number_for(next(c for c in cases.values() if c is not None).size)
     out: dict[str, float | None] = {}
     for column, a, b, what in PAIRS:
+        if what != "forward_backward" and not passes:
+            continue
         ca, cb = cases[a], cases[b]
         if ca is None or cb is None:
             out[column] = None
@@ -146,11 +164,13 @@ def copy_ratio(threads: int, rounds: int) -> dict[int, float]:
 
 
 def plot(results: dict[str, dict[str, float | None]], title: str, path: str) -> None:
-    """Forward + backward ratio per input, one series per column, log scale around 1."""
+    """Forward + backward ratio per input, one bar series per column (log scale), with lines
+    at 1 and at 1.1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(results)
     series = [("NumPy", "anybn on NumPy ÷ torch native"),
@@ -165,6 +185,9 @@ def plot(results: dict[str, dict[str, float | None]], title: str, path: str) -> 
             [x for x, y in zip(xs, ys, strict=True) if y is not None],
             [y for y in ys if y is not None], width, label=label,
         )  # fmt: skip
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(names)))
@@ -181,25 +204,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=list(SWEEP))
     ap.add_argument("--json", help="write the ratios here")
     ap.add_argument("--plot", help="write the forward + backward plot here (PNG)")
     ap.add_argument("--copy", action="store_true", help="add the memory-traffic figure")
+    ap.add_argument("--passes", action="store_true", help="add each pass alone")
+    ap.add_argument("--from-json", help="only draw --plot from a --json file of an earlier run")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: the calling thread's CPU time (needs --threads 1)")  # fmt: skip
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        plot(saved["ratios"], f"{saved['dtype']}, {saved['threads']} threads", args.plot)
+        return
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread measures the calling thread only: use --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     torch.set_num_threads(args.threads)
     _kernels.set_num_threads(args.threads)
-    print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} rounds in rotation")
-    cols = [p[0] for p in PAIRS] + [THREADS_COLUMN]
-    print("| input | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|", flush=True)
+    print(f"{args.dtype}, {args.threads} threads, medians of {args.rounds} rounds in rotation, "
+          f"{args.clock} clock")  # fmt: skip
+    cols = [p[0] for p in PAIRS if args.passes or p[3] == "forward_backward"] + [THREADS_COLUMN]
+    print("| input | " + " | ".join(cols) + " | load |")
+    print("|---" * (len(cols) + 2) + "|", flush=True)
     results = {}
     for name in args.shapes:
-        r = row(name, args.dtype, args.threads, args.rounds)
+        r = row(name, args.dtype, args.threads, args.rounds, args.passes)
         results[name] = r
         cells = ["n/a" if r[c] is None else f"{r[c]:.2f}" for c in cols]
-        print(f"| {name.replace('-channels-last', ' CL')} | " + " | ".join(cells) + " |",
-              flush=True)  # fmt: skip
+        load = os.getloadavg()[0]  # the machine's load average: the noise the ratios carry
+        r["load"] = load
+        print(f"| {name.replace('-channels-last', ' CL')} | " + " | ".join(cells) +
+              f" | {load:.1f} |", flush=True)  # fmt: skip
     extra = {}
     if args.copy:
         extra = copy_ratio(args.threads, args.rounds)
