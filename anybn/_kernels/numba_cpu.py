@@ -592,7 +592,7 @@ class _Layout(NamedTuple):
     shape: tuple[int, ...]  #: the C-ordered array's shape
     view: tuple[int, int, int]  #: its ``(P, C, S)`` view (channels in the middle)
     compute: np.dtype  #: the dtype of the statistics and the arithmetic
-    half: bool  #: float16 or bfloat16 x, which the kernels read as its bits (see _raw)
+    half: bool  #: float16 x, which the kernels read as its bits (see _raw; bfloat16 x is)
     rows: int  #: rows per reduction item
     nr: int  #: reduction items
     ne: int  #: elementwise items
@@ -626,7 +626,7 @@ def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
     inverse = None if perm is None else tuple(int(i) for i in np.argsort(perm))
     lay = _Layout(
         xc is not x and perm is None, perm, inverse, xc.shape, (p_, c_, s_),
-        _compute_dtype(x.dtype), x.dtype in _BITS, rows, nr, ne, table,
+        _compute_dtype(x.dtype), x.dtype == _HALF, rows, nr, ne, table,
     )  # fmt: skip
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         _LAYOUTS.clear()
@@ -738,7 +738,7 @@ def forward_laid(
     compiled code raises no floating-point warnings and nothing is cast.
     """
     view, compute = lay.view, lay.compute
-    v = _raw(xc).reshape(view)
+    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
     if running_out is None:
         rm_out = rv_out = _EMPTY[np.float64]
         if training:  # (the kernels update where rm_out has the channels)
@@ -746,9 +746,9 @@ def forward_laid(
     else:
         rm_out, rv_out = running_out
     y = np.empty(lay.shape, dtype=xc.dtype)
-    yv = _raw(y).reshape(view)
+    yv = (y.view(np.uint16) if lay.half else y).reshape(view)
     stats = np.empty((2, view[1]), dtype=compute)
-    threads = _threads(xc.size)
+    threads = 1 if xc.size < TBB_MIN else _threads(xc.size)
     if threads == 1:
         _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
                         rm_out, rv_out, yv, stats)  # fmt: skip
@@ -811,12 +811,12 @@ def backward_laid(
     """``(dx, dweight, dbias)`` of x and dy in memory order (:func:`dy_laid`); dx laid out like
     x. The per-channel arrays are the kernels' (:func:`_vector`)."""
     view, compute = lay.view, lay.compute
-    v = _raw(xc).reshape(view)
-    g = _raw(dyc).reshape(view)
+    v = (xc.view(np.uint16) if lay.half else xc).reshape(view)
+    g = (dyc.view(np.uint16) if dyc.dtype == _HALF else dyc).reshape(view)
     dx = np.empty(lay.shape, dtype=xc.dtype)
-    dxv = _raw(dx).reshape(view)
+    dxv = (dx.view(np.uint16) if lay.half else dx).reshape(view)
     grads = np.empty((2, view[1]), dtype=compute)
-    threads = _threads(xc.size)
+    threads = 1 if xc.size < TBB_MIN else _threads(xc.size)
     if threads == 1:
         _backward_serial(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads)
     elif threads > 1:

@@ -186,10 +186,14 @@ def plot(results: dict[str, dict[str, float | None]], title: str, path: str) -> 
             [y for y in ys if y is not None], width, label=label,
         )  # fmt: skip
     ax.set_yscale("log")
+    values = [v for r in results.values() for c, _ in series if (v := r.get(c)) is not None]
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)
+             if min(values) / 2 <= t <= max(values) * 2]  # fmt: skip
+    ax.set_yticks(ticks)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(1.1, color="grey", linewidth=0.8, linestyle="--", label="1.1")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace("-channels-last", " CL") for n in names], rotation=60,
                        ha="right", fontsize=8)  # fmt: skip
