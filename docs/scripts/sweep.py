@@ -204,6 +204,10 @@ def plot(results: dict[str, dict[str, float | None]], title: str, path: str) -> 
     fig.savefig(path, dpi=110)
 
 
+def _title(dtype: str, threads: int) -> str:
+    return f"{dtype}, {threads} thread{'' if threads == 1 else 's'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -220,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
-        plot(saved["ratios"], f"{saved['dtype']}, {saved['threads']} threads", args.plot)
+        plot(saved["ratios"], _title(saved["dtype"], saved["threads"]), args.plot)
         return
     if args.clock == "thread":
         if args.threads != 1:
@@ -254,7 +258,7 @@ def main() -> None:
             {"dtype": args.dtype, "threads": args.threads, "rounds": args.rounds,
              "ratios": results, "copy": extra}, indent=1))  # fmt: skip
     if args.plot:
-        plot(results, f"{args.dtype}, {args.threads} threads", args.plot)
+        plot(results, _title(args.dtype, args.threads), args.plot)
 
 
 if __name__ == "__main__":
