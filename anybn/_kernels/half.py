@@ -10,6 +10,10 @@ element through two helpers that the kernels call for every dtype:
   float32 rounded once to float16 bits, to nearest, ties to even (NumPy's
   ``astype``), overflow to inf, NaN kept (quiet, sign kept).
 
+bfloat16 (torch tensors; NumPy has none) reaches the kernels the same way, as ``int16``
+views: ``read`` widens its bits to the exact float32 value, ``written`` rounds a float32 to
+nearest, ties to even (PyTorch's rounding), NaN kept quiet with its sign.
+
 For float32/float64 arrays both are the identity, so one kernel source serves
 every dtype and Numba compiles a version per dtype. The conversions are the CPU's
 own where it has them (x86 F16C ``vcvtph2ps``/``vcvtps2ph``, AArch64 ``fcvt``),
@@ -34,6 +38,8 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 __all__ = [
+    "bfloat16_to_float",
+    "float_to_bfloat16",
     "float_to_half",
     "half_to_float",
     "read",
@@ -119,6 +125,41 @@ def _conversion(signature: Any, soft: Any, hard: Any, hardware: bool | None) -> 
     return convert
 
 
+def _bfloat16_to_float(b: ir.IRBuilder, h: Any) -> Any:
+    """bfloat16 bits -> float32: the upper half of its bits, exact."""
+    return b.bitcast(b.shl(b.zext(h, _I32), _u32(16)), _F32)
+
+
+def _float_to_bfloat16(b: ir.IRBuilder, f: Any) -> Any:
+    """float32 -> bfloat16 bits, to nearest, ties to even; NaN quiet, sign kept."""
+    u = b.bitcast(f, _I32)
+    odd = b.and_(b.lshr(u, _u32(16)), _u32(1))
+    rounded = b.lshr(b.add(b.add(u, _u32(0x7FFF)), odd), _u32(16))
+    nan = b.or_(b.lshr(u, _u32(16)), _u32(0x40))
+    o = b.select(b.fcmp_unordered("uno", f, f), nan, rounded)
+    return b.trunc(o, _I16)
+
+
+@intrinsic
+def bfloat16_to_float(typingctx: Any, v: Any) -> Any:
+    """bfloat16 bits (an ``int16``) -> float32, exact; compiled code only."""
+
+    def codegen(context: Any, b: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        return _bfloat16_to_float(b, args[0])
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def float_to_bfloat16(typingctx: Any, v: Any) -> Any:
+    """float32 -> bfloat16 bits (an ``int16``), to nearest even; compiled code only."""
+
+    def codegen(context: Any, b: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        return _float_to_bfloat16(b, args[0])
+
+    return types.int16(types.float32), codegen
+
+
 _TO_FLOAT = (types.float32(types.uint16), _soft_half_to_float, _hard_half_to_float)
 _TO_HALF = (types.uint16(types.float32), _soft_float_to_half, _hard_float_to_half)
 #: float16 bits (uint16) -> float32, exact; float32 -> float16 bits, to nearest even.
@@ -129,12 +170,13 @@ soft_float_to_half = _conversion(*_TO_HALF, False)
 
 
 def read(v: Any) -> Any:
-    """An array element as a float (float16 bits converted); compiled code only."""
+    """An array element as a float (float16 and bfloat16 bits converted); compiled code only."""
     raise NotImplementedError
 
 
 def written(out: Any, v: Any) -> Any:
-    """``v`` as an element of ``out`` (float16 bits for uint16); compiled code only."""
+    """``v`` as an element of ``out`` (float16 bits for uint16, bfloat16 bits for int16);
+    compiled code only."""
     raise NotImplementedError
 
 
@@ -142,6 +184,8 @@ def written(out: Any, v: Any) -> Any:
 def _read(v):  # no annotations: Numba compares them with the implementation's
     if v == types.uint16:
         return lambda v: half_to_float(v)
+    if v == types.int16:
+        return lambda v: bfloat16_to_float(v)
     return lambda v: v
 
 
@@ -149,4 +193,6 @@ def _read(v):  # no annotations: Numba compares them with the implementation's
 def _written(out, v):
     if out.dtype == types.uint16:
         return lambda out, v: float_to_half(np.float32(v))
+    if out.dtype == types.int16:
+        return lambda out, v: float_to_bfloat16(np.float32(v))
     return lambda out, v: v

@@ -15,7 +15,8 @@ views); they read every element through ``read`` and write through ``written``
 (:mod:`anybn._kernels.half`: exact conversions, identities for float32/float64), so
 one source serves every dtype. The float16 arithmetic is float32 (as the NumPy
 kernels' compute dtype), the statistics float64 like the others', and y and dx are
-rounded once to float16; the statistics returned are float32.
+rounded once to float16; the statistics returned are float32. bfloat16 torch tensors
+reach the kernels the same way, as ``int16`` views of their bits.
 
 Numerics (anybn's rules, DESIGN.md): statistics are a *shifted single pass*. Every
 value of a channel is shifted by the channel's first value (the pivot ``k``),
@@ -48,7 +49,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .._core.outputs import BatchNormGrads, BatchNormOutput
-from .pool import _executor, _memory_order, _quietly, get_num_threads, native_order
+from .pool import (
+    _executor,
+    _memory_order,
+    _quietly,
+    get_num_threads,
+    native_order,
+    tbb_layer,
+    tbb_threads,
+)
 
 if TYPE_CHECKING:
     from .._call import Call
@@ -74,17 +83,37 @@ numba = _import_numba()
 #: Whether the compiled kernels are available (Numba installed, ``ANYBN_NUMBA`` not 0).
 AVAILABLE = numba is not None
 
-#: Inputs with at least this many values use Numba's threads.
+#: Inputs with at least this many values share their passes among the Python pool's threads
+#: (where Numba's TBB layer is missing: tens of microseconds a pass).
 PARALLEL_MIN = 1 << 18
 
 #: Values per work item of a reduction (a block that stays in L1/L2 while it is read).
 CHUNK = 1 << 14
 
+#: Rows inputs (channels last, (N, C)) of at most this many values, which the caches hold,
+#: reduce four rows a sweep (a quarter of the partial-sum loads and stores: 1.7x faster
+#: at (64, 4096)); larger ones one row a sweep, which streams from memory faster (four
+#: interleaved rows took 1.7-2.1x as long at (25088, 128) and (6272, 384), AMD Zen 3).
+FOUR_ROWS_MAX = 1 << 19
+
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
+#: bfloat16, which NumPy lacks: torch's bfloat16 tensors reach the kernels as their bits
+#: (``int16`` views, :mod:`anybn._kernels.torch_cpu`), never a caller's NumPy array
+#: (:func:`supports` takes floats only).
+_BF16 = np.dtype(np.int16)
+_BITS = (_HALF, _BF16)
+
+#: Inputs with at least this many values split their passes among threads on Numba's TBB
+#: layer (a few microseconds a pass); :data:`PARALLEL_MIN` with the Python pool.
+TBB_MIN = 1 << 16
 
 if numba is not None:
+    from numba import prange
+
     from .half import read, written
+else:  # pragma: no cover - the kernels are plain Python then, never called
+    prange = range  # type: ignore[misc]
 
 
 def supports(x: Any) -> bool:
@@ -99,11 +128,12 @@ def supports(x: Any) -> bool:
 
 def _compute_dtype(dt: np.dtype) -> np.dtype:
     """The dtype of the elementwise arithmetic and of the statistics: float32 for float16."""
-    return np.dtype(np.float32) if dt == _HALF else dt
+    return np.dtype(np.float32) if dt in _BITS else dt
 
 
 def _raw(a: np.ndarray) -> np.ndarray:
-    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`)."""
+    """What the kernels get: float16 as its bits (a ``uint16`` view, see :mod:`.half`);
+    bfloat16 bits (``int16``) and floats as they are."""
     return a.view(np.uint16) if a.dtype == _HALF else a
 
 
@@ -114,6 +144,24 @@ def _jit(fn: Any) -> Any:
     return numba.njit(
         fastmath={"reassoc", "contract"}, nogil=True, cache=True, error_model="numpy"
     )(fn)
+
+
+def _jit_exact(fn: Any) -> Any:
+    """:func:`_jit` without fast-math: the per-channel arithmetic between the passes, and the
+    functions that call the passes. With contraction allowed there, whether ``a * b + c``
+    became one fused multiply-add depended on where LLVM inlined the arithmetic, and even on
+    whether the caller came from Numba's disk cache (the running mean of float64 input
+    differed in its last bit). The passes keep their own fast-math flags when inlined."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, error_model="numpy")(fn)
+
+
+def _jit_parallel(fn: Any) -> Any:
+    """:func:`_jit_exact` with Numba's parallel loops (``prange``), run on its TBB layer."""
+    if numba is None:
+        return fn
+    return numba.njit(nogil=True, cache=True, error_model="numpy", parallel=True)(fn)
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -175,6 +223,7 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
             p, c, k = _step(p, c, k, c_, k_)
     else:
         x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
+        four = p_ * c_ <= FOUR_ROWS_MAX
         t1 = np.empty(c_)
         t2 = np.empty(c_)
         piv = np.empty(c_)
@@ -183,8 +232,20 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
-            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
-                xr = x2[r]
+            r, r1 = blk * rows, min(p_, (blk + 1) * rows)
+            while four and r + 4 <= r1:  # four rows a sweep: a quarter of the table traffic
+                xa, xb, xc, xd = x2[r], x2[r + 1], x2[r + 2], x2[r + 3]
+                for c in range(c_):
+                    k = piv[c]
+                    da = np.float64(read(xa[c])) - k
+                    db = np.float64(read(xb[c])) - k
+                    dc = np.float64(read(xc[c])) - k
+                    dd = np.float64(read(xd[c])) - k
+                    t1[c] += (da + db) + (dc + dd)
+                    t2[c] += (da * da + db * db) + (dc * dc + dd * dd)
+                r += 4
+            for rr in range(r, r1):
+                xr = x2[rr]
                 for c in range(c_):
                     d = np.float64(read(xr[c])) - piv[c]
                     t1[c] += d
@@ -194,7 +255,7 @@ def _stats(x, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - compiled
                 s2[blk * c_ + c] = t2[c]
 
 
-@_jit
+@_jit_exact
 def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
     """Per-channel totals of a partial-sum table, in a fixed order."""
     p_, c_, s_ = shape
@@ -216,7 +277,7 @@ def _reduce(shape, chunk, s1, s2):  # pragma: no cover - compiled
     return a, q
 
 
-@_jit
+@_jit_exact
 def _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
                     mean_out, invstd_out, rm_out, rv_out, vec):  # fmt: skip  # pragma: no cover
     """Statistics, running statistics and the per-channel (centre, scale, shift) in ``vec``.
@@ -300,14 +361,32 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
     else:
         x2 = x.reshape(p_, c_)  # S == 1; 1-D rows of a C-ordered view vectorise
         g2 = dy.reshape(p_, c_)
+        four = p_ * c_ <= FOUR_ROWS_MAX
         t1 = np.empty(c_)
         t2 = np.empty(c_)
         for blk in range(i0, i1):
             t1[:] = 0.0
             t2[:] = 0.0
-            for r in range(blk * rows, min(p_, (blk + 1) * rows)):
-                xr = x2[r]
-                gr = g2[r]
+            r, r1 = blk * rows, min(p_, (blk + 1) * rows)
+            while four and r + 4 <= r1:  # four rows a sweep (see _stats)
+                xa, xb, xc, xd = x2[r], x2[r + 1], x2[r + 2], x2[r + 3]
+                ga, gb, gc, gd = g2[r], g2[r + 1], g2[r + 2], g2[r + 3]
+                for c in range(c_):
+                    m = mean[c]
+                    a = np.float64(read(ga[c]))
+                    b = np.float64(read(gb[c]))
+                    e = np.float64(read(gc[c]))
+                    f = np.float64(read(gd[c]))
+                    t1[c] += (a + b) + (e + f)
+                    pa = a * (np.float64(read(xa[c])) - m)
+                    pb = b * (np.float64(read(xb[c])) - m)
+                    pc = e * (np.float64(read(xc[c])) - m)
+                    pd = f * (np.float64(read(xd[c])) - m)
+                    t2[c] += (pa + pb) + (pc + pd)
+                r += 4
+            for rr in range(r, r1):
+                xr = x2[rr]
+                gr = g2[rr]
                 for c in range(c_):
                     g = np.float64(read(gr[c]))
                     t1[c] += g
@@ -317,7 +396,7 @@ def _sums(dy, x, mean_in, chunk, rows, i0, i1, s1, s2):  # pragma: no cover - co
                 s2[blk * c_ + c] = t2[c]
 
 
-@_jit
+@_jit_exact
 def _backward_finish(x, w, mean_in, invstd_in, training, chunk, s1, s2,
                      dw_out, db_out, vec):  # fmt: skip  # pragma: no cover - compiled
     """dweight, dbias and the per-channel (centre, negk, mean dy, scale) in ``vec``."""
@@ -379,7 +458,7 @@ def _grad(dy, x, vec, rows, training, i0, i1, dx):  # pragma: no cover - compile
                         dx[r, c, 0] = written(dx, read(dy[r, c, 0]) * vec[3, c])
 
 
-@_jit
+@_jit_exact
 def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
                     rm_out, rv_out, y, stats):  # fmt: skip  # pragma: no cover - compiled
     """The whole forward on the calling thread, for small inputs: y, and ``(mean, invstd)``
@@ -398,7 +477,7 @@ def _forward_serial(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
     _affine(x, vec, rows, 0, ne, y)
 
 
-@_jit
+@_jit_exact
 def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows,
                      dx, grads):  # fmt: skip  # pragma: no cover - compiled
     """The whole backward on the calling thread, for small inputs: dx, and ``(dweight,
@@ -414,8 +493,60 @@ def _backward_serial(dy, x, w, mean, invstd, training, chunk, rows,
     _grad(dy, x, vec, rows, training, 0, ne, dx)
 
 
+@_jit_parallel
+def _forward_parallel(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, rows,
+                      rm_out, rv_out, y, stats, threads):  # fmt: skip  # pragma: no cover
+    """:func:`_forward_serial` with each pass split among ``threads`` threads of Numba's
+    (TBB) layer: one compiled call, no Python between the passes. The items are those of
+    the serial kernels, each writing its own place of the tables, so the bits do not
+    depend on the split. Each pass is ``threads`` parts, one a thread (a ``prange`` of
+    ``threads`` iterations: at most that many threads take part, whatever Numba's own
+    count; calling ``numba.set_num_threads`` here would keep the function out of Numba's
+    disk cache). Where the machine has taken a thread away, TBB's calling thread runs the
+    part left waiting itself."""
+    c_ = x.shape[1]
+    nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
+    if training:
+        parts = min(nr, threads)
+        for i in prange(parts):
+            _stats(x, chunk, rows, nr * i // parts, nr * (i + 1) // parts, s1, s2)
+    vec = np.empty((3, c_), stats.dtype)
+    _forward_finish(x, w, b, rm, rv, training, momentum, eps, ddof, chunk, s1, s2,
+                    stats[0], stats[1], rm_out, rv_out, vec)  # fmt: skip
+    # elementwise: planes, or single rows (no table: any split will do)
+    ne, step = (ne, rows) if x.shape[2] > 1 else (x.shape[0], 1)
+    parts = min(ne, threads)
+    for i in prange(parts):
+        _affine(x, vec, step, ne * i // parts, ne * (i + 1) // parts, y)
+
+
+@_jit_parallel
+def _backward_parallel(dy, x, w, mean, invstd, training, chunk, rows,
+                       dx, grads, threads):  # fmt: skip  # pragma: no cover - compiled
+    """:func:`_backward_serial` with each pass split among ``threads`` threads (see
+    :func:`_forward_parallel`)."""
+    c_ = x.shape[1]
+    nr, ne = _items(x, chunk, rows)
+    table = nr if x.shape[2] > 1 else nr * c_
+    s1 = np.empty(table)
+    s2 = np.empty(table)
+    parts = min(nr, threads)
+    for i in prange(parts):
+        _sums(dy, x, mean, chunk, rows, nr * i // parts, nr * (i + 1) // parts, s1, s2)
+    vec = np.empty((4, c_), grads.dtype)
+    _backward_finish(x, w, mean, invstd, training, chunk, s1, s2, grads[0], grads[1], vec)
+    ne, step = (ne, rows) if x.shape[2] > 1 else (x.shape[0], 1)
+    parts = min(ne, threads)
+    for i in prange(parts):
+        _grad(dy, x, vec, step, training, ne * i // parts, ne * (i + 1) // parts, dx)
+
+
 def _parallel(fn: Any, items: int, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
-    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among anybn's threads (no GIL held)."""
+    """``fn(*head, i0, i1, *tail)`` over ``0:items``, split among the Python pool's threads
+    (no GIL held): where Numba's TBB layer is not available."""
     pool, threads = _executor()
     parts = min(threads, items)
     bounds = [items * i // parts for i in range(parts + 1)]
@@ -461,7 +592,7 @@ class _Layout(NamedTuple):
     shape: tuple[int, ...]  #: the C-ordered array's shape
     view: tuple[int, int, int]  #: its ``(P, C, S)`` view (channels in the middle)
     compute: np.dtype  #: the dtype of the statistics and the arithmetic
-    half: bool  #: float16 x, which the kernels read as its bits (see _raw)
+    half: bool  #: float16 x, which the kernels read as its bits (see _raw; bfloat16 x is)
     rows: int  #: rows per reduction item
     nr: int  #: reduction items
     ne: int  #: elementwise items
@@ -501,6 +632,17 @@ def _layout(x: np.ndarray, axis: int) -> tuple[np.ndarray, _Layout]:
         _LAYOUTS.clear()
     _LAYOUTS[key] = lay
     return xc, lay
+
+
+def _threads(size: int) -> int:
+    """How an input of ``size`` values runs: 1 on the calling thread, ``n > 1`` on ``n``
+    threads of Numba's TBB layer, 0 on the Python pool's threads."""
+    threads = get_num_threads()
+    if threads == 1 or size < TBB_MIN:
+        return 1
+    if tbb_layer():
+        return tbb_threads(threads)
+    return 1 if size < PARALLEL_MIN else 0
 
 
 _EMPTY = {dt: np.empty(0, dtype=dt) for dt in (np.float32, np.float64)}
@@ -606,9 +748,13 @@ def forward_laid(
     y = np.empty(lay.shape, dtype=xc.dtype)
     yv = (y.view(np.uint16) if lay.half else y).reshape(view)
     stats = np.empty((2, view[1]), dtype=compute)
-    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+    threads = 1 if xc.size < TBB_MIN else _threads(xc.size)
+    if threads == 1:
         _forward_serial(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
                         rm_out, rv_out, yv, stats)  # fmt: skip
+    elif threads > 1:
+        _forward_parallel(v, w, b, rm, rv, training, momentum, eps, ddof, CHUNK, lay.rows,
+                          rm_out, rv_out, yv, stats, threads)  # fmt: skip
     else:
         rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
         vec = np.empty((3, view[1]), dtype=compute)
@@ -637,7 +783,7 @@ def backward(
     xc, lay = _layout(x, axis)
     dt = lay.compute
     # dy in x's dtype; beside float16 x a float32/float64 dy is read as it is
-    dy_dt = dy.dtype if x.dtype == _HALF and dy.dtype in _FLOATS else x.dtype
+    dy_dt = dy.dtype if x.dtype in _BITS and dy.dtype in _FLOATS else x.dtype
     return backward_laid(
         dy_laid(dy, lay, dy_dt), xc, lay, _vector(weight, dt), _vector(mean, dt),
         _vector(invstd, dt), training=bool(training),
@@ -670,8 +816,11 @@ def backward_laid(
     dx = np.empty(lay.shape, dtype=xc.dtype)
     dxv = (dx.view(np.uint16) if lay.half else dx).reshape(view)
     grads = np.empty((2, view[1]), dtype=compute)
-    if xc.size < PARALLEL_MIN or get_num_threads() == 1:
+    threads = 1 if xc.size < TBB_MIN else _threads(xc.size)
+    if threads == 1:
         _backward_serial(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads)
+    elif threads > 1:
+        _backward_parallel(g, v, w, m, s, training, CHUNK, lay.rows, dxv, grads, threads)
     else:
         rows, s1, s2 = lay.rows, np.empty(lay.table), np.empty(lay.table)
         vec = np.empty((4, view[1]), dtype=compute)

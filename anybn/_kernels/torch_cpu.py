@@ -419,10 +419,73 @@ def run_backward(
     return None if out is None else BatchNormGrads(*out)
 
 
+def _bits_views(args: tuple[Array | None, ...], big: int) -> list[Any] | None:
+    """NumPy views for the compiled kernels of a call on bfloat16 tensors, or None.
+
+    The first ``big`` tensors (x, or dy and x) must be bfloat16: ``int16`` views of their
+    bits (:mod:`anybn._kernels.half`); the per-channel ones are viewed as they are, or, in
+    bfloat16, copied to float32 (C values). None where autograd tracks one or NumPy cannot
+    view one.
+    """
+    torch = _torch_module()
+    grad = torch.is_grad_enabled()
+    out: list[Any] = []
+    for i, a in enumerate(args):
+        if a is None:
+            out.append(None)
+            continue
+        if a.requires_grad:
+            if grad:
+                return None
+            a = a.detach()
+        if i < big and a.dtype is not torch.bfloat16:
+            return None
+        try:
+            if a.dtype is torch.bfloat16:
+                out.append(a.view(torch.int16).numpy() if i < big else a.float().numpy())
+            else:
+                out.append(a.numpy())
+        except (RuntimeError, TypeError):
+            return None
+    return out
+
+
+def _bfloat16_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The forward on bfloat16 CPU tensors by the compiled kernels, or None."""
+    views = _bits_views(args, 1)
+    if views is None:
+        return None
+    torch = _torch_module()
+    y, mean, invstd, new_rm, new_rv = numba_cpu.forward(*views, **options)
+    running = []
+    for new, view, given in ((new_rm, views[1], args[1]), (new_rv, views[2], args[2])):
+        if new is None or new is view:
+            running.append(given)  # unchanged: the caller's tensor
+        else:
+            t = torch.from_numpy(new)
+            running.append(t.to(given.dtype) if t.dtype != given.dtype else t)
+    from_numpy = torch.from_numpy
+    y_t = from_numpy(y).view(torch.bfloat16)
+    return (y_t, from_numpy(mean), from_numpy(invstd), *running)
+
+
+def _bfloat16_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The backward on bfloat16 CPU tensors by the compiled kernels, or None."""
+    views = _bits_views(args, 2)
+    if views is None:
+        return None
+    torch = _torch_module()
+    dx, dweight, dbias = numba_cpu.backward(*views, **options)
+    from_numpy = torch.from_numpy
+    return from_numpy(dx).view(torch.bfloat16), from_numpy(dweight), from_numpy(dbias)
+
+
 def _torch_cpu_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
     """The forward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
     x = args[0]
     compiled = _cpu_kernels() is not None
+    if compiled and x.dtype is _torch_module().bfloat16:
+        return _bfloat16_forward(args, options)
     views = _torch_as_numpy(args) if compiled else None
     if views is not None:
         module = _numpy_module(views[0])
@@ -441,6 +504,8 @@ def _torch_cpu_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple
     """The backward on CPU tensors: compiled kernels on NumPy views, torch's, or NumPy's."""
     dy, x = args[0], args[1]
     compiled = _cpu_kernels() is not None
+    if compiled and x.dtype is _torch_module().bfloat16:
+        return _bfloat16_backward(args, options)
     views = _torch_as_numpy(args) if compiled else None
     if views is not None:
         module = _numpy_module(views[0], views[1])

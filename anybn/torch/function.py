@@ -139,17 +139,35 @@ class _TransformFunction(_BatchNormBase):
 
 
 def _views(tensors: tuple[Tensor | None, ...]) -> list[Any] | None:
-    """NumPy views of CPU tensors (None stays None), or None where NumPy cannot view one."""
+    """NumPy views of CPU tensors (None stays None), or None where NumPy cannot view one.
+
+    bfloat16, which NumPy lacks, becomes a float32 copy (per-channel tensors: C values)."""
     out: list[Any] = []
     for t in tensors:
         if t is None:
             out.append(None)
             continue
         try:
-            out.append(t.detach().numpy() if t.requires_grad else t.numpy())
-        except (RuntimeError, TypeError):  # bfloat16, conjugate or negative bits, sparse
+            if t.dtype is torch.bfloat16:
+                out.append(t.detach().float().numpy())
+            else:
+                out.append(t.detach().numpy() if t.requires_grad else t.numpy())
+        except (RuntimeError, TypeError):  # conjugate or negative bits, sparse
             return None
     return out
+
+
+def _bits(t: Tensor) -> Any:
+    """A NumPy view of x or dy for the kernels: bfloat16 as its bits (``int16``)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(torch.int16).numpy() if t.dtype is torch.bfloat16 else t.numpy()
+
+
+def _tensor(a: np.ndarray, like: Tensor) -> Tensor:
+    """The kernels' y or dx for ``like`` (x): a tensor on the same memory, bfloat16 again."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if like.dtype is torch.bfloat16 else t
 
 
 def _kernels(x: Tensor) -> Any:
@@ -225,7 +243,10 @@ def lane(
         return None
     dt = _LANE_DTYPES[x.dtype]
     rm, rv, w, b = laid = [cpu._vector(v, dt) for v in views]
-    if keep and any(v is not None and k is not v for k, v in zip(laid, views, strict=True)):
+    if keep and (
+        any(v is not None and k is not v for k, v in zip(laid, views, strict=True))
+        or any(t is not None and t.dtype is torch.bfloat16 for t in vectors)
+    ):
         return None  # a copy in the kernels' dtype (float16 parameters) would not follow them
     update = store is not None and training
     running_out = None
@@ -233,7 +254,12 @@ def lane(
         assert store is not None
         # In place through the views where they are the caller's very (1-D) tensors
         # (a direct write leaves the version counter as it is, as nn's kernels do).
-        if store[0] is running_mean and store[1] is running_var:
+        if (
+            store[0] is running_mean
+            and store[1] is running_var
+            and store[0].dtype is not torch.bfloat16
+            and store[1].dtype is not torch.bfloat16
+        ):
             running_out = (views[0], views[1])
     elif training:
         rm = rv = cpu._vector(None, dt)
@@ -251,6 +277,7 @@ def _viewable(x: Tensor) -> bool:
 
 #: x dtypes the lane serves -> the dtype of the kernels' arithmetic
 _LANE_DTYPES = {
+    torch.bfloat16: np.dtype(np.float32),
     torch.float16: np.dtype(np.float32),
     torch.float32: np.dtype(np.float32),
     torch.float64: np.dtype(np.float64),
@@ -318,8 +345,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
 def _lane_forward(ctx: Any, x: Tensor, weight: Tensor | None, lane: Lane) -> Tensor:
     """:meth:`_BatchNormFunction.forward` on the compiled kernels."""
-    xv = x.detach().numpy() if x.requires_grad else x.numpy()
-    xc, layout = numba_cpu._layout(xv, 1)
+    xc, layout = numba_cpu._layout(_bits(x), 1)
     running_out = lane.running_out if lane.in_kernel else None
     if lane.update and running_out is None:
         channels = layout.view[1]
@@ -337,11 +363,18 @@ def _lane_forward(ctx: Any, x: Tensor, weight: Tensor | None, lane: Lane) -> Ten
                     np.copyto(view, new)
             else:
                 for buffer, new in zip(lane.store, running_out, strict=True):
-                    _store(buffer, torch.from_numpy(new.astype(_NUMPY[buffer.dtype])))
+                    _store(buffer, _rounded(new, buffer.dtype))
     ctx.save_for_backward(x, weight)
     ctx.laid = (xc, layout, lane.weight, mean, invstd)
     ctx.training, ctx.eps = lane.training, lane.eps
-    return _like(torch.from_numpy(y), x, layout)
+    return _like(_tensor(y, x), x, layout)
+
+
+def _rounded(new: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """A float64 running statistic as a tensor of ``dtype``."""
+    if dtype is torch.bfloat16:
+        return torch.from_numpy(new).to(dtype)
+    return torch.from_numpy(new.astype(_NUMPY[dtype]))
 
 
 def _like(out: Tensor, x: Tensor, layout: Any) -> Tensor:
@@ -360,7 +393,7 @@ def _lane_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
     dyv = None
     if not torch.is_grad_enabled() and dy.dtype == x.dtype and _kernels(dy) is not None:
         try:
-            dyv = dy.detach().numpy() if dy.requires_grad else dy.numpy()
+            dyv = _bits(dy)
         except (RuntimeError, TypeError):  # conjugate or negative bits
             dyv = None
     if dyv is None:
@@ -381,11 +414,12 @@ def _lane_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         dbias = from_numpy(db)
         if dbias.dtype != ctx.bias_dtype:
             dbias = dbias.to(ctx.bias_dtype)
-    return _like(from_numpy(dx), x, layout) if need_x else None, dweight, dbias, None
+    return _like(_tensor(dx, x), x, layout) if need_x else None, dweight, dbias, None
 
 
 #: x dtype -> the dtype of the kernels' arithmetic (the per-channel tensors a kept call views)
 _COMPUTE = {
+    torch.bfloat16: torch.float32,
     torch.float16: torch.float32,
     torch.float32: torch.float32,
     torch.float64: torch.float64,
