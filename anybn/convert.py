@@ -39,6 +39,7 @@ Examples
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -248,3 +249,17 @@ def _build(
         state["bias"] = np.zeros(shape) if bias is None else bias
     bn.load_state_dict(state, strict=False)
     return bn
+
+
+class _ConverterModule(ModuleType):
+    """This module, callable only to say which function converts a PyTorch model."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "anybn.convert is the Keras and Flax weight converter (anybn.convert.from_keras, "
+            "to_keras, from_flax, to_flax), not a function: to replace the batch norms of a "
+            "PyTorch model, call anybn.torch.convert(model)"
+        )
+
+
+sys.modules[__name__].__class__ = _ConverterModule

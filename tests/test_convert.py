@@ -222,3 +222,14 @@ def test_against_flax_step_by_step(masked: bool, fast_variance: bool) -> None:
     y_eval = model.apply(variables, jnp.asarray(x), use_running_average=True)
     bn.eval()
     np.testing.assert_allclose(bn(x), np.asarray(y_eval), rtol=tol, atol=tol)
+
+
+def test_calling_the_module_names_the_torch_converter() -> None:
+    """``anybn.convert(model)`` (the Keras/Flax module called like ``anybn.torch.convert``)
+    says which function converts a PyTorch model, instead of "'module' object is not
+    callable"; the module's functions stay where they are."""
+    import anybn
+
+    with pytest.raises(TypeError, match=r"anybn\.torch\.convert\(model\)"):
+        anybn.convert(object())  # type: ignore[operator]
+    assert anybn.convert.from_keras is convert.from_keras
