@@ -238,3 +238,79 @@ def test_mixed_libraries_and_devices(x_backend: str, other_backend: str, name: s
         assert_rejects(fn, values, TypeError, rf"^{name} must be an array of the same library as x")
     else:
         assert_rejects(fn, values, ValueError, rf"^{name} is on device .* but x is on device")
+
+
+# --- the layer's messages name what the user passed and the likely fix -------------------
+
+
+def _layer_state(bn: anybn.BatchNorm) -> dict[str, Any]:
+    return {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
+
+
+def _assert_same_state(before: dict[str, Any], bn: anybn.BatchNorm) -> None:
+    after = bn.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.asarray(after[k]), v)
+
+
+def test_layer_channels_last_input_suggests_axis_minus_one() -> None:
+    bn = anybn.BatchNorm(3)
+    bn(np.ones((2, 3, 4, 4)) + np.arange(2.0).reshape(2, 1, 1, 1))
+    before = _layer_state(bn)
+    with pytest.raises(
+        ValueError, match=r"28 channels on axis 1 .*last axis has 3.*create the layer with axis=-1"
+    ):
+        bn(np.zeros((4, 28, 28, 3)))
+    _assert_same_state(before, bn)
+    with pytest.raises(ValueError, match=r"axis 2 has 5: create the layer with axis=2"):
+        anybn.BatchNorm(5)(np.zeros((4, 3, 5, 6)))
+    with pytest.raises(ValueError, match=r"num_features=7$"):  # no axis to suggest
+        anybn.BatchNorm(7)(np.zeros((4, 3, 5, 6)))
+
+
+def test_lazy_layer_warns_on_what_looks_channels_last() -> None:
+    with pytest.warns(UserWarning, match=r"28 channels from x of shape \(4, 28, 28, 3\).*axis=-1"):
+        anybn.BatchNorm()(np.random.default_rng(0).standard_normal((4, 28, 28, 3)))
+    with pytest.warns(UserWarning, match=r"\(N, D, H, W, C\)"):
+        anybn.BatchNorm()(np.random.default_rng(0).standard_normal((2, 6, 6, 6, 2)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rng = np.random.default_rng(1)
+        anybn.BatchNorm()(rng.standard_normal((32, 512, 4, 4)))  # NCHW, a late layer
+        anybn.BatchNorm()(rng.standard_normal((8, 16, 16, 16)))  # C == H == W: ambiguous
+        anybn.BatchNorm(28)(rng.standard_normal((4, 28, 28, 3)))  # told: no guess
+        anybn.BatchNorm(axis=-1)(rng.standard_normal((4, 28, 28, 3)))
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["dtype=", "first input"])
+def test_layer_dtype_mismatch_blames_x_not_running_mean(given: bool) -> None:
+    bn = anybn.BatchNorm(3, dtype=np.float32) if given else anybn.BatchNorm(3)
+    bn(np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32))
+    before = _layer_state(bn)
+    source = "its dtype=" if given else "bound by its first input"
+    with pytest.raises(TypeError) as info:
+        bn(np.zeros((4, 3)))  # float64
+    message = str(info.value)
+    assert message.startswith("x has dtype float64 but this BatchNorm's parameters")
+    assert source in message and "create the layer with dtype=float64" in message
+    assert "running_mean" not in message
+    _assert_same_state(before, bn)
+    bn(np.zeros((4, 3), np.float16))  # half x on float32 arrays: PyTorch's rule, accepted
+
+
+def test_layer_other_library_message_says_how_it_was_bound() -> None:
+    torch = pytest.importorskip("torch")
+    bn = anybn.BatchNorm(3)
+    bn(np.random.default_rng(3).standard_normal((4, 3)))
+    before = _layer_state(bn)
+    with pytest.raises(TypeError) as info:
+        bn(torch.zeros(4, 3, dtype=torch.float64))
+    message = str(info.value)
+    assert "holds numpy arrays (bound by its first input), got x of type torch.Tensor" in message
+    assert "state_dict()" in message and "xp=None" not in message
+    _assert_same_state(before, bn)
+    with pytest.raises(TypeError, match=r"holds torch arrays \(its xp=\)"):
+        anybn.BatchNorm(3, xp=torch)(np.zeros((4, 3), np.float32))

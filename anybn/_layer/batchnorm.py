@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
 import threading
+import warnings
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -38,9 +40,11 @@ from .._xp import (
     Array,
     check_namespace,
     compute_dtype,
+    dtype_name,
     is_concrete,
     normalize_axes,
     param_shape,
+    same_dtype,
 )
 from ..distributed.sync import reports_failures
 from . import state as _state
@@ -160,6 +164,78 @@ def _check_axis(axis: object) -> int | tuple[int, ...]:
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
     return int(axis)
+
+
+
+def _library(xp: ModuleType) -> str:
+    """A namespace as users name its library: ``array_api_compat.numpy`` -> ``numpy``."""
+    return xp.__name__.removeprefix("array_api_compat.")
+
+
+def _channels_message(x: Any, axis: Any, channels: Any, num_features: Any) -> str:
+    """The channel-count mismatch, with the axis that has ``num_features`` where one does."""
+    message = (
+        f"x has {channels} channels on axis {axis} (shape {tuple(x.shape)}) but this "
+        f"BatchNorm has num_features={num_features}"
+    )
+    if isinstance(num_features, int):
+        matches = [d - x.ndim for d in range(x.ndim) if x.shape[d] == num_features]
+        if matches and matches[-1] == -1:
+            return message + (
+                f"; x's last axis has {num_features}: for channels-last input "
+                "(N, ..., C), create the layer with axis=-1"
+            )
+        if matches:
+            return message + (
+                f"; x's axis {matches[-1] + x.ndim} has {num_features}: create the layer "
+                f"with axis={matches[-1] + x.ndim} if the channels are there"
+            )
+    return message
+
+
+def _warn_if_channels_last(x: Any) -> None:
+    """Warn when a layer without num_features binds to what looks like a channels-last image.
+
+    ``(N, H, W, C)`` with ``H == W != C`` (and ``(N, D, H, W, C)`` with ``D == H == W``)
+    would give the layer ``H`` channels on the default ``axis=1``.
+    """
+    shape = tuple(x.shape)
+    if len(shape) not in (4, 5):
+        return
+    spatial = shape[1:-1]
+    if len(set(spatial)) == 1 and shape[-1] != shape[1]:
+        warnings.warn(
+            f"BatchNorm() takes its channel count from axis 1 of its first input: {shape[1]} "
+            f"channels from x of shape {shape}, whose axes look like an image's "
+            f"{'(N, H, W, C)' if len(shape) == 4 else '(N, D, H, W, C)'}. If x is "
+            "channels-last, create the layer with axis=-1; give num_features to silence "
+            "this warning",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside anybn, for warnings raised inside."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("anybn"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_x_dtype(x: Any, storage: Storage, dtype_given: bool) -> None:
+    """x's dtype against the layer's arrays: x's own dtype, or float32 for half x."""
+    held = storage.dtype
+    if same_dtype(held, x.dtype) or same_dtype(held, compute_dtype(storage.xp, x.dtype)):
+        return
+    raise TypeError(
+        f"x has dtype {dtype_name(x.dtype)} but this BatchNorm's parameters and running "
+        f"statistics are {dtype_name(held)} ("
+        + ("its dtype=" if dtype_given else "bound by its first input")
+        + f"): pass x as {dtype_name(held)} (for example x.astype({dtype_name(held)}), "
+        f"x.to(torch.{dtype_name(held)})), or create the layer with "
+        f"dtype={dtype_name(x.dtype)}"
+    )
 
 
 class BatchNorm:
@@ -343,6 +419,7 @@ class BatchNorm:
         self._device = device
         self._dtype = check_dtype(dtype)
         self._storage: Storage | None = None
+        self._xp_given = xp is not None
         if xp is not None:
             xp = namespace_of(check_namespace(xp))
             floating = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
@@ -389,9 +466,11 @@ class BatchNorm:
         xp = compat.array_namespace(x)
         if self._storage is not None and xp is not self._storage.xp:
             raise TypeError(
-                f"this BatchNorm holds {self._storage.xp.__name__} arrays, got x of type "
-                f"{describe(x)}; pass inputs of one library (or create the layer with "
-                "xp=None to let the first input decide)"
+                f"this BatchNorm holds {_library(self._storage.xp)} arrays ("
+                + ("its xp=" if self._xp_given else "bound by its first input")
+                + f"), got x of type {describe(x)}: pass x as a {_library(self._storage.xp)} "
+                "array, or, to go on in another library, load this layer's state_dict() into "
+                "a new BatchNorm, which binds to its first input's library"
             )
         check_input(xp, x)
         if self._storage is not None:
@@ -567,10 +646,10 @@ class BatchNorm:
             channels: Any = param_shape(tuple(x.shape), axes)
             channels = channels[0] if len(axes) == 1 else channels
             if self.num_features is not None and channels != self.num_features:
-                raise ValueError(
-                    f"x has {channels} channels on axis {self.axis} (shape {tuple(x.shape)}) "
-                    f"but this BatchNorm has num_features={self.num_features}"
-                )
+                raise ValueError(_channels_message(x, self.axis, channels, self.num_features))
+            if self.num_features is None and axes == (1,):
+                _warn_if_channels_last(x)
+            _check_x_dtype(x, storage, self._dtype is not None)
             # A frozen layer computes as in eval (check_frozen: it has running statistics).
             training = check_training(self.training) and not _check_frozen(
                 self.frozen, self.track_running_stats, name="frozen"
