@@ -166,7 +166,6 @@ def _check_axis(axis: object) -> int | tuple[int, ...]:
     return int(axis)
 
 
-
 def _library(xp: ModuleType) -> str:
     """A namespace as users name its library: ``array_api_compat.numpy`` -> ``numpy``."""
     return xp.__name__.removeprefix("array_api_compat.")
