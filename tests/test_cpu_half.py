@@ -308,3 +308,55 @@ def test_half_torch_module_matches_float64(kernel_calls):
     for a, r in ((ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):
         assert a.dtype == torch.float16
         np.testing.assert_allclose(a.double().numpy(), r.numpy(), rtol=HALF_ULP * 1.01)
+
+
+def test_numpy_kernels_store_float16_as_a_plain_cast_does() -> None:
+    """The NumPy kernels' float16 store (subnormal results rounded in float32 first, where
+    many are) gives the bits of ``astype(float16)``: every subnormal and zero result, ties,
+    signs, values that round up to the smallest normal, NaN, infinities, normal values."""
+    from anybn._kernels import numpy_blocks
+
+    rng = np.random.default_rng(11)
+    tiny = numpy_blocks.HALF_TINY
+    step = 2.0**-24
+    k = np.arange(0, 1025, dtype=np.float64)
+    values = np.concatenate(
+        [
+            rng.uniform(-tiny, tiny, 40_000),
+            (k + 0.5) * step,  # ties
+            -(k + 0.5) * step,
+            k * step,
+            rng.uniform(-(2.0**-26), 2.0**-26, 2_000),  # round to +-0
+            [0.0, -0.0, np.nan, np.inf, -np.inf, tiny, -tiny, 1.0, -3.5e4, 6.5e4],
+            rng.standard_normal(500),
+        ]
+    ).astype(np.float32)
+    for block in (values, rng.standard_normal(4096).astype(np.float32)):  # many / few
+        u = block.copy()
+        out = np.empty(block.shape, np.float16)
+        numpy_blocks._store_half(u, out)
+        want = block.astype(np.float16)
+        np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))
+
+
+def test_numpy_kernels_float16_backward_with_dy_ones(monkeypatch) -> None:
+    """``dy = ones`` (its exact dx is zero, the computed one rounding noise, mostly float16
+    subnormals) through the NumPy kernels: the bits of the float32 arithmetic cast once."""
+    from anybn._kernels import numpy_blocks
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((8, 4, 48, 48)).astype(np.float16)
+    dy = np.ones_like(x)
+    mean = x.astype(np.float64).mean(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(x.astype(np.float64).var(axis=(0, 2, 3)) + 1e-5)
+    w = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+    got, _, _ = numpy_blocks.backward(
+        dy, x, w, mean.astype(np.float32), invstd.astype(np.float32), training=True, axis=1
+    )
+    monkeypatch.setattr(numpy_blocks, "HALF_TINY", 0.0)  # never rounds first: the plain cast
+    plain, _, _ = numpy_blocks.backward(
+        dy, x, w, mean.astype(np.float32), invstd.astype(np.float32), training=True, axis=1
+    )
+    subnormal = (got != 0) & (np.abs(got) < np.finfo(np.float16).tiny)
+    assert subnormal.mean() > 0.2  # the case the store is for
+    np.testing.assert_array_equal(got.view(np.uint16), plain.view(np.uint16))

@@ -225,18 +225,7 @@ def forward(
     in-place update of the buffers cannot reach what a caller saved.
     """
     xp = call.xp
-    if call.training and call.n == 0:
-        out: BatchNormOutput | None = _generic.empty_forward(call, x, running_mean, running_var)
-        kernel: Any = None
-    else:
-        fast = enabled()
-        out = None
-        for kernel in kernels_for(x):
-            if (fast or not kernel.FAST) and kernel.accepts(call, x):
-                out = kernel.run_forward(call, x, running_mean, running_var, weight, bias)
-                if out is not None:
-                    break
-    assert out is not None  # the generic kernel always computes
+    kernel, out = _first_forward(call, x, running_mean, running_var, weight, bias)
     mean = out.mean
     if mean is running_mean:
         mean = xp.asarray(mean, copy=True)
@@ -248,6 +237,60 @@ def forward(
             new_running_var=stop_gradient(out.new_running_var),
         )
     return out if mean is out.mean else out._replace(mean=mean)
+
+
+def _first_forward(
+    call: Call,
+    x: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+) -> tuple[Any, BatchNormOutput]:
+    """The kernel that computes this forward (None for an empty batch), and its output."""
+    if call.training and call.n == 0:
+        return None, _generic.empty_forward(call, x, running_mean, running_var)
+    fast = enabled()
+    for kernel in kernels_for(x):
+        if (fast or not kernel.FAST) and kernel.accepts(call, x):
+            out = kernel.run_forward(call, x, running_mean, running_var, weight, bias)
+            if out is not None:
+                return kernel, out
+    raise AssertionError("the generic kernel always computes")  # pragma: no cover
+
+
+def engine(x: Any, /) -> str:
+    """Which engine computes a training forward of ``x`` (no parameters) here, in words.
+
+    What ``python -m anybn`` prints for each backend: the kernel module the dispatcher
+    picks for this x, and for CPU arrays whether Numba's compiled kernels serve them and
+    how they use threads.
+    """
+    from .._call import resolve_forward
+
+    call, _ = resolve_forward(
+        x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, axis=1,
+        mask=None, var_estimator="unbiased", xp=None,
+    )  # fmt: skip
+    kernel, _ = _first_forward(call, x, None, None, None, None)
+    name = "generic" if kernel is None else kernel.NAME
+    if name in ("numba_cpu", "numpy_blocks", "torch_cpu"):
+        from . import numba_cpu, pool
+
+        hint = "" if numba_cpu.AVAILABLE else " (pip install anybn[numba] for compiled ones)"
+        if name == "numpy_blocks":
+            return "NumPy kernels" + hint
+        if name == "torch_cpu" and not numba_cpu.AVAILABLE:
+            return "torch's own kernels and NumPy's" + hint
+        threads = "TBB threads" if pool.tbb_layer() else "Python thread pool"
+        where = " on the tensors' memory" if name == "torch_cpu" else ""
+        return f"compiled kernels (Numba, {threads}){where}"
+    return {
+        "numba_cuda": "CUDA kernels (numba-cuda)",
+        "dask": "Dask graph of per-chunk kernels",
+        "jax": "jax.numpy with a custom VJP",
+        "generic": "generic array-API code",
+    }.get(name, name)
 
 
 def backward(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _kernels as kernels
 from .._api import batch_norm, batch_norm_backward
 from .backends import BACKENDS, Backend
 from .reference import reference_backward, reference_forward
@@ -43,6 +44,7 @@ class BackendResult:
     backward_error: float = float("nan")
     forward_ms: float = float("nan")
     backward_ms: float = float("nan")
+    engine: str = ""  #: what computed the timed forward (:func:`anybn._kernels.engine`)
 
     @property
     def failed(self) -> bool:
@@ -101,14 +103,15 @@ def _best_ms(fn: Callable[[], object], backend: Backend, repeat: int) -> float:
     return best * 1e3
 
 
-def _timings(backend: Backend, shape: Sequence[int], repeat: int) -> tuple[float, float]:
+def _timings(backend: Backend, shape: Sequence[int], repeat: int) -> tuple[float, float, str]:
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.standard_normal(shape, dtype=np.float32))
+    engine = kernels.engine(x)
     dy = backend.asarray(rng.standard_normal(shape, dtype=np.float32))
     out = batch_norm(x, training=True)
     fwd = _best_ms(lambda: batch_norm(x, training=True), backend, repeat)
     bwd = _best_ms(lambda: batch_norm_backward(dy, x, None, out.mean, out.invstd), backend, repeat)
-    return fwd, bwd
+    return fwd, bwd, engine
 
 
 def check_backend(
@@ -120,13 +123,13 @@ def check_backend(
         return BackendResult(backend.id, "skipped", reason)
     try:
         fwd_err, bwd_err = _errors(backend, seed)
-        fwd_ms, bwd_ms = _timings(backend, shape, repeat)
+        fwd_ms, bwd_ms, engine = _timings(backend, shape, repeat)
     except Exception as exc:
         return BackendResult(backend.id, "ERROR", f"{type(exc).__name__}: {exc}")
     ok = fwd_err <= TOLERANCE and bwd_err <= TOLERANCE
     detail = "" if ok else f"error above tolerance {TOLERANCE:g}"
     return BackendResult(
-        backend.id, "ok" if ok else "FAIL", detail, fwd_err, bwd_err, fwd_ms, bwd_ms
+        backend.id, "ok" if ok else "FAIL", detail, fwd_err, bwd_err, fwd_ms, bwd_ms, engine
     )
 
 
@@ -153,6 +156,7 @@ def run_report(
     out(f"timing: float32 training forward / backward on {tuple(shape)}, best of {repeat}\n")
     header = (
         f"{'backend':<26} {'status':<8} {'fwd err':>9} {'bwd err':>9} {'fwd ms':>9} {'bwd ms':>9}"
+        "  engine"
     )
     out(header)
     out("-" * len(header))
@@ -165,7 +169,7 @@ def run_report(
         else:
             out(
                 f"{r.backend:<26} {r.status:<8} {r.forward_error:>9.1e} {r.backward_error:>9.1e} "
-                f"{r.forward_ms:>9.2f} {r.backward_ms:>9.2f}"
+                f"{r.forward_ms:>9.2f} {r.backward_ms:>9.2f}  {r.engine}"
                 + (f"  {r.detail}" if r.detail else "")
             )
     ran = [r for r in results if r.status != "skipped"]
