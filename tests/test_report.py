@@ -102,3 +102,23 @@ def test_module_entry_point_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "numpy" in proc.stdout and "ok" in proc.stdout
+
+
+def test_the_getting_started_sample_is_the_report_of_today() -> None:
+    """The sample report on the getting-started page lists the backends the report checks,
+    in its order, under the report's own header (engine column included)."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "getting-started.md").read_text()
+    sample = page.split("it printed:\n\n```text\n", 1)[1].split("```", 1)[0].splitlines()
+    printed: list[str] = []
+    _report.run_report(backends=[], out=printed.append)
+    header = next(line for line in printed if line.startswith("backend "))
+    assert header in sample
+    rows = sample[sample.index(header) + 2 :]
+    names = [line.split()[0] for line in rows if line.strip() and not line[0].isdigit()]
+    assert names == [b.id for b in BACKENDS]
+    for line in rows:
+        if " ok " in line:
+            engine = line.split(maxsplit=6)[-1]
+            assert engine and not engine[0].isdigit(), line  # every row that ran names its engine
