@@ -10,7 +10,9 @@ The pairs: ``anybn.torch.BatchNorm1d`` forward + ``backward()`` against
 ``nn.BatchNorm1d``; ``anybn.batch_norm`` + ``anybn.batch_norm_backward`` on
 tensors against ``F.batch_norm`` + autograd; ``anybn.batch_norm`` on NumPy
 against textbook NumPy (statistics, normalisation, running update); an
-``anybn.BatchNorm`` training call against the functional call it makes.
+``anybn.BatchNorm`` training call against the functional call it makes; one SGD step of the
+small CNN of asv's ``SmallCNN`` (batch 64) with the drop-ins against the same with ``nn``
+(``number // 30`` steps a round).
 """
 
 from __future__ import annotations
@@ -70,7 +72,36 @@ def pairs() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
         ("anybn.batch_norm vs textbook NumPy, training forward", anybn_numpy, textbook_numpy),
         ("anybn.BatchNorm vs anybn.batch_norm (NumPy), training forward", lambda: layer(xn),
          anybn_numpy),
+        ("small CNN training step (batch 64, 8x8): drop-ins vs nn", *cnn_steps()),
     ]  # fmt: skip
+
+
+def cnn_steps() -> tuple[Callable[[], object], Callable[[], object]]:
+    """One SGD step of asv's SmallCNN (Conv-BN-ReLU twice, Linear-BN1d), drop-ins and nn."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "asv_benchmarks"))
+    from benchmarks.bench_training import small_cnn
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((64, 1, 8, 8), dtype=np.float32))
+    target = torch.from_numpy(rng.integers(0, 10, 64))
+    loss = torch.nn.CrossEntropyLoss()
+
+    def step_of(drop_in: bool) -> Callable[[], object]:
+        torch.manual_seed(0)
+        model = small_cnn(drop_in).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss(model(x), target).backward()
+            opt.step()
+
+        return step
+
+    return step_of(True), step_of(False)
 
 
 def main() -> None:
@@ -81,17 +112,18 @@ def main() -> None:
     print(f"(8, {C}) float32, {torch.get_num_threads()} torch threads, median of {args.rounds} "
           f"rounds of {args.number} calls, A/B ratio of thread time")  # fmt: skip
     for name, a, b in pairs():
+        number = args.number if "CNN" not in name else max(1, args.number // 30)
         for f in (a, b):
-            for _ in range(50):
+            for _ in range(min(50, number)):
                 f()
         ta: list[float] = []
         tb: list[float] = []
         for _ in range(args.rounds):
             for f, out in ((a, ta), (b, tb)):
                 t = time.thread_time()
-                for _ in range(args.number):
+                for _ in range(number):
                     f()
-                out.append((time.thread_time() - t) / args.number)
+                out.append((time.thread_time() - t) / number)
         ratio = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
         print(f"| {name} | {statistics.median(ta) * 1e6:.1f} us | "
               f"{statistics.median(tb) * 1e6:.1f} us | {ratio:.2f}x |")  # fmt: skip
