@@ -141,95 +141,119 @@ def shapes_and_dtypes(res: Results) -> tuple[list[str], list[str]]:
 
 
 def plot_backend(res: Results, backend: str, out: Path) -> Path | None:
-    """One PNG for a backend, or None if it has no results."""
+    """One PNG of ratios for a backend (anybn's time ÷ each peer's), or None without results.
+
+    One panel per peer, the shapes along x, a bar per pass (forward, backward, both) and
+    dtype; a log scale centred on 1 with "below 1: anybn faster" on it, the ratio over the
+    forward + backward bars, fonts readable at the docs' page width.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shapes, dtypes = shapes_and_dtypes(res)
     ours = {m: res.table(f"{OURS}.{m}") for m in METHODS}
-    if not any(v is not None for k, v in ours["time_forward_backward"].items() if k[0] == backend):
+    rows = {
+        (s, dt): [ours[m].get((backend, s, dt)) for m in METHODS] for s in shapes for dt in dtypes
+    }
+    if not any(v is not None for values in rows.values() for v in values):
         return None
-    dtypes = [
-        dt
-        for dt in dtypes
-        if any(ours["time_forward_backward"].get((backend, s, dt)) is not None for s in shapes)
-    ]
-    peers = PEERS.get(backend, [])
-    fig, axes = plt.subplots(
-        len(dtypes), len(METHODS), figsize=(5.2 * len(METHODS), 3.6 * len(dtypes)), squeeze=False
-    )
-    labels = [f"anybn ({backend})"] + [p[0] for p in peers]
-    colors = ["#1f77b4", "#ff7f0e", "#7f7f7f"]
-    width = 0.8 / len(labels)
-    for row, dtype in enumerate(dtypes):
-        for col, method in enumerate(METHODS):
-            ax = axes[row][col]
-            series = [[ours[method].get((backend, s, dtype)) for s in shapes]]
-            for _, cls, peer_backend in peers:
-                table = res.table(f"{cls}.{method}")
-                series.append([table.get((peer_backend, s, dtype)) for s in shapes])
-            for i, (label, values) in enumerate(zip(labels, series, strict=True)):
-                xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(shapes))]
-                heights = [v * 1e3 if v is not None else 0.0 for v in values]
-                bars = ax.bar(xs, heights, width, label=label, color=colors[i % len(colors)])
-                if i > 0:
+    peers = [p for p in PEERS.get(backend, []) if res.table(f"{p[1]}.time_forward_backward")]
+    if not peers:
+        return None
+    dtypes = [dt for dt in dtypes if any(rows[(s, dt)][2] is not None for s in shapes)]
+    shapes = [s for s in shapes if any(rows[(s, dt)][2] is not None for dt in dtypes)]
+    plt.rcParams.update({"font.size": 12})
+    fig, axes = plt.subplots(len(peers), 1, figsize=(13, 4.4 * len(peers)), squeeze=False)
+    bars = [(m, dt) for dt in dtypes for m in METHODS]
+    colors = {"time_forward_train": "#9ecae1", "time_backward": "#4292c6",
+              "time_forward_backward": "#08519c"}  # fmt: skip
+    hatches = {dt: h for dt, h in zip(dtypes, ["", "//", "xx"], strict=False)}
+    width = 0.85 / len(bars)
+    for (label, cls, peer_backend), ax in zip(peers, axes[:, 0], strict=True):
+        values: list[float] = []
+        for i, (method, dtype) in enumerate(bars):
+            peer = res.table(f"{cls}.{method}")
+            xs, ys = [], []
+            for j, shape in enumerate(shapes):
+                mine = ours[method].get((backend, shape, dtype))
+                theirs = peer.get((peer_backend, shape, dtype))
+                if mine is None or theirs is None or theirs == 0:
                     continue
-                for bar, v, peer in zip(bars, values, series[1] if len(series) > 1 else values,
-                                        strict=True):  # fmt: skip
-                    if v is not None and peer is not None and len(series) > 1:
-                        ax.annotate(
-                            f"{v / peer:.2f}x",
-                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center",
-                            va="bottom",
-                            fontsize=7,
-                        )
-            ax.set_yscale("log")
-            ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels([s.replace("-channels-last", "\nchannels-last") for s in shapes],
-                               fontsize=7)  # fmt: skip
-            ax.set_ylabel("time (ms, log)")
-            ax.set_title(f"{TITLES[method]}, {dtype}", fontsize=9)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
-    fig.suptitle(
-        f"anybn on {backend}: asv, commit {res.commit[:8]}, {res.date} "
-        f"(labels: anybn / {labels[1] if len(labels) > 1 else 'peer'})",
-        fontsize=10,
-    )
+                xs.append(j + (i - (len(bars) - 1) / 2) * width)
+                ys.append(mine / theirs)
+            if not ys:
+                continue
+            values += ys
+            drawn = ax.bar(xs, ys, width, color=colors[method], hatch=hatches[dtype],
+                           edgecolor="white", label=f"{TITLES[method]}, {dtype}")  # fmt: skip
+            if method == "time_forward_backward":
+                for bar, y in zip(drawn, ys, strict=True):
+                    ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=9)  # fmt: skip
+        if not values:
+            ax.set_visible(False)
+            continue
+        ax.set_yscale("log")
+        low, high = min(min(values), 0.5) / 1.3, max(max(values), 2.0) * 1.5
+        ax.set_ylim(low, high)
+        grid = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)
+        ticks = [t for t in grid if low <= t <= high]
+        ax.set_yticks(ticks)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.text(len(shapes) - 0.5, 1.0, "below 1: anybn faster ", ha="right", va="top",
+                fontsize=10)  # fmt: skip
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([s.replace("-channels-last", "\nchannels-last") for s in shapes])
+        ax.set_xlim(-0.5, len(shapes) - 0.5)
+        ax.set_ylabel(f"anybn ÷ {label}")
+        ax.set_title(f"anybn on {backend} ÷ {label}", fontsize=12)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"asv, commit {res.commit[:8]}, {res.date}", fontsize=11)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{re.sub(r'[^A-Za-z0-9_]+', '_', backend)}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def ratio_table(res: Results) -> str:
-    """Markdown: anybn's time and each peer's, with the ratio, per backend, shape and dtype."""
+    """Markdown: per backend, shape and dtype, anybn's forward + backward time and its ratios.
+
+    One row per input: anybn's time, then for each peer the forward, backward and
+    forward + backward ratios (anybn ÷ peer; below 1 anybn is faster).
+    """
     shapes, dtypes = shapes_and_dtypes(res)
-    lines = [
-        "| backend | shape | dtype | benchmark | anybn | peer | peer time | anybn / peer |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
     backends = list(dict.fromkeys(k[0] for k in res.table(f"{OURS}.time_forward_backward")))
+    lines = []
     for backend in backends:
-        for shape, dtype, method in itertools.product(shapes, dtypes, METHODS):
-            mine = res.table(f"{OURS}.{method}").get((backend, shape, dtype))
-            if mine is None:
+        peers = [p for p in PEERS.get(backend, []) if res.table(f"{p[1]}.time_forward_backward")]
+        head = "| shape | dtype | anybn fwd+bwd |"
+        for label, _, _ in peers:
+            head += f" ÷ {label}: fwd / bwd / both |"
+        block = [f"**{backend}**", "", head, "|---" * (3 + len(peers)) + "|"]
+        for shape, dtype in itertools.product(shapes, dtypes):
+            mine = {m: res.table(f"{OURS}.{m}").get((backend, shape, dtype)) for m in METHODS}
+            if mine["time_forward_backward"] is None:
                 continue
-            for label, cls, peer_backend in PEERS.get(backend, []):
-                peer = res.table(f"{cls}.{method}").get((peer_backend, shape, dtype))
-                lines.append(
-                    f"| {backend} | {shape} | {dtype} | {TITLES[method]} | {fmt_time(mine)} "
-                    f"| {label} | {fmt_time(peer)} | {ratio(mine, peer)} |"
-                )
+            row = f"| {shape} | {dtype} | {fmt_time(mine['time_forward_backward'])} |"
+            for _, cls, peer_backend in peers:
+                cells = [
+                    ratio(mine[m], res.table(f"{cls}.{m}").get((peer_backend, shape, dtype)))
+                    for m in METHODS
+                ]
+                row += " " + " / ".join(c.rstrip("x") for c in cells) + " |"
+            block.append(row)
+        if len(block) > 4:
+            lines += [*block, ""]
     memory = res.table(MEMORY)
     if memory:
         lines += [
-            "",
             "NumPy peak temporary memory of forward+backward beyond x, dy, y and dx "
             "(tracemalloc), in units of x's size:",
             "",
@@ -238,7 +262,7 @@ def ratio_table(res: Results) -> str:
         ]
         for (shape, dtype), value in memory.items():
             lines.append(f"| {shape} | {dtype} | {'n/a' if value is None else f'{value:.2f}'} |")
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip()
 
 
 def python_version(python: str) -> str:
@@ -259,18 +283,25 @@ def update_docs(page: Path, table: str, res: Results, images: list[Path]) -> Non
     machine = f"`{info.get('machine', '?')}` ({info.get('cpu', '?')}, "
     machine += f"{info.get('num_cpu', '?')} CPUs, {info.get('os', '?')})"
     stat = "fastest recorded sample" if res.best else "asv's median"
+    compiled = res.table("bench_batchnorm.Engine.track_compiled_kernels").get(())
+    engine = {
+        None: "engine not recorded",
+        0.0: "NumPy kernels (Numba not installed)",
+        1.0: "Numba's compiled kernels (`anybn[numba]`)",
+    }.get(compiled, "?")
     body = [
         begin,
         "",
-        f"Results of commit `{res.commit[:12]}`, {res.date}, machine {machine}, "
-        f"Python {python_version(info.get('python', '?'))}; times are each benchmark's {stat}.",
-        "",
-        table,
+        f"Last run: commit `{res.commit[:12]}`, {res.date}, machine {machine}, "
+        f"Python {python_version(info.get('python', '?'))}, {engine}; times are each "
+        f"benchmark's {stat}; ratios are anybn's time ÷ the peer's in the same run "
+        "(below 1: anybn faster). Each plot links to its full size.",
         "",
     ]
     for img in images:
-        rel = img.resolve().relative_to(page.parent.resolve())
-        body += [f"![anybn on {img.stem}]({rel.as_posix()})", ""]
+        rel = img.resolve().relative_to(page.parent.resolve()).as_posix()
+        body += [f"[![anybn on {img.stem}: time ÷ peer per shape]({rel})]({rel})", ""]
+    body += [table, ""]
     page.write_text(head + "\n".join(body) + end + tail, encoding="utf-8")
 
 

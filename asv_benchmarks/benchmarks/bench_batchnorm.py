@@ -115,3 +115,17 @@ class NumPyTemporaryMemory:
         finally:
             tracemalloc.stop()
         return (peak - out.y.nbytes - grads.dx.nbytes) / d.x.nbytes
+
+
+class Engine:
+    """Which engine served the NumPy benchmarks (recorded beside the times, for the docs)."""
+
+    def track_compiled_kernels(self) -> float:
+        """1 where Numba's compiled kernels serve NumPy arrays (``anybn[numba]``), else 0."""
+        import numpy as np
+
+        from anybn import _kernels
+
+        return float(_kernels.engine(np.ones((4, 3), np.float32)).startswith("compiled"))
+
+    track_compiled_kernels.unit = "boolean"  # type: ignore[attr-defined]
