@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python docs/scripts/small_call_ratios.py [--rounds 15] [--number 300]
+    python docs/scripts/small_call_ratios.py [--rounds 15] [--number 300] [--threads 1]
 
 Each line is one pair: the median over rounds of the per-round ratio of CPU
 thread time (``time.thread_time``), each round ``number`` calls of A then of B.
@@ -108,7 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--number", type=int, default=300)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch's and anybn's CPU threads (default: torch's default). 1 on a busy machine: "
+        "torch splits even (8, 16) among its OpenMP threads, whose barrier then spins",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        anybn.set_num_threads(args.threads)
     print(f"(8, {C}) float32, {torch.get_num_threads()} torch threads, median of {args.rounds} "
           f"rounds of {args.number} calls, A/B ratio of thread time")  # fmt: skip
     for name, a, b in pairs():
