@@ -11,9 +11,9 @@ Environment variables (read at import, so that asv sees the filtered parameters)
     profile, :data:`QUICK_SHAPES`). Names contain commas themselves, so the value is
     split only at commas outside parentheses: ``"(8,16),(256,512)"`` names two shapes.
 ``ANYBN_BENCH_PROFILE``
-    ``full`` (default) or ``quick``: every benchmark on the small and mid-size shapes with
-    short timing (one round, a few repeats), so that the whole suite runs on a 2-core
-    machine in under 10 minutes (``asv run --quick`` on top of it: about 3). CI uses it.
+    ``full`` (default), ``quick``: every benchmark on the small and mid-size shapes with
+    short timing (one round, up to 3 repeats; CI uses it), or ``results``: every shape,
+    one round of up to 5 repeats (the benchmark page's run).
 ``ANYBN_BENCH_THREADS``
     CPU threads for torch and for anybn's NumPy kernels (default 2). NumPy's own
     BLAS is not on anybn's hot path; set ``OPENBLAS_NUM_THREADS`` to match if you
@@ -88,9 +88,13 @@ def _selected(
 
 
 PROFILE = os.environ.get("ANYBN_BENCH_PROFILE", "full").strip().lower() or "full"
-if PROFILE not in ("full", "quick"):
-    raise ValueError(f"ANYBN_BENCH_PROFILE must be 'full' or 'quick', got {PROFILE!r}")
+if PROFILE not in ("full", "quick", "results"):
+    raise ValueError(
+        f"ANYBN_BENCH_PROFILE must be 'full', 'quick' or 'results', got {PROFILE!r}"
+    )
 QUICK = PROFILE == "quick"
+#: The benchmark page's run: every shape, asv's samples cut to one round of up to 5 repeats.
+SHORT = PROFILE in ("quick", "results")
 
 BACKENDS = _selected("ANYBN_BENCH_BACKENDS", ALL_BACKENDS)
 SHAPE_NAMES = _selected("ANYBN_BENCH_SHAPES", tuple(SHAPES), QUICK_SHAPES if QUICK else None)
@@ -98,11 +102,15 @@ SHAPE_NAMES = _selected("ANYBN_BENCH_SHAPES", tuple(SHAPES), QUICK_SHAPES if QUI
 #: asv timing attributes for every timing class: the quick profile takes one round of a few
 #: short repeats (asv's defaults: 2 rounds, up to 10 repeats, a warm-up of up to 10 s).
 TIMING: dict[str, object] = (
-    {"rounds": 1, "repeat": (1, 3, 1.0), "warmup_time": 0.05, "min_run_count": 1} if QUICK else {}
+    {"rounds": 1, "repeat": (1, 3, 1.0), "warmup_time": 0.05, "min_run_count": 1}
+    if QUICK
+    else {"rounds": 1, "repeat": (1, 5, 2.0), "warmup_time": 0.1, "min_run_count": 1}
+    if SHORT
+    else {}
 )
 
 
-if QUICK:
+if SHORT:
     # asv forks every benchmark from a server that imported this module: importing torch
     # and loading anybn's compiled kernels here, once, saves seconds per benchmark.
     try:
