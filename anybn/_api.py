@@ -336,15 +336,15 @@ def _sync_batch_norm(
         )  # fmt: skip
     with _sync.failures_reported(comm, x, axis, timeout=timeout):
         if _torch_autograd(x, weight, bias):
-            axis = _sync.check_options(axis, mask, var_estimator, axis_name)
+            axis = _sync.check_options(axis, axis_name)
             seconds = resolve_timeout(timeout)
-            _sync.check_autodiff(x, running_mean, running_var, weight, bias)
+            _sync.check_autodiff(x, running_mean, running_var, weight, bias, mask)
             from .distributed.torch_autograd import function_batch_norm
 
             return function_batch_norm(
                 x, running_mean, running_var, weight, bias,
                 momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
-                timeout=seconds,
+                timeout=seconds, mask=mask, var_estimator=var_estimator,
             )  # fmt: skip
         return _sync.forward(
             x, running_mean, running_var, weight, bias,
