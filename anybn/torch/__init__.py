@@ -33,7 +33,7 @@ from .frozen import (
     FrozenBatchNorm3d,
     freeze,
 )
-from .function import KeptCall, batch_norm, module_arguments
+from .function import KeptCall, batch_norm, masked_forward, module_arguments
 from .recalibrate import recalibrate
 from .sync import SyncBatchNorm
 
@@ -58,7 +58,9 @@ __all__ = [
 class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
     """``_BatchNorm.forward`` with the computation done by :func:`batch_norm`."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # the masked statistics: never the kept call's lane
+            return masked_forward(self, input, mask)
         eager = not torch.compiler.is_compiling()
         if eager:
             kept = self.__dict__.get("_anybn_kept")
