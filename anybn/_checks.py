@@ -87,7 +87,7 @@ def check_mask(
                         f"{dtype_name(mask.dtype)}")
     shape = tuple(x.shape)
     without = None if axes is None else tuple(s for i, s in enumerate(shape) if i not in axes)
-    if without is not None and len(axes) < len(shape) and tuple(mask.shape) == without:
+    if axes is not None and len(axes) < len(shape) and tuple(mask.shape) == without:
         expanded = tuple(1 if i in axes else s for i, s in enumerate(shape))
         return xp.broadcast_to(xp.reshape(mask, expanded), shape)
     try:

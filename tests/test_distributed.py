@@ -284,8 +284,8 @@ def test_masked(engine: str, size: int, tmp_path: Path) -> None:
                                eps=worker.EPS, mask=m, **options)  # fmt: skip
         grads = anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, mask=m,
                                           axis=options.get("axis", 1))  # fmt: skip
-        ref = {k: worker.to_numpy(v)
-               for k, v in zip(out._fields + grads._fields, (*out, *grads), strict=True)}  # fmt: skip
+        fields = zip(out._fields + grads._fields, (*out, *grads), strict=True)
+        ref = {k: worker.to_numpy(v) for k, v in fields}
         for a in per_rank:  # no NaN reaches the statistics or dx, on any rank
             for field in ("mean", "invstd", "new_running_mean", "new_running_var", "dx"):
                 assert np.isfinite(a[f"{name}:{field}"]).all(), (name, field)

@@ -479,7 +479,7 @@ def test_torch_modules_mask(cls: str, shape: tuple[int, ...], mshape: tuple[int,
     x = rng.normal(size=shape) * 2 + 1
     mask = rng.uniform(size=mshape) < 0.7
     full = np.broadcast_to(
-        mask.reshape(mshape[:1] + (1,) + mshape[1:]) if len(mshape) == len(shape) - 1 else mask,
+        mask.reshape((*mshape[:1], 1, *mshape[1:])) if len(mshape) == len(shape) - 1 else mask,
         shape,
     )
     m = getattr(abt, cls)(3, momentum=momentum).double()

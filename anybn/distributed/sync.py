@@ -10,7 +10,10 @@ Forward
     (:func:`anybn._core.stats.chan_merge`), done in rank order on every rank, gives the
     statistics of the concatenated batch, bit-identical on all ranks. Ranks with
     an empty shard contribute nothing. ``y`` is then the core's eval forward with
-    the global ``(mean, M2 / N)`` in place of the running statistics.
+    the global ``(mean, M2 / N)`` in place of the running statistics. With a
+    mask, each rank's statistics are those of its counted values, its counts per
+    channel travel with them, and the merge is weighted by those counts (a rank
+    or channel that counts nothing adds nothing, and no ``0 / 0`` is formed).
 Backward
     with ``xhat = (x - mean) * invstd`` the gradient needs two per-channel sums
     over the whole batch; one all-reduce of ``(sum_dy, sum_dy_xhat)`` gives them::
@@ -21,13 +24,16 @@ Backward
     (mean and invstd held constant), the rest from one more eval forward.
     ``dweight`` and ``dbias`` stay this rank's own sums (DistributedDataParallel,
     or the user, sums parameter gradients over ranks), as in ``torch.nn.SyncBatchNorm``.
+    With a mask the counted values ``N`` per channel join the all-reduce and the
+    two global terms apply where the mask is True (the core's masked formula).
 
 Reusing the core's public functions for every pass over x keeps its checks and
 per-backend fast paths, and keeps the math of this module to the merge and the
 two global corrections.
 
 Before the statistics, the ranks exchange a small header of ints (operation,
-local check status, channel count, dtype, device type, local count) in a cheap
+local check status, channel count, dtype, device type, local count, options: a
+mask or none and the variance estimator, which every rank must share) in a cheap
 first exchange (coordinated by rank 0 with a deadline, see
 ``anybn.distributed.deadline``: a rank that does not come in ``timeout``
 seconds makes every rank raise :class:`~anybn.distributed.CollectiveTimeout`
@@ -61,7 +67,7 @@ import array_api_compat as compat
 
 from .. import _kernels as kernels
 from .._call import Call, resolve_backward, resolve_forward, resolve_timeout
-from .._checks import check_eps, check_momentum, check_var_estimator
+from .._checks import check_eps, check_momentum
 from .._core.generic import running_update
 from .._core.outputs import BatchNormGrads, BatchNormOutput
 from .._core.stats import (
@@ -74,10 +80,10 @@ from .._core.stats import (
 )
 from .._xp import (
     Array,
+    channel_shape,
     compute_dtype,
     dtype_name,
     is_concrete,
-    channel_shape,
     normalize_axis,
     param_shape,
     reduction_axes,
@@ -186,9 +192,9 @@ def _agree(
     Raised, in this order: ranks in different calls (RuntimeError); ranks whose x
     differ in channel count (ValueError), dtype (TypeError) or device type
     (ValueError); ranks with a mask and ranks without one, or with different
-    ``var_estimator`` (ValueError); a rank whose own checks failed (its own error there, RuntimeError
-    on the others). If the exchange itself fails, a rank whose checks failed raises
-    its own error (from the exchange's).
+    ``var_estimator`` (ValueError); a rank whose own checks failed (its own error
+    there, RuntimeError on the others). If the exchange itself fails, a rank whose
+    checks failed raises its own error (from the exchange's).
     """
     _exchanges.count = getattr(_exchanges, "count", 0) + 1
     what = f"{_OPS[op]} header exchange"
@@ -546,6 +552,7 @@ def forward(
     cdt = compute_dtype(xp, x.dtype)
     xc = _as(xp, x, cdt)
     n: Array | int
+    local_stats: tuple[Array, ...]
     if mask is None:
         local_stats = _local_moments(xp, xc, axis, count, channels)
     else:  # the counts per channel travel with the moments

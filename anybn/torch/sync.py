@@ -16,9 +16,10 @@ normalizes with the statistics of the batch concatenated over the group, through
 without a process group, or with a group of one rank, it is
 :func:`anybn.torch.batch_norm`, local.
 
-Per training step: the forward exchanges a header of 7 int64 per rank and
-all-gathers ``2 * C`` statistics per rank; the backward all-reduces ``2 * C``
-sums (the global count is known from the forward, so no header). ``dweight``
+Per training step: the forward exchanges a header of 8 int64 per rank and
+all-gathers ``3 * C`` statistics per rank (``4 * C`` with ``mask=``: the counted
+values too); the backward all-reduces ``2 * C`` sums (``3 * C`` with a mask; the
+global count is known from the forward, so no header). ``dweight``
 and ``dbias`` are this rank's own sums, as in PyTorch: DistributedDataParallel
 averages them over ranks.
 """
@@ -56,6 +57,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     float16 and bfloat16 inputs are synchronized in float32 and ``dx`` is
     rounded once. Double backward, forward-mode AD and ``torch.func``
     transforms are not supported (as in PyTorch; refused on every rank).
+    ``forward`` takes a ``mask=`` keyword (padding False), synchronized: every
+    rank's counted values merge exactly, and a rank whose mask is all False
+    contributes nothing.
 
     One keyword more than PyTorch's: ``timeout`` (seconds or a ``timedelta``; None,
     the default, is the process group's timeout) bounds each exchange of a
