@@ -116,6 +116,40 @@ def test_threads_masked_equal_the_whole_batch(
         np.testing.assert_array_equal(out.mean, got[0][0].mean)  # bit for bit on every rank
 
 
+def test_threads_masked_on_every_backend(backend: Any) -> None:
+    """Masked, two channel axes, biased, synchronized over 2 ranks (one counting nothing) on
+    every backend: the NumPy one-process result, forward and backward."""
+    if backend.id == "jax:jit":
+        pytest.skip("comm= needs concrete JAX arrays (its collectives run outside jax.jit)")
+    rng = np.random.default_rng(18)
+    x = rng.normal(size=(6, 3, 4)) + 5
+    mask = np.broadcast_to((rng.uniform(size=(6, 1, 4)) < 0.7), x.shape).copy()
+    mask[:3], mask[-2:] = False, True
+    dy = rng.normal(size=x.shape)
+    rm, rv = np.zeros((3, 4)), np.ones((3, 4))
+    opts: dict[str, Any] = {"axis": (1, 2), "var_estimator": "biased", "eps": EPS}
+    ref = anybn.batch_norm(x, rm, rv, training=True, mask=mask, **opts)
+    gref = anybn.batch_norm_backward(dy, x, None, ref.mean, ref.invstd, mask=mask, axis=(1, 2))
+    arrays = {k: backend.asarray(v) for k, v in (("x", x), ("dy", dy), ("rm", rm), ("rv", rv))}
+    masks = backend.asarray(mask)  # (boolean, on the backend's device)
+
+    def rank_fn(comm: Communicator) -> Any:
+        s = (slice(3 * comm.rank, 3 * comm.rank + 3), ...)
+        out = anybn.batch_norm(arrays["x"][s], arrays["rm"], arrays["rv"], training=True,
+                               mask=masks[s], comm=comm, **opts)  # fmt: skip
+        g = anybn.batch_norm_backward(arrays["dy"][s], arrays["x"][s], None, out.mean,
+                                      out.invstd, mask=masks[s], axis=(1, 2), comm=comm)  # fmt: skip
+        return [backend.to_numpy(a) for a in (out.y, out.new_running_var, g.dx, g.dweight)]
+
+    got = _values(ThreadGroup(2).run(rank_fn))
+    close = {"rtol": 1e-10, "atol": 1e-10}
+    np.testing.assert_allclose(np.concatenate([g[0] for g in got]), ref.y, **close)
+    np.testing.assert_allclose(np.concatenate([g[2] for g in got]), gref.dx, **close)
+    np.testing.assert_allclose(sum(g[3] for g in got), gref.dweight, **close)
+    for g in got:
+        np.testing.assert_allclose(g[1], ref.new_running_var, **close)
+
+
 def test_threads_bool_mask_broadcast_and_keras_shape() -> None:
     """A (N, 1, L) mask that broadcasts and an (N, L) mask (x's shape without the channel
     axis) are the same mask, synchronized too."""
