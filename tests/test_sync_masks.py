@@ -619,3 +619,24 @@ def test_torch_module_mask_float16() -> None:
                      (1,), eps=m.eps)  # fmt: skip
     np.testing.assert_allclose(m.running_mean.numpy(), 0.1 * ref["mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y.detach().double().numpy(), ref["y"], rtol=5e-3, atol=5e-3)
+
+
+def test_torch_module_mask_keeps_channels_last() -> None:
+    """A channels_last input gives a channels_last output with a mask too, and the same
+    values and gradients as the contiguous input."""
+    torch = _torch()
+    import anybn.torch as abt
+
+    rng = np.random.default_rng(19)
+    x = torch.from_numpy(rng.normal(size=(4, 3, 5, 5)))
+    mask = torch.from_numpy(rng.uniform(size=(4, 5, 5)) < 0.7)
+    xl = x.to(memory_format=torch.channels_last).requires_grad_()
+    xc = x.clone().requires_grad_()
+    yl = abt.BatchNorm2d(3).double()(xl, mask=mask)
+    yc = abt.BatchNorm2d(3).double()(xc, mask=mask)
+    assert yl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yl, yc)
+    dy = torch.from_numpy(rng.normal(size=x.shape))
+    yl.backward(dy)
+    yc.backward(dy)
+    torch.testing.assert_close(xl.grad, xc.grad)

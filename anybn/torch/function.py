@@ -788,7 +788,7 @@ def masked_forward(
         _store(running_var, new_var)
     if tracked is not None:
         tracked.add_(1)
-    return y
+    return _torch_ops._layout_like(y, input)  # the input's memory format, as without a mask
 
 
 def _running_primals(
