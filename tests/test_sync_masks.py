@@ -137,8 +137,10 @@ def test_threads_masked_on_every_backend(backend: Any) -> None:
         s = (slice(3 * comm.rank, 3 * comm.rank + 3), ...)
         out = anybn.batch_norm(arrays["x"][s], arrays["rm"], arrays["rv"], training=True,
                                mask=masks[s], comm=comm, **opts)  # fmt: skip
-        g = anybn.batch_norm_backward(arrays["dy"][s], arrays["x"][s], None, out.mean,
-                                      out.invstd, mask=masks[s], axis=(1, 2), comm=comm)  # fmt: skip
+        g = anybn.batch_norm_backward(
+            arrays["dy"][s], arrays["x"][s], None, out.mean, out.invstd, mask=masks[s],
+            axis=(1, 2), comm=comm,
+        )  # fmt: skip
         return [backend.to_numpy(a) for a in (out.y, out.new_running_var, g.dx, g.dweight)]
 
     got = _values(ThreadGroup(2).run(rank_fn))
