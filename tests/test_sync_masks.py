@@ -530,7 +530,7 @@ def test_torch_modules_mask(cls: str, shape: tuple[int, ...], mshape: tuple[int,
     y.backward(dy)
     # the float64 formula, and torch autograd through it
     xr = torch.from_numpy(x).requires_grad_()
-    fm = torch.from_numpy(np.ascontiguousarray(full))
+    fm = torch.from_numpy(np.array(full))
     red = tuple(i for i in range(len(shape)) if i != 1)
     n = fm.sum(red, keepdim=True)
     mean = torch.where(fm, xr, 0.0).sum(red, keepdim=True) / n
