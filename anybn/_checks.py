@@ -84,7 +84,7 @@ def check_mask(
         return None
     if not xp.isdtype(mask.dtype, "bool"):
         raise TypeError(f"mask must be a boolean array (True where a value counts), got dtype "
-                        f"{dtype_name(mask.dtype)}")
+                        f"{dtype_name(mask.dtype)}; for a 0/1 mask pass mask != 0")
     shape = tuple(x.shape)
     without = None if axes is None else tuple(s for i, s in enumerate(shape) if i not in axes)
     if axes is not None and len(axes) < len(shape) and tuple(mask.shape) == without:

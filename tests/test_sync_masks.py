@@ -642,3 +642,35 @@ def test_torch_module_mask_keeps_channels_last() -> None:
     yl.backward(dy)
     yc.backward(dy)
     torch.testing.assert_close(xl.grad, xc.grad)
+
+
+@pytest.mark.parametrize("axis", [-1, (1, 2)], ids=str)
+def test_jax_grad_with_a_keras_mask_equals_plain_formula(axis: Any) -> None:
+    """jax.grad (under jax.jit) of a loss on anybn's y with a mask of x's shape without the
+    channel axes equals jax.grad of the plain masked formula."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    axes = NORMALIZED[axis] if axis != -1 else (2,)
+    mshape = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    mask = rng.uniform(size=mshape) < 0.7
+    mask[:2] = True
+    full = mask.reshape(tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
+    g = rng.normal(size=x.shape).astype(np.float32)
+    red = tuple(i for i in range(3) if i not in axes)
+
+    def loss(x: Any) -> Any:
+        y = anybn.batch_norm(x, training=True, axis=axis, mask=jnp.asarray(mask), eps=EPS).y
+        return (y * g).sum()
+
+    def plain(x: Any) -> Any:
+        m = jnp.broadcast_to(full, x.shape)
+        n = m.sum(red, keepdims=True)
+        mean = jnp.where(m, x, 0).sum(red, keepdims=True) / n
+        var = (jnp.where(m, x - mean, 0) ** 2).sum(red, keepdims=True) / n
+        return ((x - mean) / jnp.sqrt(var + EPS) * g).sum()
+
+    got = jax.jit(jax.grad(loss))(jnp.asarray(x))
+    want = jax.grad(plain)(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
