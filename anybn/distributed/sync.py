@@ -582,9 +582,9 @@ def forward(
         n, anchor, offset, m2 = _masked_merge(xp, gathered, channels)
         if is_concrete(n) and bool(xp.any(n < 2)):  # the same on every rank
             raise ValueError(
-                "Expected more than 1 counted value per channel when training, got "
-                f"{int(xp.min(n))} over {len(counts)} ranks (local input size "
-                f"{tuple(x.shape)}) in a channel"
+                "Expected more than 1 counted value per channel when training, got a "
+                f"channel with {int(xp.min(n))} over {len(counts)} ranks (local input size "
+                f"{tuple(x.shape)}); the masks leave too few values"
             )
         n = xp.reshape(n, dims)
     anchor, offset, m2 = (xp.reshape(a, dims) for a in (anchor, offset, m2))
