@@ -166,15 +166,23 @@ def test_threads_bool_mask_broadcast_and_keras_shape() -> None:
 
     def rank_fn(comm: Communicator) -> Any:
         s = slice(3 * comm.rank, 3 * comm.rank + 3)
-        a = anybn.batch_norm(x[s], training=True, mask=keras[s], comm=comm)
-        b = anybn.batch_norm(x[s], training=True, mask=keras[s][:, None, :], comm=comm)
-        return a, b
+        out = []
+        for m in (keras[s], keras[s][:, None, :]):
+            a = anybn.batch_norm(x[s], training=True, mask=m, comm=comm)
+            g = anybn.batch_norm_backward(x[s], x[s], None, a.mean, a.invstd, mask=m, comm=comm)
+            out.append((a.mean, g.dx))
+        return out
 
     got = _values(ThreadGroup(2).run(rank_fn))
-    ref = anybn.batch_norm(x, training=True, mask=np.broadcast_to(keras[:, None], x.shape))
-    for a, b in got:
-        np.testing.assert_array_equal(a.mean, b.mean)
-        np.testing.assert_allclose(a.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    full = np.broadcast_to(keras[:, None], x.shape)
+    ref = anybn.batch_norm(x, training=True, mask=full)
+    gref = anybn.batch_norm_backward(x, x, None, ref.mean, ref.invstd, mask=full)
+    for (mean_a, dx_a), (mean_b, dx_b) in got:
+        np.testing.assert_array_equal(mean_a, mean_b)
+        np.testing.assert_array_equal(dx_a, dx_b)
+        np.testing.assert_allclose(mean_a, ref.mean, rtol=1e-12, atol=1e-12)
+    dx = np.concatenate([pair[0][1] for pair in got])
+    np.testing.assert_allclose(dx, gref.dx, rtol=1e-12, atol=1e-12)
 
 
 def test_threads_float16_masked_statistics_in_float32() -> None:
