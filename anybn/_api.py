@@ -86,8 +86,11 @@ def batch_norm(
         ``param_shape``): the per-channel arrays then have the shape of those
         axes, in increasing axis order (``x.shape[1], x.shape[2]`` for ``(1, 2)``).
     mask : array or None, optional
-        A boolean array broadcastable to ``x``, True where a value counts for
-        the batch statistics (Keras' and Flax' ``mask``; padding is False). Values
+        A boolean array, True where a value counts for the batch statistics
+        (Keras' and Flax' ``mask``; padding is False): of x's shape, of a shape
+        that broadcasts to it, or of x's shape without the channel axes (Keras'
+        mask: ``(batch, time)`` for x ``(batch, time, features)`` with
+        ``axis=-1``), which is broadcast along them. Values
         where it is False never reach the statistics, even NaN or inf.
         Training with fewer than 2 counted values in a channel raises (lazy
         arrays, which cannot be inspected, give NaN for that channel). Ignored
@@ -103,10 +106,13 @@ def batch_norm(
         training every rank must call with its shard of the batch; the batch
         statistics (and the running-statistics update) are then those of the
         concatenated batch, on every rank. Ignored in eval. None: local.
-        See :mod:`anybn.distributed`. In training not combinable with ``mask``,
-        several channel axes or ``var_estimator="biased"`` (ValueError on every
-        rank: every check runs before the ranks communicate); torch tensors that
-        require grad differentiate through the global statistics.
+        See :mod:`anybn.distributed`. Every option applies (``mask``, several
+        channel axes, ``var_estimator``): with a mask each rank's counted values,
+        mean and M2 merge exactly (count-weighted Chan merge), and a rank whose
+        mask is all False contributes nothing; every rank passes a mask or none,
+        and the same ``var_estimator``. A check that fails on one rank raises
+        on every rank (every check runs before the ranks communicate); torch
+        tensors that require grad differentiate through the global statistics.
     timeout : float or datetime.timedelta, optional
         With ``comm=``: how long, in seconds, a rank waits for the others to make
         the same call. A rank that does not answer in time makes every rank raise
@@ -139,9 +145,10 @@ def batch_norm(
     TypeError
         Non-floating dtypes, arrays from different libraries, wrong argument types.
     ValueError
-        Bad shapes or axis, ``eps <= 0``, ``momentum`` outside [0, 1], arrays on
-        different devices, one value per channel in training, eval without
-        running statistics, or only one of them given.
+        Bad shapes or axis, a ``mask`` of a shape it does not take, ``eps <= 0``,
+        ``momentum`` outside [0, 1], arrays on different devices, one value per
+        channel in training (fewer than 2 counted values with a mask), eval
+        without running statistics, or only one of them given.
 
     Examples
     --------
@@ -229,11 +236,10 @@ def batch_norm_backward(
         The mask of the forward call (see :func:`batch_norm`); only training uses it.
     comm : optional
         The communicator of a synchronized forward (see :func:`batch_norm`):
-        in training the two sums are all-reduced over its ranks and ``dx`` is
-        the gradient through the global statistics; ``dweight`` and ``dbias``
-        stay this rank's own sums. In training not combinable with ``mask`` or
-        several channel axes, and not differentiable (ValueError / TypeError on
-        every rank). Ignored in eval. None: local.
+        in training the two sums (and, with a mask, the counted values) are
+        all-reduced over its ranks and ``dx`` is the gradient through the global
+        statistics; ``dweight`` and ``dbias`` stay this rank's own sums. Not
+        differentiable (TypeError on every rank). Ignored in eval. None: local.
     timeout : float or datetime.timedelta, optional
         With ``comm=``: the deadline of the call, as for :func:`batch_norm`.
     axis_name, axis_index_groups : optional
@@ -319,7 +325,8 @@ def _sync_batch_norm(
     """:func:`anybn.batch_norm` over the ranks of ``comm``.
 
     In training: the statistics of the batch concatenated over ranks (two
-    collectives: the header, then one all-gather of ``3 * C`` values); every
+    collectives: the header, then one all-gather of ``3 * C`` values, ``4 * C``
+    with a mask); every
     check, the options' included, runs before the header and fails every rank.
     PyTorch tensors that autograd records go through an ``autograd.Function``
     whose backward is the synchronized one (one all-reduce), so that gradients
@@ -336,15 +343,15 @@ def _sync_batch_norm(
         )  # fmt: skip
     with _sync.failures_reported(comm, x, axis, timeout=timeout):
         if _torch_autograd(x, weight, bias):
-            axis = _sync.check_options(axis, mask, var_estimator, axis_name)
+            axis = _sync.check_options(axis, axis_name)
             seconds = resolve_timeout(timeout)
-            _sync.check_autodiff(x, running_mean, running_var, weight, bias)
+            _sync.check_autodiff(x, running_mean, running_var, weight, bias, mask)
             from .distributed.torch_autograd import function_batch_norm
 
             return function_batch_norm(
                 x, running_mean, running_var, weight, bias,
                 momentum=momentum, eps=eps, axis=axis, comm=as_communicator(comm),
-                timeout=seconds,
+                timeout=seconds, mask=mask, var_estimator=var_estimator,
             )  # fmt: skip
         return _sync.forward(
             x, running_mean, running_var, weight, bias,

@@ -363,7 +363,7 @@ def resolve_forward(
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
     var_estimator = check_var_estimator(var_estimator)
-    mask = check_mask(xp, mask, x)
+    mask = check_mask(xp, mask, x, axes)
     axis_name, groups = resolve_axis_name(x, axis_name, axis_index_groups)
     if not training:  # eval: nothing is synchronised
         axis_name, groups = None, None
@@ -444,7 +444,7 @@ def resolve_backward(
     for name, a in (("weight", weight), ("mean", mean), ("invstd", invstd)):
         check_channel_vector(xp, a, name, channels[0] if len(axes) == 1 else channels, x.dtype)
     training = check_training(training)
-    mask = check_mask(xp, mask, x)
+    mask = check_mask(xp, mask, x, axes)
     axis_name, groups = resolve_axis_name(x, axis_name, axis_index_groups)
     if not training:
         mask, axis_name, groups = None, None, None

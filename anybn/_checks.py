@@ -68,23 +68,35 @@ def check_channel_vector(
         )
 
 
-def check_mask(xp: ModuleType, mask: Array | None, x: Array) -> Array | None:
-    """``mask``: None, or a boolean array broadcastable to ``x``; returned broadcast to x's shape.
+def check_mask(
+    xp: ModuleType, mask: Array | None, x: Array, axes: tuple[int, ...] | None = None
+) -> Array | None:
+    """``mask``: None, or a boolean array; returned broadcast to x's shape.
 
     True marks a value that counts for the statistics (the Keras and Flax rule).
-    The namespace and device were checked with the other arrays.
+    Accepted shapes: x's shape without the channel ``axes`` (Keras' mask, ``(batch,
+    time)`` for ``(batch, time, features)`` with ``axis=-1``), whose channel axes are
+    inserted back (this reading comes first where a shape could be read both ways),
+    or any shape that broadcasts to x's. The namespace and device were checked with
+    the other arrays.
     """
     if mask is None:
         return None
     if not xp.isdtype(mask.dtype, "bool"):
         raise TypeError(f"mask must be a boolean array (True where a value counts), got dtype "
-                        f"{dtype_name(mask.dtype)}")
+                        f"{dtype_name(mask.dtype)}; for a 0/1 mask pass mask != 0")
+    shape = tuple(x.shape)
+    without = None if axes is None else tuple(s for i, s in enumerate(shape) if i not in axes)
+    if axes is not None and len(axes) < len(shape) and tuple(mask.shape) == without:
+        expanded = tuple(1 if i in axes else s for i, s in enumerate(shape))
+        return xp.broadcast_to(xp.reshape(mask, expanded), shape)
     try:
-        return xp.broadcast_to(mask, tuple(x.shape))
+        return xp.broadcast_to(mask, shape)
     except (ValueError, RuntimeError, TypeError) as exc:
+        keras = "" if without is None else f", x's shape without the channel axes {without}"
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the shape of x "
-            f"{tuple(x.shape)}"
+            f"mask of shape {tuple(mask.shape)} fits neither x's shape {shape}{keras}, nor "
+            "a shape that broadcasts to x's; pass a boolean mask of one of these shapes"
         ) from exc
 
 

@@ -15,6 +15,8 @@ Scenarios
             CollectiveTimeout in time, and the group stays usable.
 ``ddp``     20 DistributedDataParallel steps of :func:`make_cnn` with SyncBatchNorm.
 ``single``  a group of one rank: everything behaves as local batch norm.
+``masked``  every variant of :data:`MASKED_VARIANTS`: ``mask=`` (one rank's mask all
+            False), several channel axes, the biased estimator; the layer and the module.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ VARIANTS = [
     ("torch-float64", "torch", "float64", "x3"),
     ("torch-float32", "torch", "float32", "x3"),
     ("torch-bfloat16", "torch", "bfloat16", "x3c"),
+]
+#: (name, library, dtype, options) of the ``masked`` scenario, on x3 with the mask mask3.
+MASKED_VARIANTS = [
+    ("numpy-float64", "numpy", "float64", {}),
+    ("numpy-float32", "numpy", "float32", {}),
+    ("numpy-float64-axes", "numpy", "float64", {"axis": (1, 2)}),
+    ("numpy-float64-biased", "numpy", "float64", {"var_estimator": "biased"}),
+    ("numpy-float64-last-biased", "numpy", "float64", {"axis": -1, "var_estimator": "biased"}),
+    ("torch-float64", "torch", "float64", {}),
+    ("torch-float32-axes-biased", "torch", "float32", {"axis": (1, 2), "var_estimator": "biased"}),
 ]
 MOMENTUM, EPS = 0.3, 1e-3
 #: The batch every rank normalizes after a fault (mean 5 per channel, on every rank).
@@ -86,6 +98,12 @@ def make_inputs(splits: list[int], channels: int = 3, length: int = 4, seed: int
     x = data["x3c"]
     xhat = (x - x.mean((0, 2), keepdims=True)) / x.std((0, 2), keepdims=True)
     data["dy3c"] = 1.0 + xhat + 0.05 * rng.normal(size=x.shape)
+    # the mask: the first rank's shard all False (it contributes nothing), padding NaN
+    mask = rng.uniform(size=(n, channels, length)) < 0.7
+    mask[: splits[0]] = False
+    data["mask3"] = mask
+    data["x3m"] = np.where(mask, data["x3"], np.nan)
+    data["dy3m"] = np.where(mask, data["dy3"], 0.0)  # the loss ignores the padding
     return data
 
 
@@ -255,6 +273,63 @@ def run_exact(r: Rank, data: dict) -> None:
             y = m(xh)
             y.backward(torch.from_numpy(data["dy3c"][lo:hi]).to(xh.dtype))
             r.arrays[f"half-{half}:y"], r.arrays[f"half-{half}:dx"] = to_numpy(y), to_numpy(xh.grad)
+
+
+def masked_shape(options: dict[str, Any]) -> tuple[int, ...]:
+    """The per-channel shape of a masked variant on x3 ``(N, 3, 4)``."""
+    return {(1, 2): (3, 4), -1: (4,)}.get(options.get("axis", 1), (3,))
+
+
+def run_masked(r: Rank, data: dict) -> None:
+    """mask=, several channel axes, the biased estimator: functional, layer, module."""
+    import anybn
+
+    lo, hi = shard_bounds(list(data["splits"]), r.rank)
+    mask = data["mask3"][lo:hi]
+    for name, lib, dtype, options in MASKED_VARIANTS:
+        x, dy = (as_lib(data[k][lo:hi], lib, dtype) for k in ("x3m", "dy3m"))
+        m = as_lib(mask, lib, "bool") if lib == "torch" else mask
+        shape = masked_shape(options)
+        rm = as_lib(np.full(shape, 0.5), lib, dtype)
+        rv = as_lib(np.full(shape, 2.0), lib, dtype)
+        out = anybn.batch_norm(x, rm, rv, training=True, momentum=MOMENTUM, eps=EPS, mask=m,
+                               comm=r.comm, **options)  # fmt: skip
+        axis = options.get("axis", 1)
+        grads = anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, mask=m, axis=axis,
+                                          comm=r.comm)  # fmt: skip
+        fields = zip(out._fields + grads._fields, tuple(out) + tuple(grads), strict=True)
+        for field, value in fields:
+            r.arrays[f"{name}:{field}"] = to_numpy(value)
+
+    # The layer, twice, numpy float64, biased, two channel axes
+    bn = anybn.BatchNorm((3, 4), axis=(1, 2), momentum=None, eps=EPS, comm=r.comm,
+                         var_estimator="biased")  # fmt: skip
+    for step in range(2):
+        y = bn(data["x3m"][lo:hi] + step, mask=mask)
+        g = bn.backward(data["dy3m"][lo:hi])
+    r.arrays["layer:y"], r.arrays["layer:dx"] = y, g.dx
+    r.arrays["layer:dweight"], r.arrays["layer:dbias"] = g.dweight, g.dbias
+    r.arrays["layer:running_mean"], r.arrays["layer:running_var"] = bn.running_mean, bn.running_var
+    r.report["layer:num_batches_tracked"] = bn.num_batches_tracked
+
+    if r.engine == "gloo":  # the torch module, float64, autograd; a (N, L) mask
+        import torch
+
+        import anybn.torch as abt
+
+        m = abt.SyncBatchNorm(3, eps=EPS, momentum=MOMENTUM).double()
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(data["weight"]))
+            m.bias.copy_(torch.from_numpy(data["bias"]))
+        xt = torch.from_numpy(data["x3"][lo:hi]).requires_grad_()
+        y = m(xt, mask=torch.from_numpy(mask[:, 0, :]))
+        y.backward(torch.from_numpy(data["dy3"][lo:hi]))
+        r.arrays["module:y"], r.arrays["module:dx"] = to_numpy(y), to_numpy(xt.grad)
+        r.arrays["module:dweight"] = to_numpy(m.weight.grad)
+        r.arrays["module:dbias"] = to_numpy(m.bias.grad)
+        r.arrays["module:new_running_mean"] = to_numpy(m.running_mean)
+        r.arrays["module:new_running_var"] = to_numpy(m.running_var)
+        r.report["module:num_batches_tracked"] = int(m.num_batches_tracked)
 
 
 def run_faults(r: Rank, data: dict) -> None:
@@ -493,6 +568,7 @@ def main() -> None:
             "late": run_late,
             "ddp": run_ddp,
             "single": run_single,
+            "masked": run_masked,
         }[scenario](r, data)
         r.report["done"] = True
         r.save()

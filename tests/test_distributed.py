@@ -246,6 +246,82 @@ def _check_momentum_and_half(data: dict[str, np.ndarray], per_rank: list[dict]) 
             assert err_sync <= max(2 * err_local, ulp), (half, field, err_sync, err_local)
 
 
+#: The one-rank faults that make the ranks disagree, and what every rank's error says.
+_OPTION_MISMATCH = {
+    "mask": "mask=given",
+    "biased": "var_estimator=biased",
+    "backward_mask": "mask=given",
+    "layer_mask": "mask=given",
+    "layer_biased": "var_estimator=biased",
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size", [2, 3])
+def test_masked(engine: str, size: int, tmp_path: Path) -> None:
+    """mask= (the first rank's mask all False, padding NaN and its dy 0), several channel
+    axes and the biased estimator, synchronized: y, dx, dweight, dbias and the running
+    statistics equal single-process anybn on the whole batch; the layer (two steps) and
+    torch's SyncBatchNorm with a mask of x's shape without the channel axis too."""
+    data = worker.make_inputs(SPLITS[size])
+    np.savez(tmp_path / "inputs.npz", **data)
+    codes = launch(engine, size, "masked", tmp_path)
+    assert codes == [0] * len(codes), f"exit codes {codes}"
+    ranks = results(tmp_path, size)
+    reports, per_rank = [r for r, _ in ranks], [a for _, a in ranks]
+    assert all(r["done"] for r in reports)
+    mask = data["mask3"]
+    assert not mask[: SPLITS[size][0]].any()  # a rank that counts nothing
+    for name, lib, dtype, options in worker.MASKED_VARIANTS:
+        if lib == "torch" and "torch" not in sys.modules:
+            pytest.importorskip("torch")
+        conv = worker.as_lib
+        x, dy = conv(data["x3m"], lib, dtype), conv(data["dy3m"], lib, dtype)
+        m = conv(mask, lib, "bool") if lib == "torch" else mask
+        shape = worker.masked_shape(options)
+        rm, rv = conv(np.full(shape, 0.5), lib, dtype), conv(np.full(shape, 2.0), lib, dtype)
+        out = anybn.batch_norm(x, rm, rv, training=True, momentum=worker.MOMENTUM,
+                               eps=worker.EPS, mask=m, **options)  # fmt: skip
+        grads = anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, mask=m,
+                                          axis=options.get("axis", 1))  # fmt: skip
+        fields = zip(out._fields + grads._fields, (*out, *grads), strict=True)
+        ref = {k: worker.to_numpy(v) for k, v in fields}
+        for a in per_rank:  # no NaN reaches the statistics or dx, on any rank
+            for field in ("mean", "invstd", "new_running_mean", "new_running_var", "dx"):
+                assert np.isfinite(a[f"{name}:{field}"]).all(), (name, field)
+        assert not per_rank[0][f"{name}:dx"].any()  # the all-False rank: dy 0, dx 0
+        _check_against(per_rank, name, ref, TOL[dtype])
+
+    bn = anybn.BatchNorm((3, 4), axis=(1, 2), momentum=None, eps=worker.EPS,
+                         var_estimator="biased")  # fmt: skip
+    for step in range(2):
+        y = bn(data["x3m"] + step, mask=mask)
+        g = bn.backward(data["dy3m"])
+    ref = {"y": y, "dx": g.dx, "dweight": g.dweight, "dbias": g.dbias}
+    ref.update(new_running_mean=bn.running_mean, new_running_var=bn.running_var)
+    layer = [{k.replace("running", "new_running"): v for k, v in a.items()} for a in per_rank]
+    _check_against(layer, "layer", ref, 1e-12)
+    assert all(r["layer:num_batches_tracked"] == 2 for r in reports)
+
+    if engine == "gloo":  # SyncBatchNorm with a (N, L) mask: the whole batch's module
+        import torch
+
+        import anybn.torch as abt
+
+        m = abt.BatchNorm1d(3, eps=worker.EPS, momentum=worker.MOMENTUM).double()
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(data["weight"]))
+            m.bias.copy_(torch.from_numpy(data["bias"]))
+        xt = torch.from_numpy(data["x3"]).requires_grad_()
+        y = m(xt, mask=torch.from_numpy(mask[:, 0, :]))
+        y.backward(torch.from_numpy(data["dy3"]))
+        ref = {"y": y, "dx": xt.grad, "dweight": m.weight.grad, "dbias": m.bias.grad,
+               "new_running_mean": m.running_mean, "new_running_var": m.running_var}  # fmt: skip
+        ref = {k: worker.to_numpy(v) for k, v in ref.items()}
+        _check_against(per_rank, "module", ref, 1e-12)
+        assert all(r["module:num_batches_tracked"] == 1 for r in reports)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
     """Another channel count or dtype on one rank, or a bad argument, or a global count
@@ -275,10 +351,13 @@ def test_faults_raise_on_every_rank(engine: str, tmp_path: Path) -> None:
         assert "same number of channels" in report["layer_channels"][1]
         assert report["layer_unchanged"]
         for name in worker.ONE_RANK_FAULTS:
-            # a check failing on one rank only: every rank raises, the last its own error
+            # options on one rank only: the ranks disagree (every rank raises the same
+            # error), or a check fails on one rank (it raises its own, the others say so)
             kind, message = report[f"one_rank_{name}"]
-            if rank == size - 1:
-                assert kind == "ValueError" and "comm=" in message, (name, message)
+            if name in _OPTION_MISMATCH:
+                assert kind == "ValueError" and _OPTION_MISMATCH[name] in message, (name, message)
+            elif rank == size - 1:
+                assert kind == "ValueError" and "must have shape" in message, (name, message)
             else:
                 assert kind == "RuntimeError", (name, kind, message)
                 assert "rank(s) [2] rejected their arguments" in message, (name, message)

@@ -366,7 +366,7 @@ class _Recorder:
         if mask is not None:
             from .._checks import check_mask
 
-            mask = check_mask(xp, xp.asarray(mask) if compat.is_dask_array(x) else mask, x)
+            mask = check_mask(xp, xp.asarray(mask) if compat.is_dask_array(x) else mask, x, axes)
         if math.prod(x.shape) == 0:  # an empty batch: an empty output, nothing recorded
             return batch_norm(x, arrays.running_mean, arrays.running_var, arrays.weight,
                               arrays.bias, eps=layer.eps, axis=axis, xp=xp).y  # fmt: skip

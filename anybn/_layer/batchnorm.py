@@ -291,7 +291,9 @@ class BatchNorm:
         gradient through them in :meth:`backward`): a ``torch.distributed``
         ProcessGroup, an mpi4py communicator, ``"torch"``, ``"mpi"`` or an
         :class:`anybn.distributed.Communicator`, as for :func:`anybn.batch_norm`.
-        Every rank then holds the same running statistics. None: local.
+        Every rank then holds the same running statistics. Masks, several channel
+        axes and either ``var_estimator`` are synchronized too (a rank whose mask
+        is all False contributes nothing). None: local.
     timeout : float or datetime.timedelta, optional
         With ``comm``: how long a rank waits for the others in each synchronized
         call, as for :func:`anybn.batch_norm` (None: the engine's default). A
@@ -597,9 +599,12 @@ class BatchNorm:
         x : array
             Input with the channels on ``axis``, at least 2-D, real floating.
         mask : array or None, optional
-            Boolean, broadcastable to ``x``: True where a value counts for the
-            batch statistics (padding False), as Keras' and Flax' ``mask``. The
-            output is computed everywhere; :meth:`backward` uses the same mask.
+            Boolean: True where a value counts for the batch statistics (padding
+            False), as Keras' and Flax' ``mask``; of x's shape, a shape that
+            broadcasts to it, or x's shape without the channel axes (Keras'
+            ``(batch, time)`` mask for ``(batch, time, features)``). The output is
+            computed everywhere; :meth:`backward` uses the same mask. With
+            ``comm``, every rank passes a mask or none.
 
         Returns
         -------

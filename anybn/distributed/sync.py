@@ -10,7 +10,10 @@ Forward
     (:func:`anybn._core.stats.chan_merge`), done in rank order on every rank, gives the
     statistics of the concatenated batch, bit-identical on all ranks. Ranks with
     an empty shard contribute nothing. ``y`` is then the core's eval forward with
-    the global ``(mean, M2 / N)`` in place of the running statistics.
+    the global ``(mean, M2 / N)`` in place of the running statistics. With a
+    mask, each rank's statistics are those of its counted values, its counts per
+    channel travel with them, and the merge is weighted by those counts (a rank
+    or channel that counts nothing adds nothing, and no ``0 / 0`` is formed).
 Backward
     with ``xhat = (x - mean) * invstd`` the gradient needs two per-channel sums
     over the whole batch; one all-reduce of ``(sum_dy, sum_dy_xhat)`` gives them::
@@ -21,13 +24,16 @@ Backward
     (mean and invstd held constant), the rest from one more eval forward.
     ``dweight`` and ``dbias`` stay this rank's own sums (DistributedDataParallel,
     or the user, sums parameter gradients over ranks), as in ``torch.nn.SyncBatchNorm``.
+    With a mask the counted values ``N`` per channel join the all-reduce and the
+    two global terms apply where the mask is True (the core's masked formula).
 
 Reusing the core's public functions for every pass over x keeps its checks and
 per-backend fast paths, and keeps the math of this module to the merge and the
 two global corrections.
 
 Before the statistics, the ranks exchange a small header of ints (operation,
-local check status, channel count, dtype, device type, local count) in a cheap
+local check status, channel count, dtype, device type, local count, options: a
+mask or none and the variance estimator, which every rank must share) in a cheap
 first exchange (coordinated by rank 0 with a deadline, see
 ``anybn.distributed.deadline``: a rank that does not come in ``timeout``
 seconds makes every rank raise :class:`~anybn.distributed.CollectiveTimeout`
@@ -50,6 +56,7 @@ float32 and rounds dx once.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,16 +67,25 @@ import array_api_compat as compat
 
 from .. import _kernels as kernels
 from .._call import Call, resolve_backward, resolve_forward, resolve_timeout
-from .._checks import check_eps, check_momentum, check_var_estimator
+from .._checks import check_eps, check_momentum
 from .._core.generic import running_update
 from .._core.outputs import BatchNormGrads, BatchNormOutput
-from .._core.stats import centered_moments, chan_merge
+from .._core.stats import (
+    centered_moments,
+    chan_merge,
+    channel_dot,
+    channel_sum,
+    masked_centered_moments,
+    reaching_loss,
+)
 from .._xp import (
     Array,
+    channel_shape,
     compute_dtype,
     dtype_name,
     is_concrete,
     normalize_axis,
+    param_shape,
     reduction_axes,
     writeable,
 )
@@ -104,21 +120,29 @@ def _device_type(x: Array) -> str:
 _OK, _FAILED, _UNREADABLE = 0, 1, 2  # the header's status: checks passed / failed / no x
 
 
+def _options(call: Call) -> int:
+    """The options every rank must share, as bits: a mask (1), the biased estimator (2)."""
+    return int(call.mask is not None) + 2 * int(call.var_estimator == "biased")
+
+
 def _header(op: int, local: Call | None, x: Any, axis: int | None) -> list[int]:
-    """``[magic, op, status, channels, dtype, device type, count]`` for this rank.
+    """``[magic, op, status, channels, dtype, device type, count, options]`` for this rank.
 
     A rank whose own checks failed still describes its x when it can, so that
     a channel, dtype or device mismatch is reported as such on every rank; its
-    channel count is -1 (unknown) when its ``axis`` is not valid for its x.
+    channel count is -1 (unknown) when its ``axis`` is not valid for its x, and
+    its options are -1 (unknown). ``channels`` is the number of channels (the
+    product of the channel axes' extents); ``options`` see :func:`_options`.
     """
     if local is not None:
-        status, channels, count = _OK, int(x.shape[local.axis]), local.n
+        status, count, options = _OK, local.n, _options(local)
+        channels = math.prod(param_shape(tuple(x.shape), local.axis))
     else:
         try:
-            status, count = _FAILED, 0
+            status, count, options = _FAILED, 0, -1
             channels = -1 if axis is None else int(x.shape[axis])
         except Exception:  # not even an array with that axis
-            return [_MAGIC, op, _UNREADABLE, 0, 0, 0, 0]
+            return [_MAGIC, op, _UNREADABLE, 0, 0, 0, 0, -1]
     name = dtype_name(getattr(x, "dtype", ""))
     return [
         _MAGIC,
@@ -128,6 +152,7 @@ def _header(op: int, local: Call | None, x: Any, axis: int | None) -> list[int]:
         _DTYPES.index(name) if name in _DTYPES else len(_DTYPES),
         _DEVICES.index(_device_type(x)),
         count,
+        options,
     ]
 
 
@@ -166,9 +191,10 @@ def _agree(
 
     Raised, in this order: ranks in different calls (RuntimeError); ranks whose x
     differ in channel count (ValueError), dtype (TypeError) or device type
-    (ValueError); a rank whose own checks failed (its own error there, RuntimeError
-    on the others). If the exchange itself fails, a rank whose checks failed raises
-    its own error (from the exchange's).
+    (ValueError); ranks with a mask and ranks without one, or with different
+    ``var_estimator`` (ValueError); a rank whose own checks failed (its own error
+    there, RuntimeError on the others). If the exchange itself fails, a rank whose
+    checks failed raises its own error (from the exchange's).
     """
     _exchanges.count = getattr(_exchanges, "count", 0) + 1
     what = f"{_OPS[op]} header exchange"
@@ -192,10 +218,17 @@ def _agree(
         per_rank = ", ".join(f"rank {i}: {show(r[column])}" for i, r in known)
         return f"{where}: every rank must pass x with the same {what}, got {per_rank}"
 
+    def options(bits: int) -> str:
+        return f"mask={'given' if bits & 1 else 'None'}" + (
+            f", var_estimator={'biased' if bits & 2 else 'unbiased'}" if op == _FORWARD else ""
+        )
+
     for column, what, show, kind in (
         (3, "number of channels", str, ValueError),
         (4, "dtype", lambda c: _name(_DTYPES, c), TypeError),
         (5, "device type", lambda c: _name(_DEVICES, c), ValueError),
+        (7, "options (a mask on every rank or on none; one var_estimator)", options,
+         ValueError),
     ):
         message = mismatch(column, what, show)
         if message:
@@ -212,10 +245,12 @@ def _agree(
 
 
 def _axis_or_none(axis: object, x: Any) -> int | None:
-    """``axis`` (an int, or the first of a sequence) normalized for x, or None when either
-    is invalid: the header of a failed rank is best effort."""
+    """``axis`` (an int, or a sequence of one) normalized for x, or None when either is
+    invalid or names several axes: the header of a failed rank is best effort."""
     try:
         if isinstance(axis, (tuple, list)):
+            if len(axis) != 1:
+                return None
             axis = axis[0]
         return normalize_axis(axis, x.ndim)
     except Exception:
@@ -273,36 +308,19 @@ def reports_failures(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
-def check_options(
-    axis: object, mask: object, var_estimator: object, axis_name: object = None
-) -> object:
-    """The options that ``comm=`` does not support in training raise; returns the axis.
+def check_options(axis: object, axis_name: object = None) -> object:
+    """Raise for ``axis_name`` (JAX devices) with ``comm=`` (processes); returns the axis.
 
-    One channel axis (an int, or a sequence of one), no ``mask``, the unbiased
-    estimator, no JAX ``axis_name``. Run inside the agreement (:func:`forward`,
-    :func:`failures_reported`), so that a rank whose options fail makes every rank raise.
+    Run inside the agreement (:func:`forward`, :func:`failures_reported`), so that a
+    rank whose options fail makes every rank raise. A sequence of one axis becomes
+    that axis.
     """
     if axis_name is not None:
         raise ValueError(
             "comm= (processes) and axis_name= (JAX devices) cannot be combined; pass one"
         )
-    if isinstance(axis, (tuple, list)):
-        if len(axis) != 1:
-            raise ValueError(
-                f"comm= (synchronized batch norm) supports one channel axis, got axis={axis!r}; "
-                "drop comm= or pass a single axis"
-            )
+    if isinstance(axis, (tuple, list)) and len(axis) == 1:
         axis = axis[0]
-    if mask is not None:
-        raise ValueError(
-            "comm= (synchronized batch norm) does not support mask= in training; "
-            "drop comm= or mask="
-        )
-    if check_var_estimator(var_estimator) != "unbiased":
-        raise ValueError(
-            "comm= (synchronized batch norm) supports var_estimator='unbiased' only, got "
-            f"{var_estimator!r}; drop comm= or var_estimator"
-        )
     return axis
 
 
@@ -357,14 +375,17 @@ def _check_forward(
     eps: float,
     momentum: float,
     xp: ModuleType | None,
+    mask: object = None,
+    var_estimator: object = "unbiased",
 ) -> tuple[Call, tuple[Array | None, Array | None, Array | None, Array | None]]:
     """The resolved call of this rank's shard (:func:`anybn._call.resolve_forward`: the
-    checks of :func:`anybn.batch_norm`, but one value per channel, which is decided over
-    every rank), with ``momentum`` as the caller checked it, and its per-channel vectors."""
+    checks of :func:`anybn.batch_norm`, but one value per channel, and fewer than two
+    counted values, which are decided over every rank), with ``momentum`` as the caller
+    checked it, and its per-channel vectors."""
     call, vectors = resolve_forward(
         x, running_mean, running_var, weight, bias,
-        training=True, momentum=0.0, eps=eps, axis=axis, mask=None,
-        var_estimator="unbiased", xp=xp, shard=True,
+        training=True, momentum=0.0, eps=eps, axis=axis, mask=mask,
+        var_estimator=var_estimator, xp=xp, shard=True,
     )  # fmt: skip
     # (SyncBatchNorm takes any float momentum, as torch's does: checked by the caller)
     return call._replace(momentum=momentum), vectors
@@ -375,9 +396,10 @@ def _as(xp: ModuleType, a: Array, dtype: object) -> Array:
 
 
 def _local_moments(
-    xp: ModuleType, xc: Array, axis: int, count: int, channels: int
+    xp: ModuleType, xc: Array, axis: int | tuple[int, ...], count: int, channels: int
 ) -> tuple[Array, Array, Array]:
-    """This rank's per-channel ``(m1, correction, M2)``, each of shape ``(C,)``.
+    """This rank's per-channel ``(m1, correction, M2)``, each of shape ``(C,)`` (``C``
+    the number of channels, the product of the channel axes' extents).
 
     The mean is kept as the pair ``m1 + correction`` (first-pass mean, then the
     small mean of ``x - m1``), which holds more digits than their rounded sum: on
@@ -409,12 +431,63 @@ def _local_moments(
     )
 
 
+def _local_masked_moments(
+    xp: ModuleType, xc: Array, mask: Array, axis: int | tuple[int, ...], channels: int
+) -> tuple[Array, Array, Array, Array]:
+    """This rank's per-channel ``(n, m1, correction, M2)`` over the values where ``mask``
+    is True, each of shape ``(C,)``: the core's :func:`masked_centered_moments`.
+
+    A channel with no counted value on this rank (an all-False mask) gives zeros, never
+    ``0 / 0``: it contributes nothing to the merge.
+    """
+    axes = reduction_axes(xc.ndim, axis)
+    n = channel_sum(xp, xp.astype(mask, xc.dtype), axes)
+    one = xp.ones((), dtype=xc.dtype, device=compat.device(xc))
+    moments = masked_centered_moments(xp, xc, mask, axes, xp.where(n > 0, n, one))
+    return tuple(
+        xp.reshape(a, (channels,))
+        for a in (n, moments.first_pass_mean, moments.correction, moments.m2)
+    )
+
+
+def _masked_merge(
+    xp: ModuleType, gathered: Array, channels: int
+) -> tuple[Array, Array, Array, Array]:
+    """Chan's merge of every rank's masked ``(n, m1, correction, M2)``, per channel.
+
+    ``gathered`` is ``(ranks, 4C)``; returns ``(n, anchor, offset, M2)`` of the
+    concatenated batch, each ``(C,)``, with mean ``anchor + offset``. As the unmasked
+    merge, in rank order: the anchor is the ``m1`` of the first rank that counts a value
+    in the channel, and the weights ``n_r / n`` are guarded so that a rank (or channel)
+    with no counted value adds exactly nothing.
+    """
+    rows = [[gathered[r, i * channels : (i + 1) * channels] for i in range(4)]
+            for r in range(int(gathered.shape[0]))]  # fmt: skip
+    zero = xp.zeros_like(rows[0][0])
+    seen = rows[0][0] > 0
+    anchor = xp.where(seen, rows[0][1], zero)
+    for c_r, m1_r, _, _ in rows[1:]:
+        anchor = xp.where(seen, anchor, m1_r)
+        seen = xp.logical_or(seen, c_r > 0)
+    n, offset, m2 = zero, zero, zero
+    one = xp.ones_like(zero)
+    for c_r, m1_r, correction_r, m2_r in rows:
+        offset_r = (m1_r - anchor) + correction_r
+        both = n + c_r
+        safe = xp.where(both > 0, both, one)
+        delta = xp.where(c_r > 0, offset_r - offset, zero)
+        offset = offset + delta * (c_r / safe)
+        m2 = m2 + m2_r + delta * delta * (n * c_r / safe)
+        n = both
+    return n, anchor, offset, m2
+
+
 class SyncForward(NamedTuple):
     """What :func:`forward` returns: the output, the global count per channel and this
     rank's resolved call (what :func:`backward` takes)."""
 
     out: BatchNormOutput
-    total_count: int
+    total_count: int  #: values per channel over every rank (before masking)
     call: Call
     timeout: float | None = None  #: the call's, for its backward
 
@@ -450,13 +523,14 @@ def forward(
     error: BaseException | None = None
     seconds: float | None = None
     try:
-        axis = check_options(axis, mask, var_estimator, axis_name)
+        axis = check_options(axis, axis_name)
         seconds = resolve_timeout(timeout)
         momentum = check_momentum(momentum) if momentum_range else float(momentum)
         eps = check_eps(eps)
-        check_autodiff(x, running_mean, running_var, weight, bias)
+        check_autodiff(x, running_mean, running_var, weight, bias, mask)
         local, vectors = _check_forward(
-            x, running_mean, running_var, weight, bias, axis, eps, momentum, xp
+            x, running_mean, running_var, weight, bias, axis, eps, momentum, xp, mask,
+            var_estimator,
         )
         running_mean, running_var, weight, bias = vectors
     except Exception as exc:  # tell the other ranks before raising
@@ -469,40 +543,58 @@ def forward(
             "Expected more than 1 value per channel when training, got "
             f"{total} over {len(counts)} ranks (local input size {tuple(x.shape)})"
         )
-    xp, axis, count = local.xp, local.axis, local.n
-    assert isinstance(axis, int)  # (check_options: one channel axis)
-    channels = int(x.shape[axis])
+    xp, axis, count, mask = local.xp, local.axis, local.n, local.mask
+    dims = param_shape(tuple(x.shape), axis)  # the per-channel arrays' shape
+    channels = math.prod(dims)
     if total == 0:  # every shard empty: the core's empty batch (NaN statistics, as torch)
         out = kernels.forward(local, x, running_mean, running_var, weight, bias)
         return SyncForward(out, 0, local, seconds)
     cdt = compute_dtype(xp, x.dtype)
-    pair_and_m2 = _local_moments(xp, _as(xp, x, cdt), axis, count, channels)
-    gathered = communicator.all_gather(  # (ranks, 3C): m1, correction, M2
-        xp.concat(pair_and_m2), **timed(communicator, seconds, "statistics all-gather")
+    xc = _as(xp, x, cdt)
+    n: Array | int
+    local_stats: tuple[Array, ...]
+    if mask is None:
+        local_stats = _local_moments(xp, xc, axis, count, channels)
+    else:  # the counts per channel travel with the moments
+        local_stats = _local_masked_moments(xp, xc, mask, axis, channels)
+    gathered = communicator.all_gather(  # (ranks, 3C or 4C): [n,] m1, correction, M2
+        xp.concat(local_stats), **timed(communicator, seconds, "statistics all-gather")
     )
 
-    # Chan's merge, in rank order on every rank, of the means measured from an anchor:
-    # the first non-empty rank's m1. Each rank's mean is anchor + offset, with the
-    # offset (m1 - anchor) + correction exact to the digits the pair holds, and M2
-    # does not depend on where the means are measured from.
-    ranks = [(c, gathered[r, :channels], gathered[r, channels : 2 * channels],
-              gathered[r, 2 * channels :]) for r, c in enumerate(counts) if c > 0]  # fmt: skip
-    anchor = ranks[0][1]
-    n, offset, m2 = 0, anchor, anchor  # placeholders, replaced at the first rank
-    for c, m1_r, correction_r, m2_r in ranks:
-        offset_r = (m1_r - anchor) + correction_r
-        if n == 0:
-            n, offset, m2 = c, offset_r, m2_r
-        else:
-            merged = chan_merge(n, offset, m2, c, offset_r, m2_r)
-            n, offset, m2 = int(merged[0]), merged[1], merged[2]
-    assert n == total
+    if mask is None:
+        # Chan's merge, in rank order on every rank, of the means measured from an
+        # anchor: the first non-empty rank's m1. Each rank's mean is anchor + offset,
+        # with the offset (m1 - anchor) + correction exact to the digits the pair
+        # holds, and M2 does not depend on where the means are measured from.
+        ranks = [(c, gathered[r, :channels], gathered[r, channels : 2 * channels],
+                  gathered[r, 2 * channels :]) for r, c in enumerate(counts) if c > 0]  # fmt: skip
+        anchor = ranks[0][1]
+        n, offset, m2 = 0, anchor, anchor  # placeholders, replaced at the first rank
+        for c, m1_r, correction_r, m2_r in ranks:
+            offset_r = (m1_r - anchor) + correction_r
+            if n == 0:
+                n, offset, m2 = c, offset_r, m2_r
+            else:
+                merged = chan_merge(n, offset, m2, c, offset_r, m2_r)
+                n, offset, m2 = int(merged[0]), merged[1], merged[2]
+        assert n == total
+    else:
+        n, anchor, offset, m2 = _masked_merge(xp, gathered, channels)
+        if is_concrete(n) and bool(xp.any(n < 2)):  # the same on every rank
+            raise ValueError(
+                "Expected more than 1 counted value per channel when training, got a "
+                f"channel with {int(xp.min(n))} over {len(counts)} ranks (local input size "
+                f"{tuple(x.shape)}); the masks leave too few values"
+            )
+        n = xp.reshape(n, dims)
+    anchor, offset, m2 = (xp.reshape(a, dims) for a in (anchor, offset, m2))
     mean = anchor + offset
 
     # y: the core's eval forward with the global statistics as the "running" ones,
     # y = (x - anchor) * invstd * weight + (bias - offset * invstd * weight), so that
-    # x - anchor is exact, as the core's x - m1 is (and its fast paths apply).
-    var = m2 / total
+    # x - anchor is exact, as the core's x - m1 is (and its fast paths apply). With a
+    # mask, y is computed at every position, as without comm=.
+    var = m2 / n
     scale = 1.0 / xp.sqrt(var + eps)
     if weight is not None:
         scale = scale * _as(xp, weight, cdt)
@@ -514,8 +606,8 @@ def forward(
     new_running_mean, new_running_var = running_mean, running_var
     if running_mean is not None and running_var is not None:
         new_running_mean, new_running_var = running_update(
-            Call(xp, axis, total, True, momentum, eps), running_mean, running_var, mean, m2,
-            total, (channels,),
+            Call(xp, axis, total, True, momentum, eps, local.var_estimator),
+            running_mean, running_var, mean, m2, n, dims,
         )  # fmt: skip
     return SyncForward(
         BatchNormOutput(out.y, mean, out.invstd, new_running_mean, new_running_var), total, local,
@@ -540,18 +632,19 @@ def checked_backward(
     """The synchronized training backward of :func:`anybn.batch_norm_backward`.
 
     The header exchange, then one all-reduce of ``(sum_dy, sum_dy_xhat)`` (``2 * C``
-    values); every check runs before the header and fails every rank.
+    values, and the ``C`` counts with a mask); every check runs before the header and
+    fails every rank.
     """
     communicator = as_communicator(comm)
     local: Call | None = None
     error: BaseException | None = None
     seconds: float | None = None
     try:
-        axis = check_options(axis, mask, "unbiased", axis_name)
+        axis = check_options(axis, axis_name)
         seconds = resolve_timeout(timeout)
-        check_autodiff(dy, x, weight, mean, invstd, differentiable=False)
+        check_autodiff(dy, x, weight, mean, invstd, mask, differentiable=False)
         local, (dy, weight, mean, invstd) = resolve_backward(
-            dy, x, weight, mean, invstd, training=True, axis=axis, mask=None, xp=xp
+            dy, x, weight, mean, invstd, training=True, axis=axis, mask=mask, xp=xp
         )
     except Exception as exc:  # tell the other ranks before raising
         error = exc
@@ -588,9 +681,9 @@ def backward(
     dx is rounded once: the eval dx and its correction are of the same size and
     nearly cancel, so rounding each to float16 first would lose their digits.
     """
-    xp, axis, count = local.xp, local.axis, local.n
-    assert isinstance(axis, int)  # (check_options: one channel axis)
-    channels = int(x.shape[axis])
+    xp, axis, count, mask = local.xp, local.axis, local.n, local.mask
+    dims = param_shape(tuple(x.shape), axis)
+    channels = math.prod(dims)
     if total_count == 0:  # every shard empty (NaN statistics): the core's zeros
         return kernels.backward(Call(xp, axis, 0, True), dy, x, weight, mean, invstd)
     cdt = compute_dtype(xp, x.dtype)
@@ -600,23 +693,42 @@ def backward(
     # dbias = sum(dy) over this shard.
     local_grads = kernels.backward(Call(xp, axis, count, False), dyc, xc, weight, mean, invstd)
     sum_dy, sum_dy_xhat = local_grads.dbias, local_grads.dweight
-    parts = [sum_dy, sum_dy_xhat]
+    if mask is not None:
+        # every position's dy counts (y is computed everywhere), but a masked-out one
+        # whose dy is 0 adds nothing, whatever its x (padding may be NaN): the core's rule
+        axes = reduction_axes(x.ndim, axis)
+        bshape = channel_shape(x.ndim, axis, dims)
+        centered = xc - xp.reshape(_as(xp, mean, cdt), bshape)
+        sum_dy_xhat = xp.reshape(
+            channel_dot(xp, dyc, reaching_loss(xp, centered, mask, dyc), axes), dims
+        ) * _as(xp, invstd, cdt)
+    parts = [xp.reshape(sum_dy, (channels,)), xp.reshape(sum_dy_xhat, (channels,))]
     if d_mean is not None and d_invstd is not None:
-        parts += [_as(xp, d_mean, cdt), _as(xp, d_invstd, cdt)]
+        parts += [xp.reshape(_as(xp, g, cdt), (channels,)) for g in (d_mean, d_invstd)]
+    if mask is not None:  # the counted values, per channel, over every rank
+        parts.append(xp.reshape(channel_sum(xp, xp.astype(mask, cdt), axes), (channels,)))
     sums = communicator.all_reduce(
         xp.concat(parts), **timed(communicator, timeout, "sums all-reduce")
     )
 
+    def part(i: int) -> Array:
+        return xp.reshape(sums[i * channels : (i + 1) * channels], dims)
+
     # dx = scale * (dy - SUM_dy/N - xhat * SUM_dy_xhat/N), scale = weight * invstd:
-    # the eval dx (scale * dy) less the two terms through the global statistics.
+    # the eval dx (scale * dy) less the two terms through the global statistics. With a
+    # mask, N is the counted values and the two terms apply where the mask is True.
+    n: Array | int = total_count
+    if mask is not None:
+        n = part(len(parts) - 1)
+        n = xp.where(n > 0, n, xp.ones_like(n))  # (no counted value: nothing to correct)
     invstd = _as(xp, invstd, cdt)
     scale = invstd if weight is None else invstd * _as(xp, weight, cdt)
-    mean_dy = sums[:channels] / total_count
-    mean_dy_xhat = sums[channels : 2 * channels] / total_count
+    mean_dy = part(0) / n
+    mean_dy_xhat = part(1) / n
     slope, shift = scale * invstd * mean_dy_xhat, scale * mean_dy
-    if len(parts) == 4:  # minus the gradients through the mean and invstd outputs
-        slope = slope + sums[3 * channels :] * invstd**3 / total_count
-        shift = shift - sums[2 * channels : 3 * channels] / total_count
+    if d_mean is not None and d_invstd is not None:  # minus the gradients through the
+        slope = slope + part(3) * invstd**3 / n  # mean and invstd outputs
+        shift = shift - part(2) / n
     # The correction (x - mean) * slope + shift is the core's eval forward with
     # running_var=0 and eps=1 (so that 1/sqrt(0 + 1) is exactly 1), in one fused
     # pass: (x - mean) * weight + bias.
@@ -624,6 +736,8 @@ def backward(
         Call(xp, axis, count, False, 0.0, 1.0),
         xc, _as(xp, mean, cdt), xp.zeros_like(invstd), slope, shift,
     ).y  # fmt: skip
+    if mask is not None:
+        correction = xp.where(mask, correction, xp.zeros((), dtype=cdt, device=compat.device(x)))
     dx = local_grads.dx
     if writeable(xp, dx):
         dx -= correction

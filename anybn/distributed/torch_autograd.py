@@ -43,11 +43,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats: bool,
         momentum_range: bool,
         timeout: float | None = None,
+        mask: Tensor | None = None,
+        var_estimator: str = "unbiased",
     ) -> tuple[Tensor | None, ...]:
         out, total, call, seconds = _sync.forward(
             x, running_mean, running_var, weight, bias,
             momentum=momentum, eps=eps, axis=axis, xp=None, comm=comm,
-            momentum_range=momentum_range, timeout=timeout,
+            momentum_range=momentum_range, timeout=timeout, mask=mask,
+            var_estimator=var_estimator,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, out.mean, out.invstd)
         ctx.comm, ctx.total, ctx.call, ctx.stats = comm, total, call, stats
@@ -78,7 +81,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dx if need_x else None,
             _as_param(dweight, weight) if need_weight else None,
             _as_param(dbias, weight) if need_bias else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -103,6 +106,8 @@ def function_batch_norm(
     axis: object,
     comm: Communicator,
     timeout: float | None = None,
+    mask: Tensor | None = None,
+    var_estimator: str = "unbiased",
 ) -> BatchNormOutput:
     """:func:`anybn.batch_norm` with ``comm=`` on tensors that autograd records.
 
@@ -111,6 +116,6 @@ def function_batch_norm(
     """
     y, mean, invstd, new_mean, new_var = SyncBatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, momentum, eps, axis, comm, True, True,
-        timeout,
+        timeout, mask, var_estimator,
     )
     return BatchNormOutput(y, mean, invstd, new_mean, new_var)

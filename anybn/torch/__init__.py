@@ -13,6 +13,11 @@ autograd tracing through the forward. That backward is itself differentiable
 :func:`convert` swaps every ``nn.BatchNorm1d/2d/3d`` of a model for these,
 keeping its parameters and buffers.
 
+One keyword more than PyTorch's: ``forward(input, mask=None)`` takes a boolean padding
+mask (True where a value counts for the statistics) of the input's shape, a shape that
+broadcasts to it, or the input's shape without the channel dimension; the output is
+computed everywhere and autograd differentiates through the masked statistics.
+
 Differences from PyTorch: a forward that raises (one value per channel in
 training, say) leaves ``num_batches_tracked`` unchanged, where PyTorch has
 already incremented it; an input with no channels gives an empty output with
@@ -33,7 +38,7 @@ from .frozen import (
     FrozenBatchNorm3d,
     freeze,
 )
-from .function import KeptCall, batch_norm, module_arguments
+from .function import KeptCall, batch_norm, masked_forward, module_arguments
 from .recalibrate import recalibrate
 from .sync import SyncBatchNorm
 
@@ -58,7 +63,9 @@ __all__ = [
 class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
     """``_BatchNorm.forward`` with the computation done by :func:`batch_norm`."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # the masked statistics: never the kept call's lane
+            return masked_forward(self, input, mask)
         eager = not torch.compiler.is_compiling()
         if eager:
             kept = self.__dict__.get("_anybn_kept")
@@ -98,7 +105,9 @@ class BatchNorm1d(_AnyBNForward, nn.BatchNorm1d):
 
     Takes the arguments of ``torch.nn.BatchNorm1d`` (``num_features, eps=1e-5,
     momentum=0.1, affine=True, track_running_stats=True, device=None,
-    dtype=None``) and behaves the same; see :mod:`anybn.torch`.
+    dtype=None``) and behaves the same; see :mod:`anybn.torch`. ``forward``
+    takes a ``mask=`` keyword too: True where a value counts for the
+    statistics, the input's shape or ``(N, L)`` for ``(N, C, L)``.
 
     Examples
     --------
@@ -107,6 +116,9 @@ class BatchNorm1d(_AnyBNForward, nn.BatchNorm1d):
     >>> bn = anybn.torch.BatchNorm1d(3)
     >>> bn(torch.randn(8, 3)).shape
     torch.Size([8, 3])
+    >>> x = torch.randn(8, 3, 5)
+    >>> bn(x, mask=torch.arange(5) < 4).shape  # the last step of every sequence is padding
+    torch.Size([8, 3, 5])
     >>> bn(torch.randn(8, 3, 4, 4))
     Traceback (most recent call last):
         ...

@@ -743,6 +743,54 @@ def batch_norm(
     return y
 
 
+def masked_forward(
+    module: nn.modules.batchnorm._BatchNorm, input: Tensor, mask: Tensor, comm: Any = None
+) -> Tensor:
+    """A module's forward with ``mask=``: the statistics of the values where it is True.
+
+    PyTorch's module rule (which statistics, the momentum factor, the counter), the
+    mask checked and broadcast as :func:`anybn.batch_norm` takes it, and the core's
+    masked training forward, which autograd differentiates (as the functional API's
+    masked path on tensors). ``comm`` (a communicator, training only): synchronised
+    over its ranks, with the analytic backward. In eval the mask is checked and
+    plays no part. The running statistics and the counter change only when the
+    forward succeeds.
+    """
+    from .._call import resolve_forward
+
+    module._check_input_dim(input)
+    running_mean, running_var, use_batch_stats, factor, tracked = module_arguments(module)
+    weight, bias = module.weight, module.bias
+    # (momentum is PyTorch's, any float: checked as 0, then set, as SyncBatchNorm does)
+    call, vectors = resolve_forward(
+        input, running_mean, running_var, weight, bias, training=use_batch_stats,
+        momentum=0.0, eps=module.eps, axis=1, mask=mask, var_estimator="unbiased", xp=None,
+        shard=comm is not None,
+    )  # fmt: skip
+    if not use_batch_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, factor,
+                          module.eps)  # fmt: skip
+    if comm is None:
+        out = kernels.forward(call._replace(momentum=factor), input, *vectors)
+        y, new_mean, new_var = out.y, out.new_running_mean, out.new_running_var
+    else:
+        from ..distributed import sync as _sync
+        from ..distributed.torch_autograd import SyncBatchNormFunction
+
+        _sync.check_autodiff(input, weight, bias, running_mean, running_var, mask)
+        y, _, _, new_mean, new_var = SyncBatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, factor, module.eps, 1, comm,
+            False, False, getattr(module, "timeout", None), mask,
+        )  # fmt: skip
+    if running_mean is not None and running_var is not None:
+        assert new_mean is not None and new_var is not None
+        _store(running_mean, new_mean)
+        _store(running_var, new_var)
+    if tracked is not None:
+        tracked.add_(1)
+    return _torch_ops._layout_like(y, input)  # the input's memory format, as without a mask
+
+
 def _running_primals(
     input: Tensor,
     running_mean: Tensor | None,

@@ -16,9 +16,10 @@ normalizes with the statistics of the batch concatenated over the group, through
 without a process group, or with a group of one rank, it is
 :func:`anybn.torch.batch_norm`, local.
 
-Per training step: the forward exchanges a header of 7 int64 per rank and
-all-gathers ``2 * C`` statistics per rank; the backward all-reduces ``2 * C``
-sums (the global count is known from the forward, so no header). ``dweight``
+Per training step: the forward exchanges a header of 8 int64 per rank and
+all-gathers ``3 * C`` statistics per rank (``4 * C`` with ``mask=``: the counted
+values too); the backward all-reduces ``2 * C`` sums (``3 * C`` with a mask; the
+global count is known from the forward, so no header). ``dweight``
 and ``dbias`` are this rank's own sums, as in PyTorch: DistributedDataParallel
 averages them over ranks.
 """
@@ -35,7 +36,7 @@ from .._call import resolve_timeout
 from ..distributed import sync as _sync
 from ..distributed.comm import TorchComm
 from ..distributed.torch_autograd import SyncBatchNormFunction as _SyncBatchNormFunction
-from .function import batch_norm, module_arguments
+from .function import batch_norm, masked_forward, module_arguments
 
 __all__ = ["SyncBatchNorm"]
 
@@ -56,6 +57,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     float16 and bfloat16 inputs are synchronized in float32 and ``dx`` is
     rounded once. Double backward, forward-mode AD and ``torch.func``
     transforms are not supported (as in PyTorch; refused on every rank).
+    ``forward`` takes a ``mask=`` keyword (padding False), synchronized: every
+    rank's counted values merge exactly, and a rank whose mask is all False
+    contributes nothing.
 
     One keyword more than PyTorch's: ``timeout`` (seconds or a ``timedelta``; None,
     the default, is the process group's timeout) bounds each exchange of a
@@ -114,13 +118,19 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         return TorchComm(group)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input`` (channels on dimension 1), synchronized over the group in training.
 
         Parameters
         ----------
         input : torch.Tensor
             This rank's shard, ``(N, C, ...)``; ``N`` may differ between ranks, even be 0.
+        mask : torch.Tensor or None, optional
+            Boolean, True where a value counts for the statistics (padding False):
+            input's shape, a shape that broadcasts to it, or input's shape without
+            the channel dimension (``(N, L)`` for ``(N, C, L)``). Every rank passes
+            one or none; a rank whose mask is all False contributes nothing. The
+            output is computed everywhere.
 
         Returns
         -------
@@ -129,9 +139,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         """
         comm = self._sync_comm() if self.training else None
         if comm is None:
+            if mask is not None:
+                self._check_non_zero_input_channels(input)
+                return masked_forward(self, input, mask)
             return self._forward(input, None)
         # A rank whose input fails the checks below still tells the others.
         with _sync.failures_reported(comm, input, timeout=getattr(self, "timeout", None)):
+            if mask is not None:
+                self._check_input_dim(input)
+                self._check_non_zero_input_channels(input)
+                return masked_forward(self, input, mask, comm)
             return self._forward(input, comm)
 
     def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:

@@ -4,6 +4,7 @@ Usage (from the repository root; needs torch, and mpi4py + mpiexec for the MPI r
 
     python docs/scripts/sync_overhead.py [--repeat 15] [--engines gloo,mpi]
     OMP_NUM_THREADS=1 ANYBN_NUM_THREADS=1 python docs/scripts/sync_overhead.py --one-process
+    OMP_NUM_THREADS=1 ANYBN_NUM_THREADS=1 python docs/scripts/sync_overhead.py --one-process --mask
 
 For each shape (each rank's shard: ``(32, 64, 56, 56)`` and ``(256, 512)``, float32)
 every rank times a training forward + backward with :func:`anybn.batch_norm` /
@@ -13,7 +14,8 @@ the synchronized code path in a group of one rank (its compute, without network 
 waiting). Each figure is the fastest of ``--repeat`` runs after 3 warm-up runs (the
 minimum, not the median: on a shared machine other processes only ever add time), one
 thread per rank. The table shows rank 0's times, the overhead ``sync - local``, and
-the four collectives of a functional step timed alone.
+the four collectives of a functional step timed alone. ``--mask`` (one process only)
+times the same calls with a padding mask (70 % True) of x's shape.
 gloo runs carry torch CPU tensors, MPI runs NumPy arrays. Also shown: the bytes each
 rank sends per step. The ranks are processes of this machine talking over 127.0.0.1.
 """
@@ -34,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(32, 64, 56, 56), (256, 512)]
 
 
-def _step(anybn: object, x: object, dy: object, comm: object) -> None:
-    out = anybn.batch_norm(x, training=True, comm=comm)  # type: ignore[attr-defined]
-    anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, comm=comm)  # type: ignore[attr-defined]
+def _step(anybn: object, x: object, dy: object, comm: object, mask: object = None) -> None:
+    out = anybn.batch_norm(x, training=True, comm=comm, mask=mask)  # type: ignore[attr-defined]
+    anybn.batch_norm_backward(dy, x, None, out.mean, out.invstd, comm=comm, mask=mask)  # type: ignore[attr-defined]
 
 
 def _alone_class() -> type:
@@ -59,8 +61,9 @@ def _alone_class() -> type:
     return Alone
 
 
-def one_process(repeat: int) -> None:
-    """The compute of the synchronized path against the local one, in this process alone."""
+def one_process(repeat: int, masked: bool = False) -> None:
+    """The compute of the synchronized path against the local one, in this process alone;
+    ``masked``: both with a padding mask of x's shape (70 % True)."""
     import numpy as np
     import torch
 
@@ -75,13 +78,15 @@ def one_process(repeat: int) -> None:
             rng = np.random.default_rng(0)
             x = rng.normal(size=shape).astype(np.float32)
             dy = rng.normal(size=shape).astype(np.float32)
+            mask = rng.uniform(size=shape) < 0.7 if masked else None
             if lib == "torch":
                 x, dy = torch.from_numpy(x), torch.from_numpy(dy)
+                mask = None if mask is None else torch.from_numpy(mask)
             runs: dict[str, list[float]] = {"local": [], "alone": []}
             for i in range(3 + repeat):
                 for mode, c in (("local", None), ("alone", alone)):
                     t0 = time.perf_counter()
-                    _step(anybn, x, dy, c)
+                    _step(anybn, x, dy, c, mask)
                     if i >= 3:
                         runs[mode].append(time.perf_counter() - t0)
             local, sync = min(runs["local"]) * 1e3, min(runs["alone"]) * 1e3
@@ -140,9 +145,9 @@ def rank_main(engine: str, repeat: int) -> None:
 
         def collectives(stats: object = stats, sums: object = sums) -> None:
             # what one functional forward + backward sends
-            communicator.all_gather_ints([0] * 7, like=stats)
+            communicator.all_gather_ints([0] * 8, like=stats)
             communicator.all_gather(stats)
-            communicator.all_gather_ints([0] * 7, like=sums)
+            communicator.all_gather_ints([0] * 8, like=sums)
             communicator.all_reduce(sums)
 
         for _ in range(3):
@@ -154,8 +159,8 @@ def rank_main(engine: str, repeat: int) -> None:
             collectives()
             runs.append(time.perf_counter() - t0)
         timings["collectives"] = min(runs)
-        # two headers (7 int64), all-gather of 3C stats, all-reduce of 2C sums; float32
-        sent = 2 * 7 * 8 + 3 * channels * 4 + 2 * channels * 4
+        # two headers (8 int64), all-gather of 3C stats, all-reduce of 2C sums; float32
+        sent = 2 * 8 * 8 + 3 * channels * 4 + 2 * channels * 4
         rows.append({"shape": shape, **timings, "bytes": sent})
     if rank == 0:
         print(json.dumps(rows))
@@ -202,13 +207,16 @@ def main() -> None:
         action="store_true",
         help="time only the compute of the synchronized path, in this process (one thread)",
     )
+    parser.add_argument(
+        "--mask", action="store_true", help="with --one-process: every call with a padding mask"
+    )
     parser.add_argument("--rank-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_of:
         rank_main(args.rank_of, args.repeat)
         return
     if args.one_process:
-        one_process(args.repeat)
+        one_process(args.repeat, args.mask)
         return
     print(
         "| engine | shard shape (float32) | local fwd+bwd | synchronized fwd+bwd | overhead "
