@@ -8,24 +8,85 @@ computes it and applies the post-conditions once.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from datetime import timedelta
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, overload
 
 import array_api_compat as compat
 
 from . import _kernels as kernels
+from . import _variants as variants
 from ._call import resolve_backward, resolve_forward, resolve_timeout
 from ._checks import check_training
 from ._core.outputs import BatchNormGrads, BatchNormOutput
 from ._typing import AnyArray
+from ._variants import RenormOutput
 from .distributed import sync as _sync
 from .distributed.comm import as_communicator
 
-__all__ = ["BatchNormGrads", "BatchNormOutput", "batch_norm", "batch_norm_backward"]
+__all__ = [
+    "BatchNormGrads",
+    "BatchNormOutput",
+    "RenormOutput",
+    "batch_norm",
+    "batch_norm_backward",
+]
 
 Array = Any
+
+
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: Literal[False] = False,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput: ...
+
+
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: Literal[True],
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> RenormOutput: ...
 
 
 def batch_norm(
@@ -41,12 +102,19 @@ def batch_norm(
     axis: int | tuple[int, ...] = 1,
     mask: AnyArray | None = None,
     var_estimator: str = "unbiased",
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
     comm: object = None,
     timeout: float | timedelta | None = None,
     axis_name: Hashable | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     xp: ModuleType | None = None,
-) -> BatchNormOutput:
+) -> BatchNormOutput | RenormOutput:
     r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
 
     With ``training=True`` the batch statistics are used and, if running
@@ -155,6 +223,25 @@ def batch_norm(
     >>> out.mean
     array([ 2., 20.])
     """
+    if (
+        renorm is not False
+        or virtual_batch_size is not None
+        or renorm_mean is not None
+        or renorm_std is not None
+        or running_std is not None
+    ):
+        return variants.forward(
+            batch_norm, x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
+            var_estimator=var_estimator, renorm=renorm, renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum, renorm_mean=renorm_mean, renorm_std=renorm_std,
+            running_std=running_std, virtual_batch_size=virtual_batch_size,
+            options={
+                "comm": comm, "timeout": timeout, "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+            },
+            xp=xp,
+        )  # fmt: skip
     if comm is not None:
         return _sync_batch_norm(
             x, running_mean, running_var, weight, bias,
@@ -183,6 +270,9 @@ def batch_norm_backward(
     training: bool = True,
     axis: int | tuple[int, ...] = 1,
     mask: AnyArray | None = None,
+    renorm_r: AnyArray | None = None,
+    renorm_d: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
     comm: object = None,
     timeout: float | timedelta | None = None,
     axis_name: Hashable | None = None,
@@ -269,6 +359,17 @@ def batch_norm_backward(
     >>> bool(np.allclose(g.dx, 0.0))
     True
     """
+    if renorm_r is not None or renorm_d is not None or virtual_batch_size is not None:
+        return variants.backward(
+            batch_norm_backward, dy, x, weight, mean, invstd,
+            training=training, axis=axis, mask=mask, renorm_r=renorm_r, renorm_d=renorm_d,
+            virtual_batch_size=virtual_batch_size,
+            options={
+                "comm": comm, "timeout": timeout, "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+            },
+            xp=xp,
+        )  # fmt: skip
     if comm is not None:
         return _sync_batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
@@ -329,9 +430,9 @@ def _sync_batch_norm(
     """
     if not check_training(training):
         resolve_timeout(timeout)
-        return batch_norm(
+        return batch_norm(  # type: ignore[call-overload, misc]
             x, running_mean, running_var, weight, bias,
-            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
+            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,
             var_estimator=var_estimator, xp=xp,
         )  # fmt: skip
     with _sync.failures_reported(comm, x, axis, timeout=timeout):
