@@ -89,6 +89,35 @@ def batch_norm(
 ) -> RenormOutput: ...
 
 
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: bool,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput | RenormOutput: ...
+
+
 def batch_norm(
     x: AnyArray,
     running_mean: AnyArray | None = None,

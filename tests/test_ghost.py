@@ -293,3 +293,50 @@ def test_backward_checks_per_group_statistics() -> None:
     out = anybn.batch_norm(x, training=True)
     with pytest.raises(ValueError, match=r"mean must have shape \(2, 2\)"):
         anybn.batch_norm_backward(x, x, None, out.mean, out.invstd, virtual_batch_size=4)
+
+
+# --- the layer ---------------------------------------------------------------------------
+
+
+def test_layer_ghost_batches() -> None:
+    rng = np.random.default_rng(6)
+    bn = anybn.BatchNorm(3, virtual_batch_size=4, momentum=0.3)
+    rm, rv = np.zeros(3), np.ones(3)
+    w, b = np.ones(3), np.zeros(3)
+    for _ in range(2):
+        x = rng.normal(size=(8, 3, 5))
+        y, rm, rv = keras2_rule(x, rm, rv, w, b, k=4, axis=1, momentum=0.3, eps=1e-5, biased=False)
+        np.testing.assert_allclose(bn(x), y, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(bn.running_var, rv, rtol=1e-13)
+        dy = rng.normal(size=x.shape)
+        out = anybn.batch_norm(x, None, None, w, b, training=True, virtual_batch_size=4)
+        want = anybn.batch_norm_backward(dy, x, w, out.mean, out.invstd, virtual_batch_size=4)
+        for got, exp in zip(bn.backward(dy), want, strict=True):
+            np.testing.assert_allclose(got, exp, rtol=1e-13, atol=1e-14)
+    # a batch size that is not a multiple: ValueError, the layer as it was
+    before = {k: np.copy(v) for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="virtual_batch_size=4 must divide the batch size"):
+        bn(rng.normal(size=(6, 3, 5)))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # eval: unchanged, any batch size
+    bn.eval()
+    x = rng.normal(size=(5, 3, 5))
+    np.testing.assert_array_equal(bn(x), anybn.batch_norm(x, bn.running_mean, bn.running_var).y)
+    assert "virtual_batch_size=4" in repr(bn)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"virtual_batch_size": 0}, ValueError, "virtual_batch_size must be >= 1"),
+        ({"virtual_batch_size": 1.5}, TypeError, "virtual_batch_size must be an int"),
+        ({"virtual_batch_size": 2, "comm": "torch"}, ValueError, "cannot be combined with comm"),
+    ],
+)
+def test_layer_bad_virtual_batch_size(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        anybn.BatchNorm(2, **options)

@@ -439,3 +439,105 @@ def test_against_keras_step_by_step(masked: bool) -> None:
         np.testing.assert_allclose(np.asarray(jw), np.asarray(kgamma), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(jb), np.asarray(kbeta), rtol=1e-4, atol=1e-4)
     assert clipped
+
+
+# --- the layer ---------------------------------------------------------------------------
+
+
+def test_layer_renorm_steps_and_state() -> None:
+    """anybn.BatchNorm(renorm=True): three steps equal the functional calls on explicit
+    state (a schedule of the clipping between steps), backward uses r and d, the state dict
+    carries the three renorm buffers, eval is plain batch norm on the running statistics."""
+    rng = np.random.default_rng(12)
+    bn = anybn.BatchNorm(
+        3, axis=-1, momentum=0.2, renorm=True, renorm_momentum=0.3,
+        renorm_clipping={"rmax": 1.5, "dmax": 0.5},
+    )  # fmt: skip
+    state = fresh(3)
+    weight, bias = np.ones(3), np.zeros(3)
+    for t in range(3):
+        bn.renorm_clipping = {"rmax": 1.5 + t, "dmax": 0.5 + t}
+        x = rng.normal(2.0, 3.0, size=(6, 4, 3))
+        y = bn(x)
+        out = step(x, state, weight, bias, axis=-1, momentum=0.2, renorm_momentum=0.3,
+                   renorm_clipping={"rmax": 1.5 + t, "dmax": 0.5 + t})  # fmt: skip
+        np.testing.assert_array_equal(y, out.y)
+        state = advance(out)
+        for key, value in state.items():
+            np.testing.assert_array_equal(getattr(bn, key), value, err_msg=key)
+        dy = rng.normal(size=x.shape)
+        g = bn.backward(dy)
+        want = anybn.batch_norm_backward(
+            dy, x, weight, out.mean, out.invstd, axis=-1, renorm_r=out.r, renorm_d=out.d
+        )
+        for a, b in zip(g, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert bn.num_batches_tracked == 3
+    sd = bn.state_dict()
+    assert sorted(sd) == sorted(
+        ["weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+         "running_std", "renorm_mean", "renorm_std"]
+    )  # fmt: skip
+    other = anybn.BatchNorm(3, axis=-1, renorm=True)
+    other.load_state_dict(sd)
+    np.testing.assert_array_equal(other.renorm_std, bn.renorm_std)
+    x = rng.normal(size=(5, 4, 3))
+    bn.eval()
+    np.testing.assert_array_equal(
+        bn(x), anybn.batch_norm(x, bn.running_mean, bn.running_var, axis=-1).y
+    )
+    assert "renorm=True" in repr(bn)
+
+
+@KERAS_WARNINGS
+def test_layer_renorm_matches_keras() -> None:
+    """The layer and Keras 3's, both from their initial state, three float32 steps."""
+    keras = _keras()
+    rng = np.random.default_rng(13)
+    layer = keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-3, renorm=True, renorm_momentum=0.7,
+        renorm_clipping={"rmax": 2.0, "dmax": 1.0},
+    )  # fmt: skip
+    bn = anybn.BatchNorm(
+        axis=-1, momentum=0.1, eps=1e-3, renorm=True, renorm_momentum=0.3, dtype="float32",
+        var_estimator="biased", renorm_clipping={"rmax": 2.0, "dmax": 1.0},
+    )  # fmt: skip
+    for t in range(3):
+        x = rng.normal(1.0 + t, 2.0, size=(8, 3)).astype(np.float32)
+        y_keras = np.asarray(layer(x, training=True))
+        np.testing.assert_allclose(bn(x), y_keras, rtol=2e-5, atol=2e-5)
+        for kname, aname in (("moving_mean", "running_mean"), ("moving_variance", "running_var"),
+                             ("moving_stddev", "running_std"), ("renorm_mean", "renorm_mean"),
+                             ("renorm_stddev", "renorm_std")):  # fmt: skip
+            np.testing.assert_allclose(
+                getattr(bn, aname), np.asarray(getattr(layer, kname).value), rtol=2e-6,
+                atol=1e-6, err_msg=kname,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"renorm_clipping": {"rmax": 0.5}}, "must be >= 1"),
+        ({"renorm_clipping": {"dmax": -1}}, "must be >= 0"),
+        ({"renorm_clipping": {"bad": 1}}, "unknown keys"),
+        ({"renorm_momentum": -0.1}, "renorm_momentum must be in"),
+        ({"track_running_stats": False}, "renorm=True needs running statistics"),
+    ],
+)
+def test_layer_bad_options(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        anybn.BatchNorm(2, renorm=True, **options)
+
+
+def test_layer_bad_clipping_at_forward_leaves_state() -> None:
+    """A clipping made invalid between steps raises in the forward; nothing changes."""
+    bn = anybn.BatchNorm(2, renorm=True)
+    x = np.random.default_rng(0).normal(size=(4, 2))
+    bn(x)
+    before = {k: np.copy(v) for k, v in bn.state_dict().items()}
+    bn.renorm_clipping = {"rmax": 0.5}
+    with pytest.raises(ValueError, match="must be >= 1"):
+        bn(x + 1)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
