@@ -80,6 +80,31 @@ def main() -> None:
             r.arrays["autograd:dx"] = worker.to_numpy(xt.grad)
             r.arrays["autograd:dweight"] = worker.to_numpy(w.grad)
             r.arrays["autograd:dbias"] = worker.to_numpy(b.grad)
+
+            # anybn.torch.SyncBatchNorm(renorm=True): the module, synchronised
+            import anybn.torch as abt
+
+            m = abt.SyncBatchNorm(
+                3, eps=OPTIONS["eps"], momentum=OPTIONS["momentum"], renorm=True,
+                renorm_clipping=OPTIONS["renorm_clipping"],
+                renorm_momentum=OPTIONS["renorm_momentum"],
+            ).double()  # fmt: skip
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(data["weight"]))
+                m.bias.copy_(torch.from_numpy(data["bias"]))
+                for i, k in enumerate(STATE_KEYS):
+                    getattr(m, k).copy_(torch.from_numpy(data["state"][i]))
+            xm = torch.from_numpy(x).requires_grad_()
+            ym = m(xm)
+            ym.backward(torch.from_numpy(dy))
+            r.arrays["module:y"], r.arrays["module:dx"] = (
+                worker.to_numpy(ym),
+                worker.to_numpy(xm.grad),
+            )
+            r.arrays["module:dweight"] = worker.to_numpy(m.weight.grad)
+            r.arrays["module:dbias"] = worker.to_numpy(m.bias.grad)
+            for k in STATE_KEYS:
+                r.arrays[f"module:{k}"] = worker.to_numpy(getattr(m, k))
         r.report["done"] = True
         r.save()
     finally:

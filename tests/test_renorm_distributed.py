@@ -87,3 +87,13 @@ def test_sync_renorm_equals_one_process(engine: str, size: int, tmp_path: Path) 
         for f in ("dweight", "dbias"):
             got_sum = sum(a[f"autograd:{f}"] for a in per_rank)
             td.assert_close(got_sum, ref[f"0:{f}"], 1e-11, f"autograd: {f}")
+        # anybn.torch.SyncBatchNorm(renorm=True) over the group
+        for f in ("y", "dx"):
+            got_m = np.concatenate([a[f"module:{f}"] for a in per_rank])
+            td.assert_close(got_m, ref[f"0:{f}"], 1e-11, f"module: {f}")
+        for f in ("dweight", "dbias"):
+            got_sum = sum(a[f"module:{f}"] for a in per_rank)
+            td.assert_close(got_sum, ref[f"0:{f}"], 1e-11, f"module: {f}")
+        for k in rworker.STATE_KEYS:
+            for a in per_rank:
+                td.assert_close(a[f"module:{k}"], ref[f"0:new_{k}"], 1e-12, f"module: {k}")
