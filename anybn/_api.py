@@ -193,6 +193,39 @@ def batch_norm(
         What ``new_running_var`` accumulates: the unbiased batch variance
         (``n / (n - 1)`` times the biased one; PyTorch, Chainer) or the biased
         one (Keras, Flax).
+    renorm : bool, optional
+        Batch renormalization (Ioffe 2017), Keras 3's ``renorm=True``: in training
+        ``y = ((x - mean) * invstd * r + d) * weight + bias`` with
+        ``r = clip(std / max(renorm_std, sqrt(eps)), rmin, rmax)`` and
+        ``d = clip((mean - renorm_mean) / max(renorm_std, sqrt(eps)), -dmax, dmax)``
+        (``std = sqrt(var + eps)`` of the batch), constants for the gradient. Needs
+        ``running_mean``, ``running_var``, ``renorm_mean`` and ``renorm_std``, and
+        returns a :class:`anybn.RenormOutput` (``r``, ``d`` and the new moving
+        statistics besides the five usual fields). The running variance is then
+        updated as Keras 3 does, through a running standard deviation
+        (``running_std``); see the math page. Eval is unchanged.
+    renorm_clipping : dict, optional
+        Keras' clipping: keys among ``"rmin"``, ``"rmax"``, ``"dmax"`` (missing: 0,
+        inf, inf), with ``rmin <= 1 <= rmax`` and ``dmax >= 0``. A schedule of rmax
+        and dmax (the paper relaxes them over training) is a new dict per call.
+    renorm_momentum : float, optional
+        Weight of the batch statistics in the update of ``renorm_mean`` and
+        ``renorm_std``, in [0, 1] (Keras' ``renorm_momentum=0.99`` is 0.01 here).
+    renorm_mean, renorm_std : array, optional
+        The renorm moving statistics, shape ``(C,)`` (start: 0 and 1). Never
+        modified: updated copies are returned.
+    running_std : array, optional
+        The running standard deviation ``sqrt(var + eps)`` of Keras 3's update
+        (``moving_stddev``, start: 1); None derives it as ``sqrt(running_var + eps)``.
+    virtual_batch_size : int, optional
+        Ghost batch norm (Keras 2's ``virtual_batch_size=k``): in training x of shape
+        ``(N, ...)`` is read as ``(k, N // k, ...)`` and each of the ``N // k``
+        groups (sample ``i`` in group ``i % (N // k)``) is normalised with its own
+        statistics; ``mean`` and ``invstd`` are returned per group, shape
+        ``(N // k, C)``; the running statistics are updated once, from the groups'
+        mean statistics. ``N`` must be a multiple of ``k``; axis 0 must not be a
+        channel axis. Eval is unchanged. Not combinable with ``comm`` or
+        ``axis_name`` in training (ValueError: ghost batches are one process's).
     comm : optional
         Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
         mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
@@ -200,7 +233,9 @@ def batch_norm(
         training every rank must call with its shard of the batch; the batch
         statistics (and the running-statistics update) are then those of the
         concatenated batch, on every rank. Ignored in eval. None: local.
-        See :mod:`anybn.distributed`. In training not combinable with ``mask``,
+        See :mod:`anybn.distributed`. With ``renorm=True`` the corrections use
+        the statistics of the whole batch, the same on every rank. In training not
+        combinable with ``virtual_batch_size``, nor with ``mask``,
         several channel axes or ``var_estimator="biased"`` (ValueError on every
         rank: every check runs before the ranks communicate); torch tensors that
         require grad differentiate through the global statistics.
@@ -251,6 +286,15 @@ def batch_norm(
            [ 0.99999...,  0.99999...]])
     >>> out.mean
     array([ 2., 20.])
+
+    Batch renormalization, with Keras' clipping:
+
+    >>> ones, zeros = np.ones(2), np.zeros(2)
+    >>> rn = anybn.batch_norm(x, zeros, ones, training=True, renorm=True,
+    ...                       renorm_mean=zeros, renorm_std=ones,
+    ...                       renorm_clipping={"rmax": 3.0, "dmax": 1.0})
+    >>> rn.d
+    array([1., 1.])
     """
     if (
         renorm is not False
@@ -346,6 +390,14 @@ def batch_norm_backward(
         The channel axis (or axes) used in the forward call.
     mask : array or None, optional
         The mask of the forward call (see :func:`batch_norm`); only training uses it.
+    renorm_r, renorm_d : array, optional
+        The corrections ``out.r`` and ``out.d`` of a forward with ``renorm=True``
+        (give both): ``dx`` is then the plain one with ``weight * r``, and
+        ``dweight = r * sum(dy * xhat) + d * sum(dy)``. Ignored in eval.
+    virtual_batch_size : int, optional
+        That of the forward (see :func:`batch_norm`); ``mean`` and ``invstd`` are
+        then the forward's per-group ones, shape ``(N // k, C)``; ``dweight`` and
+        ``dbias`` are summed over the groups.
     comm : optional
         The communicator of a synchronized forward (see :func:`batch_norm`):
         in training the two sums are all-reduced over its ranks and ``dx`` is
