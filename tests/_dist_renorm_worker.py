@@ -61,6 +61,24 @@ def main() -> None:
         x, dy = data["x3"][lo:hi], data["dy3"][lo:hi]
         for k, v in renorm_steps(x, dy, data, r.comm, np.asarray).items():
             r.arrays[f"numpy:{k}"] = worker.to_numpy(v)
+        # anybn.BatchNorm(renorm=True, comm=...): two synchronised steps of the layer
+        import anybn
+
+        bn = anybn.BatchNorm(
+            3, comm=r.comm, eps=OPTIONS["eps"], momentum=OPTIONS["momentum"], renorm=True,
+            renorm_clipping=OPTIONS["renorm_clipping"],
+            renorm_momentum=OPTIONS["renorm_momentum"],
+        )  # fmt: skip
+        bn.weight, bn.bias = data["weight"].copy(), data["bias"].copy()
+        for i, k in enumerate(STATE_KEYS):
+            setattr(bn, k, data["state"][i].copy())
+        for step in range(2):
+            r.arrays[f"layer:{step}:y"] = bn(x + step)
+            g = bn.backward(dy)
+            r.arrays[f"layer:{step}:dx"] = g.dx
+            r.arrays[f"layer:{step}:dweight"] = g.dweight
+            for k in STATE_KEYS:
+                r.arrays[f"layer:{step}:{k}"] = getattr(bn, k)
         if engine == "gloo":  # torch autograd through the synchronised renorm forward
             import torch
 

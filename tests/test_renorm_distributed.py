@@ -80,6 +80,16 @@ def test_sync_renorm_equals_one_process(engine: str, size: int, tmp_path: Path) 
                 what = f"step {step}: {field}, rank {rank}"
                 td.assert_close(a[f"numpy:{step}:{field}"], ref[f"{step}:{field}"], 1e-12, what)
     assert clipped
+    for step in range(2):  # anybn.BatchNorm(renorm=True, comm=...)
+        for f in ("y", "dx"):
+            got = np.concatenate([a[f"layer:{step}:{f}"] for a in per_rank])
+            td.assert_close(got, ref[f"{step}:{f}"], 1e-11, f"layer step {step}: {f}")
+        got = sum(a[f"layer:{step}:dweight"] for a in per_rank)
+        td.assert_close(got, ref[f"{step}:dweight"], 1e-11, f"layer step {step}: dweight")
+        for k in rworker.STATE_KEYS:
+            for a in per_rank:
+                what = f"layer step {step}: {k}"
+                td.assert_close(a[f"layer:{step}:{k}"], ref[f"{step}:new_{k}"], 1e-12, what)
     if engine == "gloo":
         got = {f: np.concatenate([a[f"autograd:{f}"] for a in per_rank]) for f in ("y", "dx")}
         for f in ("y", "dx"):
