@@ -201,10 +201,10 @@ class Ghost(NamedTuple):
     def split(self, a: Array) -> Array:
         """x (or dy, or a mask broadcast to x) as ``(k, groups, ...)``, merged where it can."""
         rest = self.shape[1:]
-        if self.merged:
-            rest = (self.groups * rest[0], *rest[1:])
-            return self.xp.reshape(a, (self.k, *rest))
-        return self.xp.reshape(a, (self.k, self.groups, *rest))
+        a = self.xp.reshape(a, (self.k, self.groups, *rest))
+        if self.merged:  # a second reshape: Dask splits and merges axes one kind at a time
+            a = self.xp.reshape(a, (self.k, self.groups * rest[0], *rest[1:]))
+        return a
 
     def split_mask(self, mask: Array | None, x: Array) -> Array | None:
         """A mask broadcastable to x, checked, broadcast to x and split as x."""
@@ -214,6 +214,8 @@ class Ghost(NamedTuple):
 
     def join(self, a: Array) -> Array:
         """The inverse of :meth:`split`."""
+        if self.merged:
+            a = self.xp.reshape(a, (self.k, self.groups, *self.shape[1:]))
         return self.xp.reshape(a, self.shape)
 
     def per_group(self, v: Array | None) -> Array | None:

@@ -340,3 +340,33 @@ def test_layer_bad_virtual_batch_size(
 ) -> None:
     with pytest.raises(error, match=match):
         anybn.BatchNorm(2, **options)
+
+
+def test_every_backend(backend: Any) -> None:
+    """Ghost batches, channels on axis 1 (the merged call) and last (the tuple of axes), with
+    a mask, forward and backward on each backend of the matrix in float32."""
+    rng = np.random.default_rng(21)
+    for axis, shape in ((1, (8, 3, 4)), (-1, (8, 4, 3))):
+        x, dy = rng.normal(size=shape), rng.normal(size=shape)
+        mask = rng.random(shape) < 0.8
+        mask[:4] = True
+        w, b = rng.uniform(0.5, 2, 3), rng.normal(size=3)
+        rm, rv = np.zeros(3), np.ones(3)
+
+        def run(x: Any, dy: Any, m: Any, w: Any, b: Any, rm: Any, rv: Any,
+                axis: int = axis) -> tuple[Any, ...]:  # fmt: skip
+            o = anybn.batch_norm(x, rm, rv, w, b, training=True, axis=axis, mask=m,
+                                 virtual_batch_size=2)  # fmt: skip
+            g = anybn.batch_norm_backward(dy, x, w, o.mean, o.invstd, axis=axis, mask=m,
+                                          virtual_batch_size=2)  # fmt: skip
+            return (*o, *g)
+
+        args = (x, dy, mask, w, b, rm, rv)
+        want = run(*args)
+        conv = [backend.asarray(a) if a.dtype == bool else backend.asarray(a, "float32")
+                for a in args]  # fmt: skip
+        got = backend.call(run, *conv)
+        for i, (g, e) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_allclose(
+                backend.to_numpy(g), e, rtol=2e-5, atol=2e-5, err_msg=f"axis {axis} #{i}"
+            )

@@ -541,3 +541,41 @@ def test_layer_bad_clipping_at_forward_leaves_state() -> None:
         bn(x + 1)
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# --- every backend -----------------------------------------------------------------------
+
+
+def test_every_backend(backend: Any) -> None:
+    """Forward (with a mask), the moving statistics and the backward on each backend of the
+    matrix, float32, equal the float64 NumPy computation (jax:jit runs them jitted)."""
+    rng = np.random.default_rng(20)
+    x = rng.normal(1.0, 2.0, size=(6, 3, 4))
+    dy = rng.normal(size=x.shape)
+    mask = rng.random((6, 1, 4)) < 0.8
+    mask[0] = True
+    weight, bias = rng.uniform(0.5, 2, 3), rng.normal(size=3)
+    state = fresh(3)
+    state["renorm_mean"], state["renorm_std"] = rng.normal(size=3), rng.uniform(0.5, 2, 3)
+
+    def run(x: Any, dy: Any, m: Any, w: Any, b: Any, rm: Any, rv: Any, rs: Any, qm: Any,
+            qs: Any) -> tuple[Any, ...]:  # fmt: skip
+        o = anybn.batch_norm(
+            x, rm, rv, w, b, training=True, renorm=True, renorm_mean=qm, renorm_std=qs,
+            running_std=rs, mask=m, renorm_clipping=CLIP,
+        )  # fmt: skip
+        g = anybn.batch_norm_backward(
+            dy, x, w, o.mean, o.invstd, mask=m, renorm_r=o.r, renorm_d=o.d
+        )
+        return (*o, *g)
+
+    keys = ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std")
+    args = (x, dy, mask, weight, bias, *(state[k] for k in keys))
+    want = run(*args)
+    conv = [backend.asarray(a) if a.dtype == bool else backend.asarray(a, "float32")
+            for a in args]  # fmt: skip
+    got = backend.call(run, *conv)
+    for name, g, w in zip(
+        (*anybn.RenormOutput._fields, "dx", "dweight", "dbias"), got, want, strict=True
+    ):
+        np.testing.assert_allclose(backend.to_numpy(g), w, rtol=2e-5, atol=2e-5, err_msg=name)
