@@ -1,6 +1,6 @@
 """One rank of tests/test_renorm_distributed.py: synchronised batch renormalization.
 
-Usage: ``python _dist_renorm_worker.py ENGINE WORKDIR``, started as the ranks of
+Usage: ``python _dist_renorm_worker.py ENGINE renorm WORKDIR``, started as the ranks of
 tests/_dist_worker.py are (its :class:`Rank` sets up the group); never collected. Each rank
 runs two renorm training steps on its shard of ``WORKDIR/inputs.npz`` with ``comm=`` and
 writes ``rank{r}.npz`` / ``rank{r}.json`` (``"done": true`` last).
@@ -53,7 +53,7 @@ def renorm_steps(x: Any, dy: Any, data: dict, comm: Any, to: Any) -> dict[str, A
 
 def main() -> None:
     faulthandler.enable()
-    engine, workdir = sys.argv[1], Path(sys.argv[2])
+    engine, workdir = sys.argv[1], Path(sys.argv[3])
     r = worker.Rank(engine, workdir)
     data = dict(np.load(workdir / "inputs.npz"))
     try:

@@ -10,7 +10,6 @@ ranks) equal one process's renorm on the whole batch.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,29 +26,11 @@ WORKER = HERE / "_dist_renorm_worker.py"
 SPLITS = {2: [1, 6], 3: [0, 6, 1]}
 
 
-def launch(engine: str, size: int, workdir: Path) -> list[int | None]:
-    env = td._env()
-    cmd = [sys.executable, str(WORKER), engine, str(workdir)]
-    if engine == "gloo":
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(td._free_port()), WORLD_SIZE=str(size))
-        procs = [
-            subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, start_new_session=True)
-            for rank in range(size)
-        ]
-    else:
-        import shutil
-
-        mpiexec = shutil.which("mpiexec")
-        assert mpiexec is not None
-        procs = [
-            subprocess.Popen([mpiexec, "-n", str(size), *cmd], env=env, start_new_session=True)
-        ]
-    return td._wait(procs, td.LAUNCH_TIMEOUT)
-
-
 @pytest.mark.parametrize("engine", td.ENGINES)
 @pytest.mark.parametrize("size", sorted(SPLITS))
-def test_sync_renorm_equals_one_process(engine: str, size: int, tmp_path: Path) -> None:
+def test_sync_renorm_equals_one_process(
+    engine: str, size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = worker.make_inputs(SPLITS[size])
     rng = np.random.default_rng(1)
     # moving statistics away from the batch's, so that r and d are clipped
@@ -58,7 +39,8 @@ def test_sync_renorm_equals_one_process(engine: str, size: int, tmp_path: Path) 
         rng.normal(50, 1, 3), rng.uniform(0.5, 2, 3),
     ])  # fmt: skip
     np.savez(tmp_path / "inputs.npz", **data)
-    codes = launch(engine, size, tmp_path)
+    monkeypatch.setattr(td, "WORKER", WORKER)  # test_distributed's launcher, this worker
+    codes = td.launch(engine, size, "renorm", tmp_path)
     assert codes == [0] * len(codes), f"exit codes {codes}"
     ranks = td.results(tmp_path, size)
     assert all(report["done"] for report, _ in ranks)
