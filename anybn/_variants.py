@@ -241,6 +241,17 @@ class Ghost(NamedTuple):
         return self.xp.sum(self.grouped(v), axis=0)
 
 
+def _torch_layout(y: Array, x: Array) -> Array:
+    """y in x's memory format where x is a channels-last torch tensor (PyTorch's modules
+    keep it; the reshape that joins the ghost batches gives a contiguous tensor)."""
+    if not compat.is_torch_array(x) or x.ndim not in (4, 5) or x.is_contiguous():
+        return y
+    import torch
+
+    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    return y.contiguous(memory_format=fmt) if x.is_contiguous(memory_format=fmt) else y
+
+
 def ghost(xp: ModuleType, x: Array, axis: object, k: int, training: bool) -> Ghost:
     """The split of x into ghost batches of ``k`` samples; raises if it has none."""
     shape = tuple(x.shape)
@@ -410,7 +421,7 @@ def forward(
             new_mean = _as(xp, group.mean(new_mean), running_mean.dtype)  # type: ignore[union-attr]
             new_var = _as(xp, group.mean(new_var), running_var.dtype)  # type: ignore[union-attr]
         return BatchNormOutput(
-            group.join(out.y), group.grouped(out.mean), group.grouped(out.invstd),
+            _torch_layout(group.join(out.y), x), group.grouped(out.mean), group.grouped(out.invstd),
             new_mean, new_var,
         )  # fmt: skip
 
@@ -463,6 +474,7 @@ def forward(
     y, mean, invstd = out.y, out.mean, out.invstd
     if group is not None:
         y, mean, invstd = group.join(y), group.grouped(mean), group.grouped(invstd)
+        y = _torch_layout(y, x)
     return RenormOutput(
         y, mean, invstd, ema(running_mean, mean_b, momentum), new_var, r, d,
         ema(renorm_mean, mean_b, renorm_m), ema(renorm_std, std_b, renorm_m), new_std,
@@ -530,7 +542,7 @@ def backward(
             xp.reshape(mean, flat), xp.reshape(invstd, flat),
             training=True, axis=group.axis, mask=ms, xp=xp, **options,
         )  # fmt: skip
-        dx = group.join(grads.dx)
+        dx = _torch_layout(group.join(grads.dx), x)
         sum_dy_xhat, sum_dy = group.sum(grads.dweight), group.sum(grads.dbias)
     if r is None or d is None:
         return BatchNormGrads(dx, sum_dy_xhat, sum_dy)

@@ -132,3 +132,28 @@ def test_converted_modules_have_no_variants() -> None:
     assert m.renorm is False and m.virtual_batch_size is None
     assert "renorm_mean" not in m.state_dict()
     m(torch.randn(2, 3, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"renorm": True}, {"virtual_batch_size": 2}, {"renorm": True, "virtual_batch_size": 2}],
+    ids=["renorm", "ghost", "both"],
+)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_layouts_and_half_precision(options: dict[str, Any], dtype: str) -> None:
+    """channels_last input gives channels_last output (as PyTorch's modules); float16 and
+    bfloat16 input with float32 buffers gives output and gradient in the input's dtype,
+    equal to the float32 computation on the same values."""
+    m = abt.BatchNorm2d(3, **options)
+    ref = abt.BatchNorm2d(3, **options)
+    x = torch.randn(4, 3, 5, 5).to(getattr(torch, dtype))
+    xl = x.to(memory_format=torch.channels_last).requires_grad_()
+    y = m(xl)
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
+    y.float().sum().backward()
+    assert xl.grad.dtype == x.dtype
+    want = ref(x.float())
+    tol = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
