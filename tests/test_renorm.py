@@ -579,3 +579,38 @@ def test_every_backend(backend: Any) -> None:
         (*anybn.RenormOutput._fields, "dx", "dweight", "dbias"), got, want, strict=True
     ):
         np.testing.assert_allclose(backend.to_numpy(g), w, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_jax_axis_name_equals_whole_batch() -> None:
+    """renorm=True with axis_name= under jax.pmap (4 CPU devices, see conftest.py): the
+    statistics of the whole batch, so y, r, d and the moving statistics equal one call on
+    the concatenated batch, on every device."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    if jax.local_device_count() < 4:
+        pytest.skip("needs 4 JAX devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    rng = np.random.default_rng(22)
+    x = rng.normal(2.0, 3.0, size=(4, 3, 2))  # 4 devices x 3 samples x 2 channels
+    z, o = np.zeros(2), np.ones(2)
+    with jax.enable_x64(True):
+
+        def f(xs: Any) -> Any:
+            return anybn.batch_norm(
+                xs, jnp.zeros(2), jnp.ones(2), training=True, axis=-1, renorm=True,
+                renorm_mean=jnp.zeros(2), renorm_std=jnp.ones(2), renorm_clipping=CLIP,
+                axis_name="d",
+            )  # fmt: skip
+
+        got = jax.pmap(f, axis_name="d")(jnp.asarray(x))
+    want = anybn.batch_norm(
+        x.reshape(12, 2), z, o, training=True, axis=-1, renorm=True, renorm_mean=z,
+        renorm_std=o, renorm_clipping=CLIP,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got.y).reshape(12, 2), want.y, rtol=1e-12, atol=1e-12)
+    for name in ("r", "d", "new_running_mean", "new_running_var", "new_running_std",
+                 "new_renorm_mean", "new_renorm_std"):  # fmt: skip
+        for device in range(4):
+            np.testing.assert_allclose(
+                np.asarray(getattr(got, name))[device], getattr(want, name), rtol=1e-12,
+                atol=1e-14, err_msg=name,
+            )  # fmt: skip
