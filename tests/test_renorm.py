@@ -614,3 +614,17 @@ def test_jax_axis_name_equals_whole_batch() -> None:
                 np.asarray(getattr(got, name))[device], getattr(want, name), rtol=1e-12,
                 atol=1e-14, err_msg=name,
             )  # fmt: skip
+
+
+def test_layer_renorm_copies_and_pickles() -> None:
+    import copy
+    import pickle
+
+    bn = anybn.BatchNorm(2, renorm=True, renorm_clipping={"rmax": 2.0})
+    bn(np.random.default_rng(0).normal(3.0, 2.0, size=(6, 2)))
+    for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        assert clone.renorm and clone.renorm_clipping == {"rmax": 2.0}
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[k], v, err_msg=k)
+        x = np.random.default_rng(1).normal(size=(6, 2))
+        np.testing.assert_array_equal(clone(x), copy.deepcopy(bn)(x))
