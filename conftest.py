@@ -39,6 +39,7 @@ _NEEDS = {
     "anybn/torch/fold.py": "torch",
     "anybn/torch/frozen.py": "torch",
     "anybn/torch/recalibrate.py": "torch",
+    "anybn/torch/variants.py": "torch",
     "anybn/distributed/torch_autograd.py": "torch",
     "anybn/_kernels/jax.py": "jax",
     "anybn/_kernels/half.py": "numba",

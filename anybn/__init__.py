@@ -8,7 +8,7 @@ PyTorch, array-api-strict and any other conforming library.
 from . import convert
 from ._after.fold import FoldedWeights, fold
 from ._after.recalibrate import recalibrate
-from ._api import BatchNormGrads, BatchNormOutput, batch_norm, batch_norm_backward
+from ._api import BatchNormGrads, BatchNormOutput, RenormOutput, batch_norm, batch_norm_backward
 from ._core.stats import chan_merge
 from ._layer import BatchNorm
 from ._settings import fast_paths, get_num_threads, set_fast_paths, set_num_threads
@@ -22,6 +22,7 @@ __all__ = [
     "BatchNormGrads",
     "BatchNormOutput",
     "FoldedWeights",
+    "RenormOutput",
     "__version__",
     "batch_norm",
     "batch_norm_backward",

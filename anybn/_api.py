@@ -8,24 +8,114 @@ computes it and applies the post-conditions once.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from datetime import timedelta
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, overload
 
 import array_api_compat as compat
 
 from . import _kernels as kernels
+from . import _variants as variants
 from ._call import resolve_backward, resolve_forward, resolve_timeout
 from ._checks import check_training
 from ._core.outputs import BatchNormGrads, BatchNormOutput
 from ._typing import AnyArray
+from ._variants import RenormOutput
 from .distributed import sync as _sync
 from .distributed.comm import as_communicator
 
-__all__ = ["BatchNormGrads", "BatchNormOutput", "batch_norm", "batch_norm_backward"]
+__all__ = [
+    "BatchNormGrads",
+    "BatchNormOutput",
+    "RenormOutput",
+    "batch_norm",
+    "batch_norm_backward",
+]
 
 Array = Any
+
+
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: Literal[False] = False,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput: ...
+
+
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: Literal[True],
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> RenormOutput: ...
+
+
+@overload
+def batch_norm(
+    x: AnyArray,
+    running_mean: AnyArray | None = None,
+    running_var: AnyArray | None = None,
+    weight: AnyArray | None = None,
+    bias: AnyArray | None = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | tuple[int, ...] = 1,
+    mask: AnyArray | None = None,
+    var_estimator: str = "unbiased",
+    renorm: bool,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
+    comm: object = None,
+    timeout: float | timedelta | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    xp: ModuleType | None = None,
+) -> BatchNormOutput | RenormOutput: ...
 
 
 def batch_norm(
@@ -41,12 +131,19 @@ def batch_norm(
     axis: int | tuple[int, ...] = 1,
     mask: AnyArray | None = None,
     var_estimator: str = "unbiased",
+    renorm: bool = False,
+    renorm_clipping: Mapping[str, float] | None = None,
+    renorm_momentum: float = 0.01,
+    renorm_mean: AnyArray | None = None,
+    renorm_std: AnyArray | None = None,
+    running_std: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
     comm: object = None,
     timeout: float | timedelta | None = None,
     axis_name: Hashable | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     xp: ModuleType | None = None,
-) -> BatchNormOutput:
+) -> BatchNormOutput | RenormOutput:
     r"""Batch normalization over every axis of ``x`` but the channel ``axis``.
 
     With ``training=True`` the batch statistics are used and, if running
@@ -99,6 +196,39 @@ def batch_norm(
         What ``new_running_var`` accumulates: the unbiased batch variance
         (``n / (n - 1)`` times the biased one; PyTorch, Chainer) or the biased
         one (Keras, Flax).
+    renorm : bool, optional
+        Batch renormalization (Ioffe 2017), Keras 3's ``renorm=True``: in training
+        ``y = ((x - mean) * invstd * r + d) * weight + bias`` with
+        ``r = clip(std / max(renorm_std, sqrt(eps)), rmin, rmax)`` and
+        ``d = clip((mean - renorm_mean) / max(renorm_std, sqrt(eps)), -dmax, dmax)``
+        (``std = sqrt(var + eps)`` of the batch), constants for the gradient. Needs
+        ``running_mean``, ``running_var``, ``renorm_mean`` and ``renorm_std``, and
+        returns a :class:`anybn.RenormOutput` (``r``, ``d`` and the new moving
+        statistics besides the five usual fields). The running variance is then
+        updated as Keras 3 does, through a running standard deviation
+        (``running_std``); see the math page. Eval is unchanged.
+    renorm_clipping : dict, optional
+        Keras' clipping: keys among ``"rmin"``, ``"rmax"``, ``"dmax"`` (missing: 0,
+        inf, inf), with ``rmin <= 1 <= rmax`` and ``dmax >= 0``. A schedule of rmax
+        and dmax (the paper relaxes them over training) is a new dict per call.
+    renorm_momentum : float, optional
+        Weight of the batch statistics in the update of ``renorm_mean`` and
+        ``renorm_std``, in [0, 1] (Keras' ``renorm_momentum=0.99`` is 0.01 here).
+    renorm_mean, renorm_std : array, optional
+        The renorm moving statistics, shape ``(C,)`` (start: 0 and 1). Never
+        modified: updated copies are returned.
+    running_std : array, optional
+        The running standard deviation ``sqrt(var + eps)`` of Keras 3's update
+        (``moving_stddev``, start: 1); None derives it as ``sqrt(running_var + eps)``.
+    virtual_batch_size : int, optional
+        Ghost batch norm (Keras 2's ``virtual_batch_size=k``): in training x of shape
+        ``(N, ...)`` is read as ``(k, N // k, ...)`` and each of the ``N // k``
+        groups (sample ``i`` in group ``i % (N // k)``) is normalised with its own
+        statistics; ``mean`` and ``invstd`` are returned per group, shape
+        ``(N // k, C)``; the running statistics are updated once, from the groups'
+        mean statistics. ``N`` must be a multiple of ``k``; axis 0 must not be a
+        channel axis. Eval is unchanged. Not combinable with ``comm`` or
+        ``axis_name`` in training (ValueError: ghost batches are one process's).
     comm : optional
         Synchronize over processes: a ``torch.distributed`` ProcessGroup, an
         mpi4py communicator, ``"torch"`` (the default process group), ``"mpi"``
@@ -113,6 +243,9 @@ def batch_norm(
         and the same ``var_estimator``. A check that fails on one rank raises
         on every rank (every check runs before the ranks communicate); torch
         tensors that require grad differentiate through the global statistics.
+        With ``renorm=True`` the corrections use the statistics of the whole
+        batch, the same on every rank; ``virtual_batch_size`` is refused in
+        training (ValueError on every rank).
     timeout : float or datetime.timedelta, optional
         With ``comm=``: how long, in seconds, a rank waits for the others to make
         the same call. A rank that does not answer in time makes every rank raise
@@ -161,7 +294,35 @@ def batch_norm(
            [ 0.99999...,  0.99999...]])
     >>> out.mean
     array([ 2., 20.])
+
+    Batch renormalization, with Keras' clipping:
+
+    >>> ones, zeros = np.ones(2), np.zeros(2)
+    >>> rn = anybn.batch_norm(x, zeros, ones, training=True, renorm=True,
+    ...                       renorm_mean=zeros, renorm_std=ones,
+    ...                       renorm_clipping={"rmax": 3.0, "dmax": 1.0})
+    >>> rn.d
+    array([1., 1.])
     """
+    if (
+        renorm is not False
+        or virtual_batch_size is not None
+        or renorm_mean is not None
+        or renorm_std is not None
+        or running_std is not None
+    ):
+        return variants.forward(
+            batch_norm, x, running_mean, running_var, weight, bias,
+            training=training, momentum=momentum, eps=eps, axis=axis, mask=mask,
+            var_estimator=var_estimator, renorm=renorm, renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum, renorm_mean=renorm_mean, renorm_std=renorm_std,
+            running_std=running_std, virtual_batch_size=virtual_batch_size,
+            options={
+                "comm": comm, "timeout": timeout, "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+            },
+            xp=xp,
+        )  # fmt: skip
     if comm is not None:
         return _sync_batch_norm(
             x, running_mean, running_var, weight, bias,
@@ -190,6 +351,9 @@ def batch_norm_backward(
     training: bool = True,
     axis: int | tuple[int, ...] = 1,
     mask: AnyArray | None = None,
+    renorm_r: AnyArray | None = None,
+    renorm_d: AnyArray | None = None,
+    virtual_batch_size: int | None = None,
     comm: object = None,
     timeout: float | timedelta | None = None,
     axis_name: Hashable | None = None,
@@ -234,6 +398,14 @@ def batch_norm_backward(
         The channel axis (or axes) used in the forward call.
     mask : array or None, optional
         The mask of the forward call (see :func:`batch_norm`); only training uses it.
+    renorm_r, renorm_d : array, optional
+        The corrections ``out.r`` and ``out.d`` of a forward with ``renorm=True``
+        (give both): ``dx`` is then the plain one with ``weight * r``, and
+        ``dweight = r * sum(dy * xhat) + d * sum(dy)``. Ignored in eval.
+    virtual_batch_size : int, optional
+        That of the forward (see :func:`batch_norm`); ``mean`` and ``invstd`` are
+        then the forward's per-group ones, shape ``(N // k, C)``; ``dweight`` and
+        ``dbias`` are summed over the groups.
     comm : optional
         The communicator of a synchronized forward (see :func:`batch_norm`):
         in training the two sums (and, with a mask, the counted values) are
@@ -275,6 +447,17 @@ def batch_norm_backward(
     >>> bool(np.allclose(g.dx, 0.0))
     True
     """
+    if renorm_r is not None or renorm_d is not None or virtual_batch_size is not None:
+        return variants.backward(
+            batch_norm_backward, dy, x, weight, mean, invstd,
+            training=training, axis=axis, mask=mask, renorm_r=renorm_r, renorm_d=renorm_d,
+            virtual_batch_size=virtual_batch_size,
+            options={
+                "comm": comm, "timeout": timeout, "axis_name": axis_name,
+                "axis_index_groups": axis_index_groups,
+            },
+            xp=xp,
+        )  # fmt: skip
     if comm is not None:
         return _sync_batch_norm_backward(
             dy, x, weight, mean, invstd, training=training, axis=axis, mask=mask, xp=xp,
@@ -336,9 +519,9 @@ def _sync_batch_norm(
     """
     if not check_training(training):
         resolve_timeout(timeout)
-        return batch_norm(
+        return batch_norm(  # type: ignore[call-overload, misc]
             x, running_mean, running_var, weight, bias,
-            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,  # type: ignore[arg-type]
+            training=False, momentum=momentum, eps=eps, axis=axis, mask=mask,
             var_estimator=var_estimator, xp=xp,
         )  # fmt: skip
     with _sync.failures_reported(comm, x, axis, timeout=timeout):

@@ -36,6 +36,7 @@ from .._checks import (
     check_var_estimator,
 )
 from .._typing import AnyArray, ArrayT
+from .._variants import check_clipping, check_renorm_momentum, check_virtual_batch_size
 from .._xp import (
     Array,
     check_namespace,
@@ -83,6 +84,9 @@ class _Saved(NamedTuple):
     timeout: float | None = None
     axis_name: Any = None
     axis_index_groups: Any = None
+    renorm_r: Array | None = None
+    renorm_d: Array | None = None
+    virtual_batch_size: int | None = None
 
 
 def _kinds(arrays: Arrays) -> tuple[Any, ...]:
@@ -315,6 +319,28 @@ class BatchNorm:
     frozen : bool, optional
         Normalize with the running statistics in training mode too, and never
         update them (see :meth:`freeze`); needs ``track_running_stats=True``.
+    renorm : bool, optional
+        Batch renormalization (Ioffe 2017), as Keras 3's ``renorm=True``: in training
+        ``y = ((x - mean_B) / std_B * r + d) * weight + bias`` with the corrections
+        ``r = std_B / renorm_std`` and ``d = (mean_B - renorm_mean) / renorm_std``,
+        clipped, constants in :meth:`backward`; eval is unchanged. The layer keeps
+        three more buffers (``running_std``, ``renorm_mean``, ``renorm_std``, in the
+        state dict too) and needs ``track_running_stats=True``. See
+        :func:`anybn.batch_norm` for the formulas and the updates.
+    renorm_clipping : dict, optional
+        Keras' clipping of the corrections: keys among ``"rmin"``, ``"rmax"``,
+        ``"dmax"`` (missing: 0, inf, inf), with ``rmin <= 1 <= rmax`` and
+        ``dmax >= 0``. Read at each forward: assign a new dict (or change this
+        one) between steps for the paper's schedule of rmax and dmax.
+    renorm_momentum : float, optional
+        The weight of the batch statistics in the update of ``renorm_mean`` and
+        ``renorm_std`` (Keras' ``renorm_momentum=0.99`` is 0.01 here).
+    virtual_batch_size : int, optional
+        Ghost batch norm (Keras 2's ``virtual_batch_size``): in training the batch
+        statistics are those of groups of this many samples (sample ``i`` in group
+        ``i % (N // k)``), the running statistics updated once per step from the
+        groups' mean statistics; the batch size must be a multiple of it. Eval is
+        unchanged. Not combinable with ``comm`` or ``axis_name``.
 
     Attributes
     ----------
@@ -407,7 +433,28 @@ class BatchNorm:
         timeout: Any = None,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.01,
+        virtual_batch_size: int | None = None,
     ) -> None:
+        self.renorm = check_bool(renorm, "renorm")
+        if self.renorm:
+            check_clipping(renorm_clipping)
+            check_renorm_momentum(renorm_momentum)
+            if not track_running_stats:
+                raise ValueError(
+                    "renorm=True needs running statistics (the corrections are taken "
+                    "against them): pass track_running_stats=True"
+                )
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = renorm_momentum
+        self.virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+        if self.virtual_batch_size is not None and (comm is not None or axis_name is not None):
+            raise ValueError(
+                "virtual_batch_size cannot be combined with comm= or axis_name=: ghost "
+                "batches are groups of one process's samples (see anybn.batch_norm)"
+            )
         self.num_features = _check_num_features(num_features)
         self.var_estimator = check_var_estimator(var_estimator)
         self.axis = _check_axis(axis)
@@ -490,11 +537,15 @@ class BatchNorm:
         def full(value: float, present: bool) -> Array | None:
             return xp.full(shape, value, dtype=dtype, device=device) if present else None
 
+        renorm = getattr(self, "renorm", False)
         arrays = Arrays(
             full(1.0, self.affine),
             full(0.0, self.affine),
             full(0.0, self.track_running_stats),
             full(1.0, self.track_running_stats),
+            full(1.0, renorm),  # Keras: sqrt of the running variance's initial 1
+            full(0.0, renorm),
+            full(1.0, renorm),
         )
         if compat.is_dask_namespace(xp):  # the layer holds values, not graphs (see forward)
             present = [a for a in arrays if a is not None]
@@ -503,10 +554,15 @@ class BatchNorm:
         return arrays
 
     def _arrays(self) -> Arrays:
-        return Arrays(self.weight, self.bias, self.running_mean, self.running_var)
+        return Arrays(
+            self.weight, self.bias, self.running_mean, self.running_var,
+            getattr(self, "running_std", None), getattr(self, "renorm_mean", None),
+            getattr(self, "renorm_std", None),
+        )  # fmt: skip
 
     def _set_arrays(self, arrays: Arrays) -> None:
-        self.weight, self.bias, self.running_mean, self.running_var = arrays
+        self.weight, self.bias, self.running_mean, self.running_var = arrays[:4]
+        self.running_std, self.renorm_mean, self.renorm_std = arrays[4:]
 
     def _arrays_in(self, storage: Storage, channels: int) -> Arrays:
         """The current arrays moved to ``storage`` (fresh ones if there are none yet)."""
@@ -625,6 +681,8 @@ class BatchNorm:
             return recorder.forward(self, x, mask)
         if (
             mask is None
+            and not self.renorm
+            and self.virtual_batch_size is None
             and (self.comm is None or not self.training or self.frozen)
             and (
                 self.axis_name is None
@@ -674,7 +732,9 @@ class BatchNorm:
             comm = self.comm if training else None
             axis_name = self.axis_name if use_batch_stats else None
             groups = self.axis_index_groups if axis_name is not None else None
-            if comm is None and mask is None and axis_name is None:
+            variant = self.renorm or self.virtual_batch_size is not None
+            out: Any  # BatchNormOutput, or RenormOutput with renorm
+            if comm is None and mask is None and axis_name is None and not variant:
                 # The one validation of the call; kept (per thread) for the next calls
                 # with the same kind of x (see _forward_resolved).
                 call, _ = resolve_forward(
@@ -685,6 +745,18 @@ class BatchNorm:
                 out = kernels.forward(
                     call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
                 )
+            elif variant:
+                call = None
+                out = batch_norm(
+                    x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias,
+                    training=use_batch_stats, momentum=factor, eps=self.eps, axis=axis,
+                    mask=mask, var_estimator=self.var_estimator, renorm=self.renorm,
+                    renorm_clipping=self.renorm_clipping if self.renorm else None,
+                    renorm_momentum=self.renorm_momentum, renorm_mean=arrays.renorm_mean,
+                    renorm_std=arrays.renorm_std, running_std=arrays.running_std,
+                    virtual_batch_size=self.virtual_batch_size if use_batch_stats else None,
+                    comm=comm, timeout=self.timeout if comm is not None else None, xp=xp,
+                )  # fmt: skip
             else:
                 call = None
                 out = batch_norm(
@@ -706,11 +778,21 @@ class BatchNorm:
                     xp=xp,
                 )
             mean, invstd = out.mean, out.invstd
+            r = d = None
+            if self.renorm and use_batch_stats:
+                r, d = out.r, out.d
             if update:
-                new_mean, new_var = out.new_running_mean, out.new_running_var
-                if compat.is_dask_array(new_mean):  # computed now, with the saved statistics
-                    new_mean, new_var, mean, invstd = materialised(new_mean, new_var, mean, invstd)
-                arrays = arrays._replace(running_mean=new_mean, running_var=new_var)
+                new = {"running_mean": out.new_running_mean, "running_var": out.new_running_var}
+                if self.renorm:
+                    new.update(
+                        running_std=out.new_running_std, renorm_mean=out.new_renorm_mean,
+                        renorm_std=out.new_renorm_std,
+                    )  # fmt: skip
+                if compat.is_dask_array(out.new_running_mean):  # computed now, with the saved
+                    done = materialised(*new.values(), mean, invstd)  # statistics
+                    new = dict(zip(new, done[:-2], strict=True))
+                    mean, invstd = done[-2:]
+                arrays = arrays._replace(**new)
             _check_storable(arrays)
             # Everything succeeded: commit.
             if update:
@@ -720,7 +802,8 @@ class BatchNorm:
             self._set_arrays(arrays)
             self._local.saved = _Saved(
                 xp, x, arrays.weight, mean, invstd, use_batch_stats, axis, comm, mask,
-                self.timeout if comm is not None else None, axis_name, groups,
+                self.timeout if comm is not None else None, axis_name, groups, r, d,
+                self.virtual_batch_size if use_batch_stats else None,
             )  # fmt: skip
             if compat.is_torch_array(x):
                 _RESOLVED_TYPES.add(type(x))
@@ -778,7 +861,9 @@ class BatchNorm:
             call, x, arrays.running_mean, arrays.running_var, arrays.weight, arrays.bias
         )
         if kept.update:
-            arrays = Arrays(arrays.weight, arrays.bias, out.new_running_mean, out.new_running_var)
+            arrays = arrays._replace(
+                running_mean=out.new_running_mean, running_var=out.new_running_var
+            )
             self.num_batches_tracked = count
             self._set_arrays(arrays)
             self._local.resolved = kept._replace(arrays=arrays)
@@ -829,6 +914,9 @@ class BatchNorm:
             timeout=saved.timeout,
             axis_name=saved.axis_name,
             axis_index_groups=saved.axis_index_groups,
+            renorm_r=saved.renorm_r,
+            renorm_d=saved.renorm_d,
+            virtual_batch_size=saved.virtual_batch_size,
             xp=saved.xp,
         )
 
@@ -937,5 +1025,11 @@ class BatchNorm:
                 else f", var_estimator={self.var_estimator!r}"
             )
             + (", frozen=True" if self.frozen else "")
+            + (", renorm=True" if getattr(self, "renorm", False) else "")
+            + (
+                f", virtual_batch_size={self.virtual_batch_size}"
+                if getattr(self, "virtual_batch_size", None) is not None
+                else ""
+            )
             + ")"
         )

@@ -23,6 +23,10 @@ class Arrays(NamedTuple):
     bias: Array | None
     running_mean: Array | None
     running_var: Array | None
+    #: batch renormalization's moving statistics (layers with ``renorm=True``)
+    running_std: Array | None = None
+    renorm_mean: Array | None = None
+    renorm_std: Array | None = None
 
 
 class Storage(NamedTuple):

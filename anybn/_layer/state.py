@@ -183,6 +183,11 @@ def restore(layer: BatchNorm, state: dict[str, Any]) -> None:
     state.setdefault("var_estimator", "unbiased")  # pickles from before the option
     for key in ("timeout", "axis_name", "axis_index_groups"):  # (from before these options)
         state.setdefault(key, None)
+    for key in ("virtual_batch_size", "renorm_clipping", "running_std", "renorm_mean"):
+        state.setdefault(key, None)
+    state.setdefault("renorm_std", None)
+    state.setdefault("renorm", False)
+    state.setdefault("renorm_momentum", 0.01)
     layer.__dict__.update(state)
     layer._lock = threading.RLock()
     layer._local = threading.local()
@@ -194,6 +199,8 @@ def state_keys(layer: BatchNorm) -> tuple[str, ...]:
     keys: tuple[str, ...] = ("weight", "bias") if layer.affine else ()
     if layer.track_running_stats:
         keys += ("running_mean", "running_var", COUNTER)
+    if getattr(layer, "renorm", False):
+        keys += ("running_std", "renorm_mean", "renorm_std")
     return keys
 
 

@@ -27,6 +27,9 @@ supported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +44,7 @@ from .frozen import (
 from .function import KeptCall, batch_norm, masked_forward, module_arguments
 from .recalibrate import recalibrate
 from .sync import SyncBatchNorm
+from .variants import init_variants, variant_forward
 
 __all__ = [
     "BatchNorm1d",
@@ -63,7 +67,39 @@ __all__ = [
 class _AnyBNForward(nn.modules.batchnorm._BatchNorm):
     """``_BatchNorm.forward`` with the computation done by :func:`batch_norm`."""
 
+    #: batch renormalization and ghost batches (see anybn.torch.variants); class-level
+    #: defaults for modules made by convert() or unpickled from before the options
+    renorm = False
+    virtual_batch_size: int | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.01,
+        virtual_batch_size: int | None = None,
+        **options: Any,
+    ) -> None:
+        # options: PyTorch's keywords of newer releases (bias=False), passed on
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
+        )
+        init_variants(self, renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
+
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.renorm or self.virtual_batch_size is not None:
+            self._check_input_dim(input)
+            y = variant_forward(self, input, mask=mask)
+            if y is not None:
+                return y
         if mask is not None:  # the masked statistics: never the kept call's lane
             return masked_forward(self, input, mask)
         eager = not torch.compiler.is_compiling()
@@ -107,7 +143,10 @@ class BatchNorm1d(_AnyBNForward, nn.BatchNorm1d):
     momentum=0.1, affine=True, track_running_stats=True, device=None,
     dtype=None``) and behaves the same; see :mod:`anybn.torch`. ``forward``
     takes a ``mask=`` keyword too: True where a value counts for the
-    statistics, the input's shape or ``(N, L)`` for ``(N, C, L)``.
+    statistics, the input's shape or ``(N, L)`` for ``(N, C, L)``. Keyword
+    options beyond PyTorch's: ``renorm``, ``renorm_clipping``, ``renorm_momentum``
+    (batch renormalization) and ``virtual_batch_size`` (ghost batches), as
+    :class:`anybn.BatchNorm` takes them; they change the training forward only.
 
     Examples
     --------
@@ -131,7 +170,11 @@ class BatchNorm2d(_AnyBNForward, nn.BatchNorm2d):
 
     Takes the arguments of ``torch.nn.BatchNorm2d`` and behaves the same,
     channels_last inputs and float16/bfloat16 inputs with float32 parameters
-    included; see :mod:`anybn.torch`.
+    included; see :mod:`anybn.torch`. Keyword options beyond PyTorch's:
+    ``renorm``, ``renorm_clipping``, ``renorm_momentum`` (batch renormalization,
+    with three more buffers ``running_std``, ``renorm_mean``, ``renorm_std``) and
+    ``virtual_batch_size`` (ghost batches), as :class:`anybn.BatchNorm` takes them;
+    they change the training forward only.
 
     Examples
     --------
@@ -144,6 +187,14 @@ class BatchNorm2d(_AnyBNForward, nn.BatchNorm2d):
     tensor(True)
     >>> int(bn.num_batches_tracked)
     1
+    >>> rn = anybn.torch.BatchNorm2d(3, renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0})
+    >>> rn(torch.randn(4, 3, 5, 5) * 2 + 1).shape
+    torch.Size([4, 3, 5, 5])
+    >>> sorted(k for k in rn.state_dict() if "renorm" in k or "std" in k)
+    ['renorm_mean', 'renorm_std', 'running_std']
+    >>> ghost = anybn.torch.BatchNorm2d(3, virtual_batch_size=2)
+    >>> ghost(torch.randn(6, 3, 5, 5)).shape  # three ghost batches of two samples
+    torch.Size([6, 3, 5, 5])
     """
 
 
@@ -151,7 +202,9 @@ class BatchNorm3d(_AnyBNForward, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` computed by anybn: input ``(N, C, D, H, W)``.
 
     Takes the arguments of ``torch.nn.BatchNorm3d`` and behaves the same; see
-    :mod:`anybn.torch`.
+    :mod:`anybn.torch`. Keyword options beyond PyTorch's: ``renorm``,
+    ``renorm_clipping``, ``renorm_momentum`` and ``virtual_batch_size``, as for
+    :class:`BatchNorm2d`.
 
     Examples
     --------

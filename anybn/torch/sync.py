@@ -26,6 +26,7 @@ averages them over ranks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from ..distributed import sync as _sync
 from ..distributed.comm import TorchComm
 from ..distributed.torch_autograd import SyncBatchNormFunction as _SyncBatchNormFunction
 from .function import batch_norm, masked_forward, module_arguments
+from .variants import init_variants, variant_forward
 
 __all__ = ["SyncBatchNorm"]
 
@@ -65,7 +67,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     the default, is the process group's timeout) bounds each exchange of a
     synchronized forward and backward: a rank that does not make the call in
     time makes every rank raise :class:`anybn.distributed.CollectiveTimeout`,
-    naming the ranks that did not answer.
+    naming the ranks that did not answer. Then the keywords of batch renormalization,
+    ``renorm``, ``renorm_clipping`` and ``renorm_momentum`` (synchronised: the
+    statistics of the whole batch, then the corrections as on one process), and
+    ``virtual_batch_size`` (ghost batches, local: refused with a ValueError when
+    the forward would synchronise), as :class:`anybn.BatchNorm` takes them.
 
     Examples
     --------
@@ -91,6 +97,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
         timeout: Any = None,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.01,
+        virtual_batch_size: int | None = None,
     ) -> None:
         # bias= only when False: torch before 2.10 has no such argument.
         no_bias = {} if bias else {"bias": False}
@@ -100,6 +110,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         )  # fmt: skip
         self.process_group = process_group
         self.timeout = resolve_timeout(timeout)
+        init_variants(self, renorm, renorm_clipping, renorm_momentum, virtual_batch_size)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -139,21 +150,20 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         """
         comm = self._sync_comm() if self.training else None
         if comm is None:
-            if mask is not None:
-                self._check_non_zero_input_channels(input)
-                return masked_forward(self, input, mask)
-            return self._forward(input, None)
+            return self._forward(input, None, mask)
         # A rank whose input fails the checks below still tells the others.
         with _sync.failures_reported(comm, input, timeout=getattr(self, "timeout", None)):
-            if mask is not None:
-                self._check_input_dim(input)
-                self._check_non_zero_input_channels(input)
-                return masked_forward(self, input, mask, comm)
-            return self._forward(input, comm)
+            return self._forward(input, comm, mask)
 
-    def _forward(self, input: Tensor, comm: TorchComm | None) -> Tensor:
+    def _forward(self, input: Tensor, comm: TorchComm | None, mask: Tensor | None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        if getattr(self, "renorm", False) or getattr(self, "virtual_batch_size", None):
+            y = variant_forward(self, input, comm, mask=mask)
+            if y is not None:
+                return y
+        if mask is not None:
+            return masked_forward(self, input, mask, comm)
         running_mean, running_var, use_batch_stats, factor, tracked = module_arguments(self)
         if comm is None:
             y = batch_norm(

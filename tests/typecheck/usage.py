@@ -37,6 +37,18 @@ def numpy_calls(x: npt.NDArray[np.float32]) -> None:
     anybn.batch_norm(x, training=True, axis_name="batch", axis_index_groups=[[0, 1], [2, 3]])
     anybn.BatchNorm(3, comm="mpi", timeout=60.0)
     assert_type(merged[1], Any)  # the statistics stay in the input's library, untyped
+    # batch renormalization: the result type follows renorm=
+    rn = anybn.batch_norm(
+        x, rm, rv, training=True, renorm=True, renorm_mean=rm, renorm_std=rv,
+        renorm_clipping={"rmax": 3.0, "dmax": 5.0}, renorm_momentum=0.01,
+    )  # fmt: skip
+    assert_type(rn, anybn.RenormOutput)
+    anybn.batch_norm_backward(x, x, None, rn.mean, rn.invstd, renorm_r=rn.r, renorm_d=rn.d)
+    flag: bool = bool(x.size)
+    either = anybn.batch_norm(x, rm, rv, renorm=flag)
+    assert_type(either, anybn.BatchNormOutput | anybn.RenormOutput)
+    assert_type(anybn.batch_norm(x, training=True, virtual_batch_size=4), anybn.BatchNormOutput)
+    anybn.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 3.0}, virtual_batch_size=4)
 
 
 def torch_calls(t: torch.Tensor) -> None:
