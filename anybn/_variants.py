@@ -210,7 +210,7 @@ class Ghost(NamedTuple):
         """A mask broadcastable to x, checked, broadcast to x and split as x."""
         if mask is None:
             return None
-        return self.split(check_mask(self.xp, adopt(self.xp, x, mask), x))
+        return self.split(check_mask(self.xp, adopt(self.xp, x, mask), x, self.axes))
 
     def join(self, a: Array) -> Array:
         """The inverse of :meth:`split`."""

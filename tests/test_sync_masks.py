@@ -690,3 +690,65 @@ def test_jax_grad_with_a_keras_mask_equals_plain_formula(axis: Any) -> None:
     got = jax.jit(jax.grad(loss))(jnp.asarray(x))
     want = jax.grad(plain)(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+# --- masks with batch renormalization and ghost batches ------------------------------------
+
+
+@pytest.mark.parametrize("splits", [[3, 4], [0, 4, 5]], ids=str)
+def test_threads_masked_renorm_equals_the_whole_batch(splits: list[int]) -> None:
+    """renorm=True with a mask over ranks (one counting nothing): y, r, d and every
+    moving statistic equal one process on the whole masked batch, on every rank."""
+    rng = np.random.default_rng(sum(splits))
+    n = sum(splits)
+    x = 3.0 + rng.normal(size=(n, 3, 4)) * 2.0
+    mask = _mask(rng, splits, x.shape)
+    bounds = _bounds(splits)
+    rm, rv = rng.normal(size=3), rng.uniform(0.5, 2, 3)
+    state = {"renorm_mean": rng.normal(size=3), "renorm_std": rng.uniform(0.5, 2, 3)}
+    opts: dict[str, Any] = {
+        "renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}, "momentum": 0.2,
+        "running_std": np.sqrt(rv + EPS), "eps": EPS, **state,
+    }  # fmt: skip
+
+    def rank_fn(comm: Communicator) -> Any:
+        s = slice(bounds[comm.rank], bounds[comm.rank + 1])
+        return anybn.batch_norm(x[s], rm, rv, training=True, mask=mask[s], comm=comm, **opts)
+
+    got = ThreadGroup(len(splits)).run(rank_fn)
+    ref = anybn.batch_norm(x, rm, rv, training=True, mask=mask, **opts)
+    close = {"rtol": 1e-11, "atol": 1e-11}
+    y = np.concatenate([o[1].y for o in got])
+    np.testing.assert_allclose(y[mask], ref.y[mask], **close)
+    for _, out in got:
+        for field in ("r", "d", "new_running_mean", "new_running_var", "new_running_std",
+                      "new_renorm_mean", "new_renorm_std"):  # fmt: skip
+            np.testing.assert_allclose(getattr(out, field), getattr(ref, field), **close)
+    assert not np.allclose(ref.r, 1.0)  # the corrections are at work
+
+
+def test_torch_module_renorm_and_ghost_take_the_mask() -> None:
+    """The drop-ins' mask= with renorm=True and with virtual_batch_size: the functional
+    core's masked call, the running statistics written back."""
+    torch = _torch()
+    import anybn.torch as abt
+
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.normal(size=(8, 3, 5)) + 2.0)
+    mask = torch.tensor(rng.uniform(size=(8, 5)) < 0.7)
+    full = mask[:, None, :].expand(8, 3, 5)
+    for options in ({"renorm": True}, {"virtual_batch_size": 4}):
+        m = abt.BatchNorm1d(3, dtype=torch.float64, **options)
+        y = m(x, mask=mask)
+        want = anybn.batch_norm(
+            x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+            m.weight.detach(), m.bias.detach(), training=True, mask=full, momentum=0.1,
+            **{k: v for k, v in options.items() if k != "renorm"},
+            **({"renorm": True, "renorm_mean": torch.zeros(3, dtype=torch.float64),
+                "renorm_std": torch.ones(3, dtype=torch.float64),
+                "running_std": torch.ones(3, dtype=torch.float64)}
+               if options.get("renorm") else {}),
+        )  # fmt: skip
+        torch.testing.assert_close(y.detach(), want.y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.running_mean, want.new_running_mean)
+        torch.testing.assert_close(m.running_var, want.new_running_var)
