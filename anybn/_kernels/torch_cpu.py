@@ -452,6 +452,8 @@ def _bits_views(args: tuple[Array | None, ...], big: int) -> list[Any] | None:
 
 def _bfloat16_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
     """The forward on bfloat16 CPU tensors by the compiled kernels, or None."""
+    if args[0].numel() == 0:  # no values: the generic path's empty results
+        return None
     views = _bits_views(args, 1)
     if views is None:
         return None
@@ -471,6 +473,8 @@ def _bfloat16_forward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[A
 
 def _bfloat16_backward(args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
     """The backward on bfloat16 CPU tensors by the compiled kernels, or None."""
+    if args[1].numel() == 0:  # no values: the generic path's empty results
+        return None
     views = _bits_views(args, 2)
     if views is None:
         return None
