@@ -205,13 +205,11 @@ def plot_backend(res: Results, backend: str, out: Path) -> Path | None:
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.axhline(1.0, color="black", linewidth=1)
-        ax.text(len(shapes) - 0.5, 1.0, "below 1: anybn faster ", ha="right", va="top",
-                fontsize=10)  # fmt: skip
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels([s.replace("-channels-last", "\nchannels-last") for s in shapes])
         ax.set_xlim(-0.5, len(shapes) - 0.5)
         ax.set_ylabel(f"anybn ÷ {label}")
-        ax.set_title(f"anybn on {backend} ÷ {label}", fontsize=12)
+        ax.set_title(f"anybn on {backend} ÷ {label} (below 1: anybn faster)", fontsize=12)
         ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"asv, commit {res.commit[:8]}, {res.date}", fontsize=11)
     fig.tight_layout()
@@ -283,7 +281,11 @@ def update_docs(page: Path, table: str, res: Results, images: list[Path]) -> Non
     machine = f"`{info.get('machine', '?')}` ({info.get('cpu', '?')}, "
     machine += f"{info.get('num_cpu', '?')} CPUs, {info.get('os', '?')})"
     stat = "fastest recorded sample" if res.best else "asv's median"
-    compiled = res.table("bench_batchnorm.Engine.track_compiled_kernels").get(())
+    version = python_version(info.get("python", ""))
+    python = f"Python {version}, " if re.fullmatch(r"\d+\.\d+(\.\d+)?", version) else ""
+    compiled: Any = res.table("bench_batchnorm.Engine.track_compiled_kernels").get(())
+    if isinstance(compiled, list):  # a benchmark without parameters stores one value in a list
+        compiled = compiled[0] if compiled else None
     engine = {
         None: "engine not recorded",
         0.0: "NumPy kernels (Numba not installed)",
@@ -293,7 +295,7 @@ def update_docs(page: Path, table: str, res: Results, images: list[Path]) -> Non
         begin,
         "",
         f"Last run: commit `{res.commit[:12]}`, {res.date}, machine {machine}, "
-        f"Python {python_version(info.get('python', '?'))}, {engine}; times are each "
+        f"{python}{engine}; times are each "
         f"benchmark's {stat}; ratios are anybn's time ÷ the peer's in the same run "
         "(below 1: anybn faster). Each plot links to its full size.",
         "",
