@@ -40,7 +40,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Call
         loss = loss_fn(model(x), target)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -54,7 +54,10 @@ def measure(name: str, batch: int, size: int, rounds: int) -> tuple[float, float
     x = torch.randn(batch, 3, size, size, generator=gen)
     target = torch.randint(0, 10, (batch,), generator=gen)
     steps = {"native": _step(native, x, target), "anybn": _step(converted, x, target)}
-    losses = {k: step() for k, step in steps.items()}
+    losses = {}
+    for key, step in steps.items():
+        torch.manual_seed(2)  # the same dropout and stochastic-depth draws for both models
+        losses[key] = step()
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {"native": [], "anybn": []}
