@@ -37,8 +37,9 @@ for need in ("anybn/py.typed", "anybn/__main__.py"):
         problems.append(f"wheel lacks {need}")
 if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
     problems.append("wheel lacks .dist-info/licenses/LICENSE")
+# No Project-URL: the project has no public address yet (no link where nothing is).
 for field in ("License-Expression: BSD-3-Clause", "License-File: LICENSE",
-              "Project-URL: Documentation", "Classifier: Programming Language :: Python :: 3.10"):
+              "Classifier: Programming Language :: Python :: 3.10"):
     if field not in text:
         problems.append(f"wheel METADATA lacks {field!r}")
 if any(n.startswith(("tests/", "docs/")) for n in names):
